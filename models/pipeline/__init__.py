@@ -1,0 +1,1 @@
+"""Off-device SG-LoRA model pipeline: task suite, expert LoRAs, CVAE, export, evaluation."""

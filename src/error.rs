@@ -1,0 +1,94 @@
+//! The library's error type: every variant says what went wrong and, where it can, what to do.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong between a description and an adapter on disk.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model bundle is missing a file, has a wrong hash, or is internally inconsistent.
+    #[error("model bundle {}: {what}", path.display())]
+    Bundle {
+        /// The bundle file (or directory) at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// A file could not be read or written.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What we were doing (`"reading"`, `"writing"`, …).
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The operating-system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The task description cannot be used (empty, too long, control characters, …).
+    #[error("invalid description: {0}")]
+    InvalidDescription(String),
+    /// A generation option is out of range.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// No expert is semantically close enough to the description.
+    #[error(
+        "the description is out of distribution: the closest expert ({expert}) has similarity \
+         {best:.3}, below the threshold {threshold:.3}; describe the task in terms of what is matched \
+         with what, or allow out-of-distribution generation explicitly"
+    )]
+    OutOfDistribution {
+        /// Best cosine similarity to any expert description.
+        best: f32,
+        /// The configured threshold.
+        threshold: f32,
+        /// Name of the closest expert.
+        expert: String,
+    },
+    /// The neural network runtime failed (tokeniser, encoder, CVAE).
+    #[error("{stage} failed: {message}")]
+    Model {
+        /// Which stage failed.
+        stage: &'static str,
+        /// The runtime's message.
+        message: String,
+    },
+    /// The adapter could not be delivered where it was asked for.
+    #[error("output {}: {what}", path.display())]
+    Output {
+        /// The output directory.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn bundle(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Bundle {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn model(stage: &'static str, err: impl std::fmt::Display) -> Self {
+        Error::Model {
+            stage,
+            message: format!("{err:#}"),
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The expert repository: per expert, its description embedding and the mean `μ_k` and variance
+//! `σ²_k` of its flattened LoRA parameters, plus the shared (frozen) LoRA A matrices and the
+//! parameter normalisation. Stored as `experts.safetensors` + `experts.json` in the bundle.
+
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::bundle::Bundle;
+use crate::error::{Error, Result};
+
+/// Descriptive metadata of one expert.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExpertMeta {
+    /// Unique name, e.g. `hypernym/noun.animal`.
+    pub name: String,
+    /// The task description it was trained for.
+    pub description: String,
+    /// Relation family (informational).
+    #[serde(default)]
+    pub relation: String,
+    /// Domain (informational).
+    #[serde(default)]
+    pub domain: String,
+}
+
+#[derive(Deserialize)]
+struct MetaFile {
+    experts: Vec<ExpertMeta>,
+}
+
+/// All experts, in bundle order.
+#[derive(Debug, Clone)]
+pub struct Experts {
+    meta: Vec<ExpertMeta>,
+    emb_dim: usize,
+    dim: usize,
+    desc_emb: Vec<f32>,
+    mu: Vec<f32>,
+    var: Vec<f32>,
+    /// Normalisation mean (length = flat dim).
+    pub norm_mean: Vec<f32>,
+    /// Normalisation scale (length = flat dim).
+    pub norm_std: Vec<f32>,
+    /// Shared LoRA A matrices, `[modules, r, in]` flattened.
+    pub lora_a: Vec<f32>,
+}
+
+fn f32_tensor(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    file: &std::path::Path,
+) -> Result<Vec<f32>> {
+    let t = st
+        .tensor(name)
+        .map_err(|e| Error::bundle(file, format!("tensor {name}: {e}")))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(Error::bundle(
+            file,
+            format!("tensor {name} has dtype {:?}, expected F32", t.dtype()),
+        ));
+    }
+    if t.shape() != shape {
+        return Err(Error::bundle(
+            file,
+            format!(
+                "tensor {name} has shape {:?}, expected {shape:?}",
+                t.shape()
+            ),
+        ));
+    }
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+impl Experts {
+    /// Load and check the expert repository of a bundle.
+    pub fn load(bundle: &Bundle) -> Result<Experts> {
+        let m = &bundle.manifest;
+        let file = bundle.path(&m.experts.file);
+        let bytes = bundle.read(&m.experts.file)?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bundle(&file, format!("not a valid safetensors file: {e}")))?;
+        let meta_path = bundle.path(&m.experts.meta);
+        let meta: MetaFile = serde_json::from_slice(&bundle.read(&m.experts.meta)?)
+            .map_err(|e| Error::bundle(&meta_path, format!("invalid experts metadata: {e}")))?;
+        let n = m.experts.count;
+        if meta.experts.len() != n {
+            return Err(Error::bundle(
+                &meta_path,
+                format!(
+                    "lists {} experts, the manifest says {n}",
+                    meta.experts.len()
+                ),
+            ));
+        }
+        let (e, d) = (m.encoder.dim, m.lora.flat_dim);
+        let l0 = &m.lora.layout[0];
+        let a_shape = [m.lora.layout.len(), l0.lora_a_shape[0], l0.lora_a_shape[1]];
+        if m.lora
+            .layout
+            .iter()
+            .any(|l| l.lora_a_shape != l0.lora_a_shape)
+        {
+            return Err(Error::bundle(
+                &file,
+                "all modules must share the A shape for a shared A",
+            ));
+        }
+        let ex = Experts {
+            emb_dim: e,
+            dim: d,
+            desc_emb: f32_tensor(&st, "desc_emb", &[n, e], &file)?,
+            mu: f32_tensor(&st, "mu", &[n, d], &file)?,
+            var: f32_tensor(&st, "var", &[n, d], &file)?,
+            norm_mean: f32_tensor(&st, "norm_mean", &[d], &file)?,
+            norm_std: f32_tensor(&st, "norm_std", &[d], &file)?,
+            lora_a: f32_tensor(&st, "lora_A", &a_shape, &file)?,
+            meta: meta.experts,
+        };
+        if ex.norm_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::bundle(&file, "norm_std must be finite and positive"));
+        }
+        if ex
+            .mu
+            .iter()
+            .chain(&ex.var)
+            .chain(&ex.desc_emb)
+            .any(|x| !x.is_finite())
+            || ex.var.iter().any(|v| *v < 0.0)
+        {
+            return Err(Error::bundle(
+                &file,
+                "expert tensors contain NaN/inf or negative variances",
+            ));
+        }
+        Ok(ex)
+    }
+
+    /// Build from raw parts (tests and tools); `desc_emb` is `[n, emb_dim]`, `mu`/`var` are `[n, d]`.
+    pub fn from_parts(
+        names: Vec<String>,
+        descriptions: Vec<String>,
+        emb_dim: usize,
+        desc_emb: Vec<f32>,
+        mu: Vec<f32>,
+        var: Vec<f32>,
+    ) -> Result<Experts> {
+        let n = names.len();
+        if n == 0
+            || descriptions.len() != n
+            || desc_emb.len() != n * emb_dim
+            || mu.len() != var.len()
+            || mu.len() % n != 0
+        {
+            return Err(Error::InvalidOption("inconsistent expert parts".into()));
+        }
+        let dim = mu.len() / n;
+        let meta = names
+            .into_iter()
+            .zip(descriptions)
+            .map(|(name, description)| ExpertMeta {
+                name,
+                description,
+                relation: String::new(),
+                domain: String::new(),
+            })
+            .collect();
+        Ok(Experts {
+            meta,
+            emb_dim,
+            dim,
+            desc_emb,
+            mu,
+            var,
+            norm_mean: vec![0.0; dim],
+            norm_std: vec![1.0; dim],
+            lora_a: vec![],
+        })
+    }
+
+    /// Number of experts.
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// True when there are no experts.
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Flat parameter dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Metadata of expert `i`.
+    pub fn meta(&self, i: usize) -> &ExpertMeta {
+        &self.meta[i]
+    }
+
+    /// All metadata.
+    pub fn metas(&self) -> &[ExpertMeta] {
+        &self.meta
+    }
+
+    /// Description embedding of expert `i`.
+    pub fn desc_emb(&self, i: usize) -> &[f32] {
+        &self.desc_emb[i * self.emb_dim..(i + 1) * self.emb_dim]
+    }
+
+    /// `μ_i`.
+    pub fn mu(&self, i: usize) -> &[f32] {
+        &self.mu[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// `σ²_i`.
+    pub fn var(&self, i: usize) -> &[f32] {
+        &self.var[i * self.dim..(i + 1) * self.dim]
+    }
+}

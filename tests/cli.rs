@@ -1,0 +1,376 @@
+//! The real `sglora` binary on the real bundle and the real filesystem.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const DESC: &str = "Given the name of an animal, find the broader category it is a kind of.";
+
+fn sglora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .arg("--bundle")
+        .arg(bundle_dir())
+        .args(args)
+        .output()
+        .expect("run sglora")
+}
+
+fn sglora_stdin(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .arg("--bundle")
+        .arg(bundle_dir())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn generate(dir: &Path, seed: u64) -> Output {
+    let o = sglora(&[
+        "generate",
+        DESC,
+        "-o",
+        dir.to_str().unwrap(),
+        "--seed",
+        &seed.to_string(),
+        "--allow-ood",
+    ]);
+    assert!(o.status.success(), "generate failed: {}", stderr(&o));
+    o
+}
+
+#[test]
+fn generate_writes_a_valid_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a");
+    let o = generate(&out, 1);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("adapter:") && text.contains("similarity"),
+        "{text}"
+    );
+    println!("{text}");
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle_dir().join("manifest.json")).unwrap())
+            .unwrap();
+    let lora = &manifest["lora"];
+    // safetensors: every tensor named and shaped as the manifest's layout says
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("adapter safetensors parses");
+    let layout = lora["layout"].as_array().unwrap();
+    assert_eq!(st.len(), layout.len() * 2);
+    for m in layout {
+        for (name, shape) in [("lora_A", "lora_A_shape"), ("lora_B", "lora_B_shape")] {
+            let t = st
+                .tensor(m[name].as_str().unwrap())
+                .expect("tensor present");
+            let want: Vec<usize> = m[shape]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(t.shape(), want.as_slice());
+            assert_eq!(format!("{:?}", t.dtype()), lora["dtype"].as_str().unwrap());
+        }
+    }
+    // B is not all zeros (an untrained LoRA would be)
+    let b0 = st.tensor(layout[0]["lora_B"].as_str().unwrap()).unwrap();
+    assert!(b0.data().iter().any(|x| *x != 0));
+
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], lora["r"]);
+    assert_eq!(cfg["lora_alpha"].as_f64(), lora["lora_alpha"].as_f64());
+    assert_eq!(cfg["base_model_name_or_path"], manifest["base_model"]["id"]);
+    let targets: Vec<&str> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(targets.contains(&"query") && targets.contains(&"value"));
+
+    let prov: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("provenance.json")).unwrap()).unwrap();
+    for key in [
+        "description",
+        "embedding_sha256",
+        "experts",
+        "seed",
+        "bundle",
+        "sglora_version",
+        "timings_ms",
+        "weights_sha256",
+    ] {
+        assert!(!prov[key].is_null(), "provenance lacks {key}");
+    }
+    assert_eq!(prov["description"], DESC);
+    assert_eq!(prov["seed"], 1);
+    assert_eq!(prov["bundle"]["id"], manifest["bundle_id"]);
+    let experts = prov["experts"].as_array().unwrap();
+    assert_eq!(
+        experts.len(),
+        manifest["prior"]["top_k"]
+            .as_u64()
+            .unwrap()
+            .min(manifest["experts"]["count"].as_u64().unwrap()) as usize
+    );
+    let wsum: f64 = experts.iter().map(|e| e["weight"].as_f64().unwrap()).sum();
+    assert!((wsum - 1.0).abs() < 1e-6);
+    assert_eq!(prov["weights_sha256"], sglora::bundle::sha256_hex(&bytes));
+    // nothing else (no temp dirs) next to the output
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn same_seed_is_byte_identical_and_another_seed_differs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    generate(&a, 42);
+    generate(&b, 42);
+    generate(&c, 43);
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        read(&a),
+        read(&b),
+        "same seed must give byte-identical weights"
+    );
+    assert_ne!(read(&a), read(&c), "another seed must give other weights");
+    let cfg = |d: &Path| std::fs::read(d.join("adapter_config.json")).unwrap();
+    assert_eq!(cfg(&a), cfg(&b));
+}
+
+#[test]
+fn json_output_and_stdin_description() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("j");
+    let o = sglora_stdin(
+        &[
+            "generate",
+            "-",
+            "--json",
+            "--allow-ood",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        DESC.as_bytes(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
+    assert_eq!(v["explanation"]["description"], DESC);
+    assert!(v["timings_ms"]["encode_ms"].as_f64().unwrap() > 0.0);
+    assert!(out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn explain_writes_nothing_and_lists_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .current_dir(tmp.path())
+        .arg("--bundle")
+        .arg(bundle_dir())
+        .args(["explain", DESC, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!v["experts"].as_array().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "explain must not write files"
+    );
+    let o = sglora(&["experts", "--json"]);
+    assert!(o.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle_dir().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len() as u64,
+        manifest["experts"]["count"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn bad_descriptions_are_refused_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let o = out.to_str().unwrap();
+    for (desc, needle) in [
+        ("", "empty"),
+        ("   \n\t ", "empty"),
+        (&"word ".repeat(1000) as &str, "limit"),
+        ("a\u{1}b", "control"),
+    ] {
+        let r = sglora(&["generate", desc, "-o", o]);
+        assert_eq!(r.status.code(), Some(2), "{desc:?}: {}", stderr(&r));
+        assert!(stderr(&r).contains(needle), "{desc:?}: {}", stderr(&r));
+        assert!(!stderr(&r).contains("panicked"));
+    }
+    let r = sglora_stdin(&["generate", "-", "-o", o], b"find \xff\xfe antonyms");
+    assert_ne!(r.status.code(), Some(0));
+    assert!(stderr(&r).contains("UTF-8"), "{}", stderr(&r));
+    assert!(!out.exists(), "nothing may be written for bad input");
+}
+
+#[test]
+fn output_directory_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exists");
+    generate(&out, 5);
+    let before = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let r = sglora(&[
+        "generate",
+        DESC,
+        "-o",
+        out.to_str().unwrap(),
+        "--seed",
+        "6",
+        "--allow-ood",
+    ]);
+    assert_eq!(r.status.code(), Some(5), "{}", stderr(&r));
+    assert!(stderr(&r).contains("already exists"));
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        before,
+        "refused write must not touch the old adapter"
+    );
+    let r = sglora(&[
+        "generate",
+        DESC,
+        "-o",
+        out.to_str().unwrap(),
+        "--seed",
+        "6",
+        "--allow-ood",
+        "--force",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_ne!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    // A parent that is a file cannot hold an adapter.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let r = sglora(&[
+        "generate",
+        DESC,
+        "-o",
+        file.join("sub").to_str().unwrap(),
+        "--allow-ood",
+    ]);
+    assert_eq!(r.status.code(), Some(5), "{}", stderr(&r));
+}
+
+#[test]
+fn out_of_distribution_is_refused_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ood");
+    // A threshold no description can reach makes the guard fire deterministically.
+    let r = sglora(&[
+        "generate",
+        DESC,
+        "-o",
+        out.to_str().unwrap(),
+        "--min-similarity",
+        "1.0",
+    ]);
+    assert_eq!(r.status.code(), Some(3), "{}", stderr(&r));
+    assert!(stderr(&r).contains("out of distribution"));
+    assert!(!out.exists());
+    let r = sglora(&[
+        "generate",
+        DESC,
+        "-o",
+        out.to_str().unwrap(),
+        "--min-similarity",
+        "1.0",
+        "--allow-ood",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let prov: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("provenance.json")).unwrap()).unwrap();
+    assert_eq!(prov["out_of_distribution"], true);
+}
+
+#[test]
+fn bundle_verify_passes_and_names_a_corrupted_file() {
+    let r = sglora(&["bundle", "verify"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("b");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(bundle_dir()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    // flip one byte in the experts file
+    let f = copy.join("experts.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len() - 1;
+    bytes[n] ^= 0xff;
+    std::fs::write(&f, &bytes).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .args(["bundle", "verify"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        stderr(&r).contains("experts.safetensors") && stderr(&r).contains("sha256"),
+        "{}",
+        stderr(&r)
+    );
+    // truncated encoder: generate refuses with the file's name
+    let enc = copy.join("encoder.onnx");
+    let len = std::fs::metadata(&enc).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&enc)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .arg("--bundle")
+        .arg(&copy)
+        .args(["generate", DESC])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(4), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("encoder.onnx") || stderr(&r).contains("experts.safetensors"),
+        "{}",
+        stderr(&r)
+    );
+    // missing bundle directory
+    let r = Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .args(["--bundle", "/nonexistent/bundle", "experts"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(4));
+    assert!(stderr(&r).contains("manifest.json"));
+}

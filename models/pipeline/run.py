@@ -614,7 +614,40 @@ OFF_TOPIC = [
 STAGES = ["suite", "zeroshot", "experts", "gate", "oracles", "multitask", "encoder", "prior", "cvae", "bundle", "eval", "fixtures"]
 
 
+def eval_adapter(argv):
+    """Evaluate adapter directories written by the Rust CLI (loaded with PeftModel.from_pretrained)."""
+    ap = argparse.ArgumentParser(prog="pipeline.run eval-adapter")
+    ap.add_argument("adapters", nargs="+", help="adapter directories (adapter_model.safetensors + adapter_config.json)")
+    ap.add_argument("--task", action="append", required=True, help="task name from the suite, e.g. antonym/adj.all (repeatable)")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--work", default=None)
+    a = ap.parse_args(argv)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+    from .lora import base_model_dir, retrieval_metrics, test_set
+    p = Pipeline(argparse.Namespace(tiny=a.tiny, work=a.work, bundle_out=None, fixtures_out=None))
+    tasks = {t.name: t for t in p.suite["experts"] + p.suite["unseen"]}
+    lo = p.lora  # tokenizer + pooling helpers
+    for d in a.adapters:
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_model_dir()), d).eval()
+        orig, lo.model = lo.model, model
+        try:
+            for name in a.task:
+                if name not in tasks:
+                    raise SystemExit(f"unknown task {name!r}; known: {', '.join(sorted(tasks))}")
+                queries, gallery, pos = test_set(tasks[name].test)
+                with torch.no_grad():
+                    m = retrieval_metrics(lo.embed_all(queries), lo.embed_all(gallery), pos)
+                print(json.dumps({"adapter": d, "task": name, **m}))
+        finally:
+            lo.model = orig
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "eval-adapter":
+        return eval_adapter(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiny", action="store_true", help="a handful of tasks and steps (CI smoke run, <= 10 min)")
     ap.add_argument("--stage", default="all", help=f"run up to and including this stage: {', '.join(STAGES)}")

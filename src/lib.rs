@@ -16,13 +16,20 @@
 
 pub mod adapter;
 pub mod bundle;
+pub mod cache;
+pub mod config;
 pub mod cvae;
+pub mod daemon;
+pub mod dbus;
+pub mod dropbox;
 pub mod encoder;
 pub mod error;
 pub mod experts;
 pub mod generator;
+pub mod log;
 pub mod prior;
 pub mod rng;
+pub mod service;
 
 pub use error::{Error, Result};
 pub use generator::{GenerateOptions, Generation, Generator};

@@ -71,11 +71,104 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the service: D-Bus API, watched drop folder, adapter cache (see sglorad.toml.example).
+    Daemon(DaemonArgs),
     /// Bundle maintenance.
     Bundle {
         #[command(subcommand)]
         command: BundleCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Configuration file (default /etc/sglora/sglorad.toml; missing is fine unless given here).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve on the session bus.
+    #[arg(long, conflicts_with_all = ["system", "bus_address"])]
+    session: bool,
+    /// Serve on the system bus (the default).
+    #[arg(long, conflicts_with = "bus_address")]
+    system: bool,
+    /// Serve on the bus at this D-Bus address.
+    #[arg(long, value_name = "ADDRESS")]
+    bus_address: Option<String>,
+    /// State directory (cache database, drop folder); overrides config and $STATE_DIRECTORY.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Cache directory (adapter files); overrides config and $CACHE_DIRECTORY.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Drop-folder root (default STATE_DIR/dropbox).
+    #[arg(long, value_name = "DIR")]
+    dropbox_dir: Option<PathBuf>,
+    /// Do not watch the drop folder.
+    #[arg(long)]
+    no_dropbox: bool,
+    /// Cache size budget in bytes.
+    #[arg(long, value_name = "BYTES")]
+    cache_max_bytes: Option<u64>,
+    /// Cosine threshold for serving a cached adapter to a similar description.
+    #[arg(long, value_name = "SIM")]
+    cache_threshold: Option<f64>,
+    /// Generations running at once.
+    #[arg(long, value_name = "N")]
+    max_concurrent: Option<usize>,
+    /// Requests allowed to wait; past it callers get Busy.
+    #[arg(long, value_name = "N")]
+    max_queue: Option<usize>,
+}
+
+fn daemon(cli_bundle: Option<&Path>, a: DaemonArgs) -> anyhow::Result<()> {
+    use sglora::config::{BusKind, Config, DEFAULT_CONFIG};
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p, true)?,
+        None => Config::load(Path::new(DEFAULT_CONFIG), false)?,
+    };
+    if a.session {
+        cfg.bus = BusKind::Session;
+    }
+    if a.system {
+        cfg.bus = BusKind::System;
+    }
+    if let Some(x) = a.bus_address {
+        cfg.bus_address = Some(x);
+    }
+    if let Some(x) = a.state_dir {
+        cfg.state_dir = x;
+    }
+    if let Some(x) = a.cache_dir {
+        cfg.cache_dir = x;
+    }
+    if let Some(x) = a.dropbox_dir {
+        cfg.dropbox.dir = Some(x);
+    }
+    if a.no_dropbox {
+        cfg.dropbox.enabled = false;
+    }
+    if let Some(x) = a.cache_max_bytes {
+        cfg.cache.max_bytes = x;
+    }
+    if let Some(x) = a.cache_threshold {
+        cfg.cache.similarity_threshold = x;
+    }
+    if let Some(x) = a.max_concurrent {
+        cfg.service.max_concurrent = x;
+    }
+    if let Some(x) = a.max_queue {
+        cfg.service.max_queue = x;
+    }
+    cfg.check()?;
+    let bundle = cli_bundle
+        .map(Path::to_path_buf)
+        .or_else(|| cfg.bundle.clone())
+        .unwrap_or_else(|| bundle_dir(None));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(sglora::daemon::run(cfg, bundle))
 }
 
 #[derive(Subcommand)]
@@ -167,6 +260,7 @@ fn print_explanation(ex: &Explanation) {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Daemon(a) => daemon(cli.bundle.as_deref(), a),
         Command::Bundle {
             command: BundleCommand::Verify { dir },
         } => {

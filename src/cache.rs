@@ -1,0 +1,563 @@
+//! Persistent adapter cache: one SQLite database (WAL) of rows keyed by the description
+//! embedding, the bundle hash and the generation options, and one adapter directory per row.
+//!
+//! Invariants: a row is inserted only after its adapter files are durable; on open, rows whose
+//! directory is missing or incomplete are dropped and directories without a row are removed; a
+//! hit re-checks the weights' SHA-256 and a mismatch drops the row (the caller regenerates).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::adapter::{AdapterFiles, CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE};
+use crate::bundle::sha256_hex;
+use crate::error::{Error, Result};
+
+/// Current schema version (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// A cached adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Adapter id (directory name).
+    pub id: String,
+    /// Adapter directory.
+    pub dir: PathBuf,
+    /// The description it was generated for.
+    pub description: String,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// `provenance.json` contents.
+    pub provenance: String,
+}
+
+/// How a lookup matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Match {
+    /// Same text.
+    Exact,
+    /// A different text whose embedding is within the threshold.
+    Similar,
+}
+
+/// Cache statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Rows.
+    pub entries: u64,
+    /// Bytes of adapter files.
+    pub bytes: u64,
+}
+
+struct IndexRow {
+    id: String,
+    scope: String,
+    embedding: Vec<f32>,
+}
+
+/// The cache.
+pub struct Cache {
+    db: Connection,
+    dir: PathBuf,
+    max_bytes: u64,
+    threshold: f64,
+    index: Vec<IndexRow>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("dir", &self.dir)
+            .field("entries", &self.index.len())
+            .finish()
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn db_err(path: &Path, e: rusqlite::Error) -> Error {
+    Error::Output {
+        path: path.to_path_buf(),
+        what: format!("cache database: {e}"),
+    }
+}
+
+fn emb_to_blob(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn blob_to_emb(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    [WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE]
+        .iter()
+        .filter_map(|f| fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+impl Cache {
+    /// Open (creating if needed) the database at `db_path` and the adapter directory `dir`,
+    /// migrate the schema and reconcile rows with files.
+    pub fn open(db_path: &Path, dir: &Path, max_bytes: u64, threshold: f64) -> Result<Cache> {
+        fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        if let Some(p) = db_path.parent() {
+            fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
+        }
+        let db = Connection::open(db_path).map_err(|e| db_err(db_path, e))?;
+        db.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| db_err(db_path, e))?;
+        let check: String = db
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| db_err(db_path, e))?;
+        if check != "ok" {
+            return Err(Error::Output {
+                path: db_path.into(),
+                what: format!("the cache database is corrupt ({check}); move it away and restart to rebuild the cache"),
+            });
+        }
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| db_err(db_path, e))?;
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| db_err(db_path, e))?;
+        let version: i64 = db
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| db_err(db_path, e))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::Output {
+                path: db_path.into(),
+                what: format!("schema version {version} is newer than this sglora ({SCHEMA_VERSION}); upgrade sglora"),
+            });
+        }
+        if version < 1 {
+            db.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS adapters(
+                   id TEXT PRIMARY KEY,
+                   text_sha TEXT NOT NULL,
+                   scope TEXT NOT NULL,
+                   embedding BLOB NOT NULL,
+                   description TEXT NOT NULL,
+                   bytes INTEGER NOT NULL,
+                   weights_sha256 TEXT NOT NULL,
+                   provenance TEXT NOT NULL,
+                   created INTEGER NOT NULL,
+                   last_used INTEGER NOT NULL,
+                   hits INTEGER NOT NULL DEFAULT 0);
+                 CREATE INDEX IF NOT EXISTS adapters_text ON adapters(text_sha, scope);
+                 CREATE INDEX IF NOT EXISTS adapters_lru ON adapters(last_used);
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )
+            .map_err(|e| db_err(db_path, e))?;
+        }
+        let mut cache = Cache {
+            db,
+            dir: dir.to_path_buf(),
+            max_bytes,
+            threshold,
+            index: Vec::new(),
+        };
+        cache.reconcile()?;
+        Ok(cache)
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.db.path().map(PathBuf::from).unwrap_or_default()
+    }
+
+    /// Drop rows without complete files, remove directories without rows, rebuild the index.
+    fn reconcile(&mut self) -> Result<()> {
+        let dbp = self.db_path();
+        let rows: Vec<(String, String, Vec<u8>)> = {
+            let mut st = self
+                .db
+                .prepare("SELECT id, scope, embedding FROM adapters")
+                .map_err(|e| db_err(&dbp, e))?;
+            let it = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| db_err(&dbp, e))?;
+            it.collect::<std::result::Result<_, _>>()
+                .map_err(|e| db_err(&dbp, e))?
+        };
+        let mut known = std::collections::HashSet::new();
+        self.index.clear();
+        for (id, scope, emb) in rows {
+            let d = self.dir.join(&id);
+            if [WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE]
+                .iter()
+                .all(|f| d.join(f).is_file())
+            {
+                known.insert(id.clone());
+                self.index.push(IndexRow {
+                    id,
+                    scope,
+                    embedding: blob_to_emb(&emb),
+                });
+            } else {
+                self.db
+                    .execute("DELETE FROM adapters WHERE id = ?1", params![id])
+                    .map_err(|e| db_err(&dbp, e))?;
+            }
+        }
+        if let Ok(rd) = fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    let p = e.path();
+                    // Never follow a symlink out of the cache directory: remove the link itself.
+                    match fs::symlink_metadata(&p) {
+                        Ok(m) if m.is_dir() => {
+                            let _ = fs::remove_dir_all(&p);
+                        }
+                        Ok(_) => {
+                            let _ = fs::remove_file(&p);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Look up by exact text first, then by nearest embedding within `scope` (bundle + options).
+    /// `embedding` may be `None` to try the exact text only.
+    pub fn lookup(
+        &mut self,
+        text: &str,
+        scope: &str,
+        embedding: Option<&[f32]>,
+    ) -> Result<Option<(Entry, Match)>> {
+        let dbp = self.db_path();
+        let exact: Option<String> = self
+            .db
+            .query_row(
+                "SELECT id FROM adapters WHERE text_sha = ?1 AND scope = ?2",
+                params![sha256_hex(text.as_bytes()), scope],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| db_err(&dbp, e))?;
+        if let Some(id) = exact {
+            if let Some(e) = self.touch_verified(&id)? {
+                return Ok(Some((e, Match::Exact)));
+            }
+        }
+        let Some(q) = embedding else { return Ok(None) };
+        let best = self
+            .index
+            .iter()
+            .filter(|r| r.scope == scope)
+            .map(|r| (dot(q, &r.embedding), r.id.clone()))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((sim, id)) = best {
+            if sim >= self.threshold {
+                if let Some(e) = self.touch_verified(&id)? {
+                    return Ok(Some((e, Match::Similar)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Fetch a row, check its files (weights hash), bump its LRU time; drop it if damaged.
+    fn touch_verified(&mut self, id: &str) -> Result<Option<Entry>> {
+        let dbp = self.db_path();
+        let row: Option<(String, i64, String, String)> = self
+            .db
+            .query_row(
+                "SELECT description, bytes, weights_sha256, provenance FROM adapters WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(|e| db_err(&dbp, e))?;
+        let Some((description, bytes, sha, provenance)) = row else {
+            return Ok(None);
+        };
+        let dir = self.dir.join(id);
+        let intact = fs::read(dir.join(WEIGHTS_FILE))
+            .map(|w| sha256_hex(&w) == sha)
+            .unwrap_or(false)
+            && dir.join(CONFIG_FILE).is_file()
+            && dir.join(PROVENANCE_FILE).is_file();
+        if !intact {
+            self.remove(id)?;
+            return Ok(None);
+        }
+        self.db
+            .execute(
+                "UPDATE adapters SET last_used = ?1, hits = hits + 1 WHERE id = ?2",
+                params![now(), id],
+            )
+            .map_err(|e| db_err(&dbp, e))?;
+        Ok(Some(Entry {
+            id: id.to_string(),
+            dir,
+            description,
+            bytes: bytes as u64,
+            provenance,
+        }))
+    }
+
+    /// Get an entry by id (verified), without changing hit counts.
+    pub fn get(&mut self, id: &str) -> Result<Option<Entry>> {
+        if !is_valid_id(id) {
+            return Ok(None);
+        }
+        self.touch_verified(id)
+    }
+
+    /// Store a freshly generated adapter: write its files atomically under the cache directory,
+    /// then insert the row, then evict least-recently-used rows beyond the byte budget.
+    pub fn insert(
+        &mut self,
+        text: &str,
+        scope: &str,
+        embedding: &[f32],
+        files: &AdapterFiles,
+    ) -> Result<Entry> {
+        let dbp = self.db_path();
+        let text_sha = sha256_hex(text.as_bytes());
+        let id = sha256_hex(format!("{scope}\u{0}{text_sha}").as_bytes())[..24].to_string();
+        let dir = self.dir.join(&id);
+        crate::adapter::write_atomic(&dir, files, true)?;
+        let bytes = dir_bytes(&dir);
+        let t = now();
+        self.db
+            .execute(
+                "INSERT OR REPLACE INTO adapters(id, text_sha, scope, embedding, description, bytes, weights_sha256, provenance, created, last_used, hits)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, 0)",
+                params![id, text_sha, scope, emb_to_blob(embedding), text, bytes as i64, sha256_hex(&files.weights), String::from_utf8_lossy(&files.provenance), t],
+            )
+            .map_err(|e| db_err(&dbp, e))?;
+        self.index.retain(|r| r.id != id);
+        self.index.push(IndexRow {
+            id: id.clone(),
+            scope: scope.to_string(),
+            embedding: embedding.to_vec(),
+        });
+        self.evict_to_budget(Some(&id))?;
+        Ok(Entry {
+            id,
+            dir,
+            description: text.to_string(),
+            bytes,
+            provenance: String::from_utf8_lossy(&files.provenance).into_owned(),
+        })
+    }
+
+    /// Remove least-recently-used entries until the total is within the budget (never `keep`).
+    pub fn evict_to_budget(&mut self, keep: Option<&str>) -> Result<u64> {
+        let dbp = self.db_path();
+        let mut evicted = 0;
+        while self.stats()?.bytes > self.max_bytes {
+            let victim: Option<String> = self
+                .db
+                .query_row(
+                    "SELECT id FROM adapters WHERE id != ?1 ORDER BY last_used ASC LIMIT 1",
+                    params![keep.unwrap_or("")],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| db_err(&dbp, e))?;
+            match victim {
+                Some(id) => {
+                    self.remove(&id)?;
+                    evicted += 1;
+                }
+                None => break,
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// Delete a row and its directory; true if it existed.
+    pub fn remove(&mut self, id: &str) -> Result<bool> {
+        if !is_valid_id(id) {
+            return Ok(false);
+        }
+        let dbp = self.db_path();
+        let n = self
+            .db
+            .execute("DELETE FROM adapters WHERE id = ?1", params![id])
+            .map_err(|e| db_err(&dbp, e))?;
+        self.index.retain(|r| r.id != id);
+        let d = self.dir.join(id);
+        if fs::symlink_metadata(&d)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            fs::remove_dir_all(&d).map_err(|e| Error::io("removing", &d, e))?;
+        }
+        Ok(n > 0)
+    }
+
+    /// Entry count and bytes.
+    pub fn stats(&self) -> Result<Stats> {
+        let dbp = self.db_path();
+        self.db
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM adapters",
+                [],
+                |r| {
+                    Ok(Stats {
+                        entries: r.get::<_, i64>(0)? as u64,
+                        bytes: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .map_err(|e| db_err(&dbp, e))
+    }
+
+    /// Hit counts per id (for tests and diagnostics).
+    pub fn hits(&self) -> Result<HashMap<String, u64>> {
+        let dbp = self.db_path();
+        let mut st = self
+            .db
+            .prepare("SELECT id, hits FROM adapters")
+            .map_err(|e| db_err(&dbp, e))?;
+        let it = st
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| db_err(&dbp, e))?;
+        it.collect::<std::result::Result<_, _>>()
+            .map_err(|e| db_err(&dbp, e))
+    }
+
+    /// `PRAGMA integrity_check` result.
+    pub fn integrity_check(&self) -> Result<String> {
+        let dbp = self.db_path();
+        self.db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| db_err(&dbp, e))
+    }
+}
+
+/// Adapter ids are 24 lowercase hex digits; anything else is refused before touching the disk.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == 24
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(tag: &str) -> AdapterFiles {
+        AdapterFiles {
+            weights: tag.repeat(100).into_bytes(),
+            config: b"{}".to_vec(),
+            provenance: b"{}".to_vec(),
+        }
+    }
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn exact_similar_miss_persist_and_evict() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("cache.db");
+        let dir = d.path().join("adapters");
+        let mut c = Cache::open(&db, &dir, 10_000, 0.97).unwrap();
+        let e1 = unit(&[1.0, 0.0, 0.0]);
+        let a = c.insert("task a", "s1", &e1, &files("a")).unwrap();
+        assert_eq!(
+            c.lookup("task a", "s1", None).unwrap().unwrap().1,
+            Match::Exact
+        );
+        // near-duplicate embedding hits, a far one misses, another scope misses
+        let near = unit(&[1.0, 0.1, 0.0]);
+        assert_eq!(
+            c.lookup("task a!", "s1", Some(&near)).unwrap().unwrap().1,
+            Match::Similar
+        );
+        assert!(c
+            .lookup("task b", "s1", Some(&unit(&[0.0, 1.0, 0.0])))
+            .unwrap()
+            .is_none());
+        assert!(c.lookup("task a", "s2", Some(&e1)).unwrap().is_none());
+        drop(c);
+        // persistence
+        let mut c = Cache::open(&db, &dir, 10_000, 0.97).unwrap();
+        assert_eq!(c.lookup("task a", "s1", None).unwrap().unwrap().0.id, a.id);
+        // corruption is detected and the row dropped
+        fs::write(a.dir.join(WEIGHTS_FILE), b"garbage").unwrap();
+        assert!(c.lookup("task a", "s1", Some(&e1)).unwrap().is_none());
+        assert_eq!(c.stats().unwrap().entries, 0);
+        // eviction keeps the total within budget, least recently used first
+        let mut c = Cache::open(&db, &dir, 2 * 304 + 10, 0.97).unwrap();
+        let x = c
+            .insert("x", "s", &unit(&[1.0, 0.0, 0.0]), &files("x"))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let y = c
+            .insert("y", "s", &unit(&[0.0, 1.0, 0.0]), &files("y"))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        c.lookup("x", "s", None).unwrap().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        c.insert("z", "s", &unit(&[0.0, 0.0, 1.0]), &files("z"))
+            .unwrap();
+        let s = c.stats().unwrap();
+        assert!(s.bytes <= 2 * 304 + 10, "{s:?}");
+        assert!(c.get(&x.id).unwrap().is_some(), "recently used x stays");
+        assert!(
+            c.get(&y.id).unwrap().is_none(),
+            "least recently used y goes"
+        );
+        assert!(!y.dir.exists());
+        assert_eq!(c.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn reconcile_drops_orphans_both_ways() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("cache.db");
+        let dir = d.path().join("adapters");
+        let mut c = Cache::open(&db, &dir, 1 << 20, 0.97).unwrap();
+        let a = c.insert("a", "s", &[1.0], &files("a")).unwrap();
+        let b = c.insert("b", "s", &[1.0], &files("b")).unwrap();
+        drop(c);
+        fs::remove_dir_all(&a.dir).unwrap();
+        fs::create_dir(dir.join("stray")).unwrap();
+        fs::create_dir(dir.join(".x.tmp-1-2")).unwrap();
+        let mut c = Cache::open(&db, &dir, 1 << 20, 0.97).unwrap();
+        assert_eq!(c.stats().unwrap().entries, 1);
+        assert!(c.get(&b.id).unwrap().is_some());
+        assert!(!dir.join("stray").exists() && !dir.join(".x.tmp-1-2").exists());
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(is_valid_id("0123456789abcdef01234567"));
+        assert!(!is_valid_id("../../etc/passwd"));
+        assert!(!is_valid_id("0123456789ABCDEF01234567"));
+    }
+}

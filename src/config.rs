@@ -1,0 +1,217 @@
+//! Daemon configuration: a TOML file (default `/etc/sglora/sglorad.toml`), systemd's directory
+//! variables, then command-line overrides. Every key is optional; `sglorad.toml.example` at the
+//! top of the repository documents them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/sglora/sglorad.toml";
+
+/// Which bus to serve on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// The system bus (default under systemd).
+    System,
+    /// The user's session bus.
+    Session,
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Model bundle directory (default: the installed bundle or ./models/default).
+    pub bundle: Option<PathBuf>,
+    /// Bus to use.
+    pub bus: BusKind,
+    /// Explicit bus address (overrides `bus`).
+    pub bus_address: Option<String>,
+    /// Persistent state: the cache database and the drop folder.
+    pub state_dir: PathBuf,
+    /// Cached adapter directories.
+    pub cache_dir: PathBuf,
+    /// Cache settings.
+    pub cache: CacheConfig,
+    /// Drop-folder settings.
+    pub dropbox: DropboxConfig,
+    /// Concurrency limits.
+    pub service: ServiceConfig,
+}
+
+/// Cache settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Size budget of cached adapters in bytes; least recently used ones are evicted past it.
+    pub max_bytes: u64,
+    /// Cosine similarity of description embeddings at or above which a cached adapter is served
+    /// for a different text (same bundle and options).
+    pub similarity_threshold: f64,
+}
+
+/// Drop-folder settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DropboxConfig {
+    /// Watch the drop folder.
+    pub enabled: bool,
+    /// Drop-folder root (holds `inbox/`, `outbox/`, `done/`, `failed/`); default `STATE/dropbox`.
+    pub dir: Option<PathBuf>,
+    /// Largest accepted request file in bytes.
+    pub max_file_bytes: u64,
+    /// How long a file's size and mtime must stay unchanged before it is read (ms).
+    pub settle_ms: u64,
+}
+
+/// Concurrency limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Generations running at once.
+    pub max_concurrent: usize,
+    /// Requests waiting for a generation slot; past it callers get `Busy`.
+    pub max_queue: usize,
+    /// Seconds to let in-flight work finish on SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 256 * 1024 * 1024,
+            similarity_threshold: 0.97,
+        }
+    }
+}
+
+impl Default for DropboxConfig {
+    fn default() -> Self {
+        DropboxConfig {
+            enabled: true,
+            dir: None,
+            max_file_bytes: 64 * 1024,
+            settle_ms: 200,
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_concurrent: 2,
+            max_queue: 64,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bundle: None,
+            bus: BusKind::System,
+            bus_address: None,
+            state_dir: PathBuf::from("/var/lib/sglora"),
+            cache_dir: PathBuf::from("/var/cache/sglora"),
+            cache: CacheConfig::default(),
+            dropbox: DropboxConfig::default(),
+            service: ServiceConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Read `path`; a missing file is an error only if `required`.
+    pub fn load(path: &Path, required: bool) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default().with_env())
+            }
+            Err(e) => return Err(Error::io("reading the configuration", path, e)),
+        };
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| Error::InvalidOption(format!("configuration {}: {e}", path.display())))?;
+        let cfg = cfg.with_env();
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Directories from systemd (`STATE_DIRECTORY`, `CACHE_DIRECTORY`) when set; they win over
+    /// the file because the unit is what grants access to them.
+    pub fn with_env(mut self) -> Config {
+        let first = |v: std::ffi::OsString| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .map(PathBuf::from)
+        };
+        if let Some(p) = std::env::var_os("STATE_DIRECTORY").and_then(first) {
+            self.state_dir = p;
+        }
+        if let Some(p) = std::env::var_os("CACHE_DIRECTORY").and_then(first) {
+            self.cache_dir = p;
+        }
+        self
+    }
+
+    /// Range checks.
+    pub fn check(&self) -> Result<()> {
+        let bad = |s: &str| Err(Error::InvalidOption(s.to_string()));
+        if !(0.0..=1.0).contains(&self.cache.similarity_threshold) {
+            return bad("cache.similarity_threshold must be between 0 and 1");
+        }
+        if self.service.max_concurrent == 0 {
+            return bad("service.max_concurrent must be at least 1");
+        }
+        if self.dropbox.max_file_bytes == 0 || self.dropbox.max_file_bytes > 16 * 1024 * 1024 {
+            return bad("dropbox.max_file_bytes must be between 1 and 16 MiB");
+        }
+        Ok(())
+    }
+
+    /// The drop-folder root.
+    pub fn dropbox_dir(&self) -> PathBuf {
+        self.dropbox
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("dropbox"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_and_rejects_unknown_ones() {
+        let t = r#"
+            bundle = "/b"
+            bus = "session"
+            state_dir = "/s"
+            cache_dir = "/c"
+            [cache]
+            max_bytes = 1000
+            similarity_threshold = 0.9
+            [dropbox]
+            enabled = false
+            max_file_bytes = 10
+            settle_ms = 5
+            [service]
+            max_concurrent = 3
+            max_queue = 4
+            shutdown_grace_secs = 1
+        "#;
+        let c: Config = toml::from_str(t).unwrap();
+        assert_eq!(c.bus, BusKind::Session);
+        assert_eq!(c.cache.max_bytes, 1000);
+        assert!(!c.dropbox.enabled);
+        assert_eq!(c.service.max_queue, 4);
+        assert!(toml::from_str::<Config>("colour = 1").is_err());
+        assert!(toml::from_str::<Config>("[cache]\nmax_bytes = \"x\"").is_err());
+    }
+}

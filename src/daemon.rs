@@ -1,0 +1,147 @@
+//! `sglora daemon`: the thin glue that loads the bundle once, opens the cache, serves
+//! `org.sglora.Generator1` on D-Bus, watches the drop folder, talks to systemd (`sd_notify`
+//! READY/STOPPING/WATCHDOG) and shuts down cleanly on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cache::Cache;
+use crate::config::{BusKind, Config};
+use crate::dbus::{Generator1, BUS_NAME, OBJECT_PATH};
+use crate::dropbox::Dropbox;
+use crate::service::Service;
+use crate::{log, Generator};
+
+/// Send a state string to systemd's notification socket, if there is one.
+pub fn sd_notify(state: &str) -> bool {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let bytes = path.as_encoded_bytes();
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return false;
+    };
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))
+    };
+    sent.is_ok()
+}
+
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
+}
+
+/// Run until SIGTERM/SIGINT.
+pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let g = tokio::task::spawn_blocking(move || Generator::load(&bundle))
+        .await?
+        .context("loading the model bundle")?;
+    log::info(&format!(
+        "bundle {} loaded ({} experts) in {:.0} ms",
+        g.bundle().manifest.bundle_id,
+        g.experts().len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
+    let db = cfg.state_dir.join("cache.db");
+    let cache = Cache::open(
+        &db,
+        &cfg.cache_dir.join("adapters"),
+        cfg.cache.max_bytes,
+        cfg.cache.similarity_threshold,
+    )
+    .with_context(|| format!("opening the cache ({})", db.display()))?;
+    let svc = Arc::new(Service::new(
+        g,
+        cache,
+        cfg.service.max_concurrent,
+        cfg.service.max_queue,
+    ));
+
+    let builder = match (&cfg.bus_address, &cfg.bus) {
+        (Some(a), _) => zbus::connection::Builder::address(a.as_str()),
+        (None, BusKind::Session) => zbus::connection::Builder::session(),
+        (None, BusKind::System) => zbus::connection::Builder::system(),
+    };
+    let conn = builder
+        .name(BUS_NAME)
+        .serve_at(OBJECT_PATH, Generator1::new(svc.clone()))
+        .build()
+        .await
+        .with_context(|| format!("connecting to the bus and owning {BUS_NAME} (is another sglorad running? does the bus policy allow it?)"))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    if cfg.dropbox.enabled {
+        let root = cfg.dropbox_dir();
+        let db = Arc::new(
+            Dropbox::create(&root, cfg.dropbox.max_file_bytes, cfg.dropbox.settle_ms)
+                .with_context(|| format!("creating the drop folder {}", root.display()))?,
+        );
+        let (svc2, rx) = (svc.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = db.run(svc2, rx).await {
+                log::error(&format!("drop folder watcher stopped: {e}"));
+            }
+        }));
+        log::info(&format!("watching {}", root.join("inbox").display()));
+    }
+    if let Some(every) = watchdog_interval() {
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = t.tick() => { sd_notify("WATCHDOG=1"); }
+                    _ = rx.changed() => break,
+                }
+            }
+        }));
+    }
+    sd_notify("READY=1");
+    log::info(&format!(
+        "ready: {BUS_NAME} on {} in {:.0} ms",
+        cfg.bus_address.as_deref().unwrap_or(match cfg.bus {
+            BusKind::System => "the system bus",
+            BusKind::Session => "the session bus",
+        }),
+        t0.elapsed().as_secs_f64() * 1e3
+    ));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    sd_notify("STOPPING=1");
+    log::info("stopping: no new drop-folder work; finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let deadline = Instant::now() + Duration::from_secs(cfg.service.shutdown_grace_secs);
+    for t in tasks {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left, t).await;
+    }
+    while svc.busy() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(conn);
+    log::info("stopped");
+    Ok(())
+}

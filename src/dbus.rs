@@ -1,0 +1,304 @@
+//! The D-Bus interface `org.sglora.Generator1` at `/org/sglora/Generator1` (zbus).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use zbus::object_server::SignalEmitter;
+use zbus::OwnedVariant as OwnedValue;
+
+use crate::generator::GenerateOptions;
+use crate::service::{Service, ServiceError};
+
+/// Well-known bus name.
+pub const BUS_NAME: &str = "org.sglora.Generator1";
+/// Object path.
+pub const OBJECT_PATH: &str = "/org/sglora/Generator1";
+
+/// Errors returned over D-Bus as `org.sglora.Generator1.Error.*`.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.sglora.Generator1.Error")]
+pub enum DbusError {
+    /// Transport error.
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// Empty, too long or otherwise unusable description.
+    InvalidDescription(String),
+    /// Unknown or out-of-range option.
+    InvalidOption(String),
+    /// No expert is close enough to the description.
+    OutOfDistribution(String),
+    /// Too many requests queued.
+    Busy(String),
+    /// Unknown adapter id.
+    NotFound(String),
+    /// Anything else.
+    Internal(String),
+}
+
+impl From<ServiceError> for DbusError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidDescription(m) => DbusError::InvalidDescription(m),
+            ServiceError::InvalidOption(m) => DbusError::InvalidOption(m),
+            ServiceError::OutOfDistribution(m) => DbusError::OutOfDistribution(m),
+            ServiceError::Busy(m) => DbusError::Busy(m),
+            ServiceError::NotFound(m) => DbusError::NotFound(m),
+            ServiceError::Internal(m) => DbusError::Internal(m),
+        }
+    }
+}
+
+/// Parse the `a{sv}` options of `Generate`/`Explain`: `seed` (t/u/i/x ≥ 0), `top_k` (u/i/t/x),
+/// `temperature`, `noise_scale`, `min_similarity` (d), `allow_ood` (b). Unknown keys are errors.
+pub fn parse_options(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> {
+    fn int(k: &str, v: &OwnedValue) -> Result<i128, String> {
+        if let Ok(x) = u64::try_from(v) {
+            return Ok(i128::from(x));
+        }
+        if let Ok(x) = i64::try_from(v) {
+            return Ok(i128::from(x));
+        }
+        if let Ok(x) = u32::try_from(v) {
+            return Ok(i128::from(x));
+        }
+        if let Ok(x) = i32::try_from(v) {
+            return Ok(i128::from(x));
+        }
+        Err(format!(
+            "option {k} must be an integer (t, u, x or i), got signature {}",
+            v.value_signature()
+        ))
+    }
+    fn float(k: &str, v: &OwnedValue) -> Result<f64, String> {
+        if let Ok(x) = f64::try_from(v) {
+            return Ok(x);
+        }
+        int(k, v).map(|x| x as f64).map_err(|_| {
+            format!(
+                "option {k} must be a number (d), got signature {}",
+                v.value_signature()
+            )
+        })
+    }
+    let mut o = GenerateOptions::default();
+    for (k, v) in opts {
+        match k.as_str() {
+            "seed" => {
+                let x = int(k, v)?;
+                o.seed = u64::try_from(x).map_err(|_| format!("seed must be between 0 and {}", u64::MAX))?;
+            }
+            "top_k" => {
+                let x = int(k, v)?;
+                o.top_k = Some(usize::try_from(x).ok().filter(|x| *x >= 1).ok_or("top_k must be a positive integer")?);
+            }
+            "temperature" => o.temperature = Some(float(k, v)?),
+            "noise_scale" => o.noise_scale = Some(float(k, v)?),
+            "min_similarity" => o.min_similarity = Some(float(k, v)?),
+            "allow_ood" => o.allow_ood = bool::try_from(v).map_err(|_| "allow_ood must be a boolean (b)".to_string())?,
+            other => {
+                return Err(format!(
+                    "unknown option {other:?}; known: seed, top_k, temperature, noise_scale, min_similarity, allow_ood"
+                ))
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// The exported object.
+pub struct Generator1 {
+    svc: Arc<Service>,
+}
+
+impl Generator1 {
+    /// Wrap the service.
+    pub fn new(svc: Arc<Service>) -> Self {
+        Generator1 { svc }
+    }
+}
+
+#[zbus::interface(name = "org.sglora.Generator1")]
+impl Generator1 {
+    /// Generate (or fetch from the cache) an adapter for a description.
+    #[zbus(out_args("adapter_dir", "adapter_id", "cache_hit", "provenance_json"))]
+    async fn generate(
+        &self,
+        description: String,
+        options: HashMap<String, OwnedValue>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(String, String, bool, String), DbusError> {
+        let opts = match parse_options(&options) {
+            Ok(o) => o,
+            Err(m) => {
+                let _ = Self::generation_failed(&emitter, &description, &m).await;
+                return Err(DbusError::InvalidOption(m));
+            }
+        };
+        match self.svc.generate(&description, &opts).await {
+            Ok(s) => {
+                let dir = s.entry.dir.to_string_lossy().into_owned();
+                let _ = Self::adapter_ready(&emitter, &s.entry.id, &dir).await;
+                Ok((dir, s.entry.id, s.cache_hit, s.entry.provenance))
+            }
+            Err(e) => {
+                let _ = Self::generation_failed(&emitter, &description, &e.to_string()).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Retrieval only: (expert name, similarity, weight), most similar first.
+    async fn explain(
+        &self,
+        description: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<Vec<(String, f64, f64)>, DbusError> {
+        let opts = parse_options(&options).map_err(DbusError::InvalidOption)?;
+        let g = self.svc.generator();
+        let ex = tokio::task::spawn_blocking(move || g.explain(&description, &opts))
+            .await
+            .map_err(|e| DbusError::Internal(e.to_string()))?
+            .map_err(|e| DbusError::from(ServiceError::from(e)))?;
+        Ok(ex
+            .experts
+            .into_iter()
+            .map(|e| (e.name, e.similarity, e.weight))
+            .collect())
+    }
+
+    /// The expert repository: (name, description).
+    async fn list_experts(&self) -> Vec<(String, String)> {
+        self.svc
+            .generator()
+            .experts()
+            .metas()
+            .iter()
+            .map(|m| (m.name.clone(), m.description.clone()))
+            .collect()
+    }
+
+    /// A cached adapter: (adapter_dir, provenance_json).
+    #[zbus(out_args("adapter_dir", "provenance_json"))]
+    async fn get_adapter(&self, id: String) -> Result<(String, String), DbusError> {
+        let e = self.svc.get(&id)?;
+        Ok((e.dir.to_string_lossy().into_owned(), e.provenance))
+    }
+
+    /// Remove an adapter from the cache; false if it was not there.
+    async fn evict(&self, id: String) -> Result<bool, DbusError> {
+        Ok(self.svc.evict(&id)?)
+    }
+
+    /// Re-read the bundle (expert repository and models) from disk without a restart; returns
+    /// the number of experts. A bundle that fails verification leaves the old one in service.
+    async fn reload_experts(&self) -> Result<u32, DbusError> {
+        let dir = self.svc.generator().bundle().dir.clone();
+        let g = tokio::task::spawn_blocking(move || crate::Generator::load(dir))
+            .await
+            .map_err(|e| DbusError::Internal(e.to_string()))?
+            .map_err(|e| {
+                DbusError::Internal(format!(
+                    "reload failed, the previous bundle stays in service: {e}"
+                ))
+            })?;
+        let n = g.experts().len() as u32;
+        self.svc.replace_generator(g);
+        Ok(n)
+    }
+
+    /// sglora version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// Bundle id of the loaded bundle.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn bundle_id(&self) -> String {
+        self.svc.generator().bundle().manifest.bundle_id.clone()
+    }
+
+    /// Cached adapters.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn cache_entries(&self) -> u64 {
+        self.svc.cache_stats().entries
+    }
+
+    /// Bytes of cached adapters.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn cache_bytes(&self) -> u64 {
+        self.svc.cache_stats().bytes
+    }
+
+    /// Successful Generate requests.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn requests_served(&self) -> u64 {
+        self.svc.counters.served.load(Ordering::Relaxed)
+    }
+
+    /// Share of served requests answered from the cache.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn cache_hit_ratio(&self) -> f64 {
+        let served = self.svc.counters.served.load(Ordering::Relaxed);
+        if served == 0 {
+            0.0
+        } else {
+            self.svc.counters.hits.load(Ordering::Relaxed) as f64 / served as f64
+        }
+    }
+
+    /// An adapter is ready.
+    #[zbus(signal)]
+    async fn adapter_ready(emitter: &SignalEmitter<'_>, id: &str, dir: &str) -> zbus::Result<()>;
+
+    /// A request failed.
+    #[zbus(signal)]
+    async fn generation_failed(
+        emitter: &SignalEmitter<'_>,
+        request: &str,
+        error: &str,
+    ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::Variant as Value;
+
+    fn map(items: Vec<(&str, Value<'static>)>) -> HashMap<String, OwnedValue> {
+        items
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), OwnedValue::try_from(v).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn options_parse_and_reject() {
+        let o = parse_options(&map(vec![
+            ("seed", Value::U64(7)),
+            ("top_k", Value::I32(3)),
+            ("allow_ood", Value::Bool(true)),
+        ]))
+        .unwrap();
+        assert_eq!((o.seed, o.top_k, o.allow_ood), (7, Some(3), true));
+        assert!(parse_options(&map(vec![("seed", Value::I64(-1))]))
+            .unwrap_err()
+            .contains("seed"));
+        assert!(parse_options(&map(vec![("top_k", Value::I32(-2))]))
+            .unwrap_err()
+            .contains("top_k"));
+        assert!(parse_options(&map(vec![("top_k", Value::from("three"))]))
+            .unwrap_err()
+            .contains("integer"));
+        assert!(parse_options(&map(vec![("colour", Value::Bool(true))]))
+            .unwrap_err()
+            .contains("unknown option"));
+        assert_eq!(
+            parse_options(&map(vec![("temperature", Value::F64(0.5))]))
+                .unwrap()
+                .temperature,
+            Some(0.5)
+        );
+    }
+}

@@ -237,6 +237,12 @@ impl Generator1 {
         self.svc.counters.served.load(Ordering::Relaxed)
     }
 
+    /// Generations actually run (cache misses that produced an adapter).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn generations_run(&self) -> u64 {
+        self.svc.counters.generated.load(Ordering::Relaxed)
+    }
+
     /// Share of served requests answered from the cache.
     #[zbus(property(emits_changed_signal = "false"))]
     fn cache_hit_ratio(&self) -> f64 {

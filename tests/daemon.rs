@@ -1,0 +1,659 @@
+//! The real daemon on a real (private) dbus-daemon, with real SQLite and real files. Calls go
+//! through zbus and through the stock `busctl` and `gdbus` tools.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use zbus::Variant;
+
+const NAME: &str = "org.sglora.Generator1";
+const PATH: &str = "/org/sglora/Generator1";
+const ANIMAL: &str = "Given the name of an animal, find the broader category it is a kind of.";
+const ANTONYM: &str = "Given an adjective, find the word with the opposite meaning.";
+
+struct Bus {
+    child: Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    fn start() -> Bus {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("bus");
+        let address = format!("unix:path={}", sock.display());
+        let child = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile"])
+            .arg(format!("--address={address}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon must be installed (Debian package dbus-daemon)");
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "dbus-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Bus {
+            child,
+            address,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `sglora daemon` and wait for its sd_notify READY=1 on a socket of our own.
+    fn start(bus: &Bus, state: &Path, extra: &[&str]) -> Daemon {
+        let notify_dir = tempfile::tempdir().unwrap();
+        let notify_path = notify_dir.path().join("notify");
+        let sock = UnixDatagram::bind(&notify_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let log = state.join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id())
+        ));
+        std::fs::create_dir_all(state).unwrap();
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sglora"))
+            .arg("--bundle")
+            .arg(bundle_dir())
+            .arg("daemon")
+            .arg("--bus-address")
+            .arg(&bus.address)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--cache-dir")
+            .arg(state.join("cache"))
+            .arg("--config")
+            .arg(write_config(state))
+            .args(extra)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = sock.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "no READY=1 from the daemon: {e}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        Daemon { child, log }
+    }
+
+    fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "daemon exited with {status}");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "daemon did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config file with a short settle time so the drop-folder tests are quick.
+fn write_config(state: &Path) -> PathBuf {
+    let p = state.join("sglorad.toml");
+    std::fs::write(
+        &p,
+        "[dropbox]\nsettle_ms = 100\n[cache]\nsimilarity_threshold = 0.97\n",
+    )
+    .unwrap();
+    p
+}
+
+async fn connect(bus: &Bus) -> zbus::Connection {
+    zbus::connection::Builder::address(bus.address.as_str())
+        .build()
+        .await
+        .unwrap()
+}
+
+type Opts = HashMap<String, Variant<'static>>;
+
+fn opts(seed: u64) -> Opts {
+    HashMap::from([
+        ("seed".to_string(), Variant::U64(seed)),
+        ("allow_ood".to_string(), Variant::Bool(true)),
+    ])
+}
+
+async fn generate(
+    c: &zbus::Connection,
+    desc: &str,
+    o: &Opts,
+) -> zbus::Result<(String, String, bool, String)> {
+    let m = c
+        .call_method(Some(NAME), PATH, Some(NAME), "Generate", &(desc, o))
+        .await?;
+    m.body().deserialize()
+}
+
+async fn prop_u64(c: &zbus::Connection, name: &str) -> u64 {
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(NAME, name),
+        )
+        .await
+        .unwrap();
+    let v: zbus::OwnedVariant = m.body().deserialize().unwrap();
+    u64::try_from(&v).unwrap()
+}
+
+fn dbus_error(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => {
+            format!("{} {}", name.as_str(), msg.unwrap_or_default())
+        }
+        other => panic!("expected a D-Bus method error, got {other}"),
+    }
+}
+
+fn tool(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+
+    let t = Instant::now();
+    let (dir, id, hit, prov) = generate(&c, ANIMAL, &opts(1)).await.unwrap();
+    let miss_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(!hit);
+    assert!(Path::new(&dir).join("adapter_model.safetensors").is_file());
+    let prov: serde_json::Value = serde_json::from_str(&prov).unwrap();
+    assert_eq!(prov["description"], ANIMAL);
+    let t = Instant::now();
+    let (dir2, id2, hit2, _) = generate(&c, ANIMAL, &opts(1)).await.unwrap();
+    let hit_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(hit2 && id2 == id && dir2 == dir);
+    println!("round trip: miss {miss_ms:.1} ms, exact hit {hit_ms:.1} ms");
+
+    // A re-wording above the threshold is served from the cache; the similarity is measured
+    // with the same encoder first so the test states its premise.
+    let paraphrase = "Given the name of an animal, find the broader category that it is a kind of.";
+    let g = sglora::Generator::load(bundle_dir()).unwrap();
+    let cos = sglora::prior::similarities(
+        &g.embed(paraphrase).unwrap().0.vector,
+        &sglora::experts::Experts::from_parts(
+            vec!["q".into()],
+            vec!["q".into()],
+            384,
+            g.embed(ANIMAL).unwrap().0.vector,
+            vec![0.0],
+            vec![0.0],
+        )
+        .unwrap(),
+    )[0];
+    println!("paraphrase cosine {cos:.4}");
+    assert!(
+        cos >= 0.97,
+        "premise: the paraphrase must be within the threshold ({cos})"
+    );
+    let (_, id3, hit3, _) = generate(&c, paraphrase, &opts(1)).await.unwrap();
+    assert!(
+        hit3 && id3 == id,
+        "a paraphrase above the threshold must hit"
+    );
+    // Another task misses; another seed misses.
+    let (_, id4, hit4, _) = generate(&c, ANTONYM, &opts(1)).await.unwrap();
+    assert!(!hit4 && id4 != id);
+    let (_, id5, hit5, _) = generate(&c, ANIMAL, &opts(2)).await.unwrap();
+    assert!(!hit5 && id5 != id);
+    assert_eq!(prop_u64(&c, "CacheEntries").await, 3);
+    assert_eq!(prop_u64(&c, "RequestsServed").await, 5);
+    assert_eq!(prop_u64(&c, "GenerationsRun").await, 3);
+
+    // Errors are proper D-Bus errors.
+    let e = dbus_error(generate(&c, "   ", &opts(1)).await.unwrap_err());
+    assert!(
+        e.starts_with("org.sglora.Generator1.Error.InvalidDescription"),
+        "{e}"
+    );
+    let bad: Opts = HashMap::from([("top_k".to_string(), Variant::I32(-1))]);
+    let e = dbus_error(generate(&c, ANIMAL, &bad).await.unwrap_err());
+    assert!(
+        e.starts_with("org.sglora.Generator1.Error.InvalidOption"),
+        "{e}"
+    );
+    let strict: Opts = HashMap::from([("min_similarity".to_string(), Variant::F64(1.0))]);
+    let e = dbus_error(
+        generate(
+            &c,
+            "Summarise quarterly earnings calls in three bullet points.",
+            &strict,
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(
+        e.starts_with("org.sglora.Generator1.Error.OutOfDistribution"),
+        "{e}"
+    );
+
+    // GetAdapter / Evict
+    let m = c
+        .call_method(Some(NAME), PATH, Some(NAME), "GetAdapter", &(id4.as_str(),))
+        .await
+        .unwrap();
+    let (gdir, _): (String, String) = m.body().deserialize().unwrap();
+    assert!(Path::new(&gdir).is_dir());
+    let m = c
+        .call_method(Some(NAME), PATH, Some(NAME), "Evict", &(id4.as_str(),))
+        .await
+        .unwrap();
+    assert!(m.body().deserialize::<bool>().unwrap());
+    assert!(!Path::new(&gdir).exists());
+    let e = dbus_error(
+        c.call_method(Some(NAME), PATH, Some(NAME), "GetAdapter", &(id4.as_str(),))
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.starts_with("org.sglora.Generator1.Error.NotFound"), "{e}");
+    let e = dbus_error(
+        c.call_method(Some(NAME), PATH, Some(NAME), "GetAdapter", &("../../etc",))
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.starts_with("org.sglora.Generator1.Error.NotFound"), "{e}");
+
+    // Stock tools: busctl and gdbus.
+    let addr = format!("--address={}", bus.address);
+    let o = tool(
+        "busctl",
+        &[
+            &addr,
+            "call",
+            NAME,
+            PATH,
+            NAME,
+            "Generate",
+            "sa{sv}",
+            ANIMAL,
+            "2",
+            "seed",
+            "t",
+            "1",
+            "allow_ood",
+            "b",
+            "true",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("ssbs") && out.contains(&id) && out.contains(" true "),
+        "{out}"
+    );
+    let o = tool("busctl", &[&addr, "introspect", NAME, PATH]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for member in [
+        ".Generate",
+        ".Explain",
+        ".ListExperts",
+        ".GetAdapter",
+        ".Evict",
+        ".ReloadExperts",
+        ".AdapterReady",
+        ".GenerationFailed",
+        ".CacheHitRatio",
+    ] {
+        assert!(out.contains(member), "introspection lacks {member}: {out}");
+    }
+    let o = tool(
+        "busctl",
+        &[
+            &addr, "call", NAME, PATH, NAME, "Generate", "sa{sv}", "", "0",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("empty"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = tool(
+        "gdbus",
+        &[
+            "call",
+            "--address",
+            &bus.address,
+            "--dest",
+            NAME,
+            "--object-path",
+            PATH,
+            "--method",
+            &format!("{NAME}.Explain"),
+            ANTONYM,
+            "{}",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("antonym"), "{out}");
+    let o = tool(
+        "gdbus",
+        &[
+            "call",
+            "--address",
+            &bus.address,
+            "--dest",
+            NAME,
+            "--object-path",
+            PATH,
+            "--method",
+            &format!("{NAME}.ListExperts"),
+        ],
+    );
+    assert!(o.status.success());
+    let o = tool(
+        "busctl",
+        &[&addr, "get-property", NAME, PATH, NAME, "CacheHitRatio"],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("d "),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let m = c
+        .call_method(Some(NAME), PATH, Some(NAME), "ReloadExperts", &())
+        .await
+        .unwrap();
+    assert!(m.body().deserialize::<u32>().unwrap() > 0);
+
+    let log = d.stop();
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_cache_and_damaged_adapters_are_regenerated() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let (dir, id, _, _) = generate(&c, ANIMAL, &opts(4)).await.unwrap();
+    let (dir_b, _, _, _) = generate(&c, ANTONYM, &opts(4)).await.unwrap();
+    d.stop();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let (_, id2, hit, _) = generate(&c, ANIMAL, &opts(4)).await.unwrap();
+    assert!(hit && id2 == id, "the cache must survive a restart");
+    // corrupt the weights: detected by hash, regenerated
+    let w = Path::new(&dir).join("adapter_model.safetensors");
+    let good = std::fs::read(&w).unwrap();
+    std::fs::write(&w, b"corrupt").unwrap();
+    let (_, _, hit, _) = generate(&c, ANIMAL, &opts(4)).await.unwrap();
+    assert!(!hit, "a corrupted adapter must not be served");
+    assert_eq!(
+        std::fs::read(&w).unwrap(),
+        good,
+        "regeneration is deterministic"
+    );
+    // delete a whole adapter directory: regenerated
+    std::fs::remove_dir_all(&dir_b).unwrap();
+    let (dir_b2, _, hit, _) = generate(&c, ANTONYM, &opts(4)).await.unwrap();
+    assert!(
+        !hit && Path::new(&dir_b2)
+            .join("adapter_model.safetensors")
+            .is_file()
+    );
+    d.stop();
+    // the database is intact
+    let db = rusqlite::Connection::open(state.path().join("cache.db")).unwrap();
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_the_byte_budget_and_identical_requests_coalesce() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    // one adapter is ~300 KB; allow two
+    let d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--no-dropbox", "--cache-max-bytes", "700000"],
+    );
+    let c = connect(&bus).await;
+    for seed in 0..4 {
+        generate(&c, ANIMAL, &opts(seed)).await.unwrap();
+        assert!(prop_u64(&c, "CacheBytes").await <= 700_000);
+    }
+    assert_eq!(prop_u64(&c, "CacheEntries").await, 2);
+    let dirs = std::fs::read_dir(state.path().join("cache/adapters"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 2, "evicted adapters' files are removed");
+
+    // 8 concurrent identical requests: one generation, one answer for all.
+    let before = prop_u64(&c, "GenerationsRun").await;
+    let calls = (0..8).map(|_| {
+        let c = c.clone();
+        tokio::spawn(async move { generate(&c, ANTONYM, &opts(77)).await.unwrap() })
+    });
+    let results: Vec<_> = futures_join(calls.collect()).await;
+    let ids: std::collections::HashSet<_> = results.iter().map(|r| r.1.clone()).collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(
+        prop_u64(&c, "GenerationsRun").await,
+        before + 1,
+        "identical concurrent requests must coalesce"
+    );
+    d.stop();
+}
+
+async fn futures_join<T: Send + 'static>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_queue_answers_busy() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--no-dropbox", "--max-concurrent", "1", "--max-queue", "1"],
+    );
+    let c = connect(&bus).await;
+    let calls: Vec<_> = (0..24u64)
+        .map(|seed| {
+            let c = c.clone();
+            tokio::spawn(async move { generate(&c, ANIMAL, &opts(1000 + seed)).await })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for h in calls {
+        match h.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                let e = dbus_error(e);
+                assert!(
+                    e.starts_with("org.sglora.Generator1.Error.Busy"),
+                    "only Busy is allowed: {e}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    println!("24 concurrent distinct requests, capacity 2: {ok} served, {busy} busy");
+    assert!(ok >= 1 && busy >= 1);
+    d.stop();
+}
+
+fn wait_for(p: &Path, secs: u64) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if p.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn drop_folder_requests_rejections_and_startup_files() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().join("dropbox");
+    let inbox = root.join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    // present before start-up: must be processed
+    std::fs::write(inbox.join("early.txt"), ANIMAL).unwrap();
+    let d = Daemon::start(&bus, state.path(), &[]);
+    assert!(
+        wait_for(&root.join("outbox/early/adapter_model.safetensors"), 60),
+        "start-up file not processed"
+    );
+    assert!(root.join("done/early.txt").exists());
+
+    std::fs::write(
+        inbox.join("req.json"),
+        format!(r#"{{"description": "{ANTONYM}", "seed": 9, "allow_ood": true}}"#),
+    )
+    .unwrap();
+    assert!(wait_for(
+        &root.join("outbox/req/adapter_model.safetensors"),
+        60
+    ));
+    // the same name again gets a unique output, never clobbering the first
+    std::fs::write(
+        inbox.join("req.json"),
+        format!(r#"{{"description": "{ANTONYM}", "seed": 10, "allow_ood": true}}"#),
+    )
+    .unwrap();
+    assert!(wait_for(
+        &root.join("outbox/req-1/adapter_model.safetensors"),
+        60
+    ));
+    let p1: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("outbox/req/provenance.json")).unwrap())
+            .unwrap();
+    assert_eq!(p1["seed"], 9);
+
+    // rejections, each with a reason in failed/NAME.error.txt
+    std::fs::write(inbox.join("binary.txt"), [0xffu8, 0xfe, 0x00, 0x01]).unwrap();
+    std::fs::write(inbox.join("huge.txt"), vec![b'a'; 200_000]).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", inbox.join("shadow.txt")).unwrap();
+    std::fs::write(inbox.join("..evil.json"), r#"{"description": 1}"#).unwrap();
+    std::fs::write(
+        inbox.join("wrong.json"),
+        r#"{"description": "x", "top_k": -3}"#,
+    )
+    .unwrap();
+    for (name, needle) in [
+        ("binary", "UTF-8"),
+        ("huge", "limit"),
+        ("shadow", "symbolic link"),
+        ("wrong", "invalid JSON"),
+    ] {
+        let err = root.join(format!("failed/{name}.error.txt"));
+        assert!(wait_for(&err, 30), "{name} was not rejected");
+        let text = std::fs::read_to_string(&err).unwrap();
+        assert!(text.contains(needle), "{name}: {text}");
+    }
+    // a dotfile is ignored (not ours), so "..evil.json" stays where it is and nothing escapes
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(inbox.join("..evil.json").exists());
+    assert!(!state.path().join("evil").exists() && !root.join("evil").exists());
+    // the symlink target was never touched
+    assert!(std::fs::symlink_metadata(root.join("failed/shadow.txt"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // a file written slowly in pieces through one open handle is read once, complete
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(inbox.join("slow.txt")).unwrap();
+        for word in ANIMAL.split_inclusive(' ') {
+            f.write_all(word.as_bytes()).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    assert!(wait_for(&root.join("outbox/slow/provenance.json"), 60));
+    let p: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("outbox/slow/provenance.json")).unwrap())
+            .unwrap();
+    assert_eq!(p["description"], ANIMAL);
+    // temporary names are ignored until renamed into place
+    std::fs::write(inbox.join("late.txt.part"), ANTONYM).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(inbox.join("late.txt.part").exists());
+    std::fs::rename(inbox.join("late.txt.part"), inbox.join("late.txt")).unwrap();
+    assert!(wait_for(
+        &root.join("outbox/late/adapter_model.safetensors"),
+        60
+    ));
+    // no temporary directories visible in outbox
+    for e in std::fs::read_dir(root.join("outbox")).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!n.starts_with('.'), "temporary {n} left in outbox");
+    }
+    d.stop();
+}

@@ -60,6 +60,9 @@ pub struct EncoderSpec {
     pub file: String,
     /// `tokenizer.json` file.
     pub tokenizer: String,
+    /// Word-embedding table (`word_embeddings` I8 `[vocab, dim]`, `word_embeddings_scale` F32
+    /// `[vocab]`); the lookup happens before the ONNX graph, whose input is `inputs_embeds`.
+    pub embeddings: String,
     /// Truncation length in tokens.
     pub max_tokens: usize,
     /// Pooling (`"mean"`).

@@ -512,7 +512,7 @@ mod tests {
         assert!(c.lookup("task a", "s1", Some(&e1)).unwrap().is_none());
         assert_eq!(c.stats().unwrap().entries, 0);
         // eviction keeps the total within budget, least recently used first
-        let mut c = Cache::open(&db, &dir, 2 * 304 + 10, 0.97).unwrap();
+        let mut c = Cache::open(&db, &dir, 2 * 104 + 10, 0.97).unwrap();
         let x = c
             .insert("x", "s", &unit(&[1.0, 0.0, 0.0]), &files("x"))
             .unwrap();
@@ -526,7 +526,7 @@ mod tests {
         c.insert("z", "s", &unit(&[0.0, 0.0, 1.0]), &files("z"))
             .unwrap();
         let s = c.stats().unwrap();
-        assert!(s.bytes <= 2 * 304 + 10, "{s:?}");
+        assert!(s.bytes <= 2 * 104 + 10, "{s:?}");
         assert!(c.get(&x.id).unwrap().is_some(), "recently used x stays");
         assert!(
             c.get(&y.id).unwrap().is_none(),

@@ -26,12 +26,14 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
-/// Tokeniser plus encoder plan.
+/// Tokeniser, int8 word-embedding table and encoder plan.
 pub struct Encoder {
     tokenizer: Tokenizer,
     plan: Plan,
     dim: usize,
     max_tokens: usize,
+    table: Vec<i8>,
+    scales: Vec<f32>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -70,6 +72,40 @@ pub(crate) fn load_onnx(
     build().map_err(|e| Error::model(stage, format!("loading {}: {e:#}", path.display())))
 }
 
+/// Read the int8 word-embedding table and its per-row scales.
+fn load_table(bundle: &Bundle, dim: usize) -> Result<(Vec<i8>, Vec<f32>)> {
+    use safetensors::{Dtype, SafeTensors};
+    let name = &bundle.manifest.encoder.embeddings;
+    let path = bundle.path(name);
+    let bytes = bundle.read(name)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::bundle(&path, format!("not a valid safetensors file: {e}")))?;
+    let t = st
+        .tensor("word_embeddings")
+        .map_err(|e| Error::bundle(&path, format!("word_embeddings: {e}")))?;
+    let s = st
+        .tensor("word_embeddings_scale")
+        .map_err(|e| Error::bundle(&path, format!("word_embeddings_scale: {e}")))?;
+    let vocab = s.shape().first().copied().unwrap_or(0);
+    if t.dtype() != Dtype::I8
+        || t.shape() != [vocab, dim]
+        || s.dtype() != Dtype::F32
+        || s.shape() != [vocab]
+    {
+        return Err(Error::bundle(
+            &path,
+            format!("expected word_embeddings I8 [vocab, {dim}] and word_embeddings_scale F32 [vocab], found {:?} {:?} and {:?} {:?}", t.dtype(), t.shape(), s.dtype(), s.shape()),
+        ));
+    }
+    let table = t.data().iter().map(|&b| b as i8).collect();
+    let scales = s
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((table, scales))
+}
+
 impl Encoder {
     /// Load the tokenizer and the encoder of a bundle.
     pub fn load(bundle: &Bundle) -> Result<Encoder> {
@@ -85,8 +121,9 @@ impl Encoder {
                 ..Default::default()
             }))
             .map_err(|e| Error::bundle(&tok_path, format!("cannot set truncation: {e}")))?;
+        let (table, scales) = load_table(bundle, spec.dim)?;
         let facts = [
-            (i64::datum_type(), vec![Some(1), None]),
+            (f32::datum_type(), vec![Some(1), None, Some(spec.dim)]),
             (i64::datum_type(), vec![Some(1), None]),
         ];
         let plan = load_onnx(&bundle.path(&spec.file), &facts, "encoder")?;
@@ -95,6 +132,8 @@ impl Encoder {
             plan,
             dim: spec.dim,
             max_tokens: spec.max_tokens,
+            table,
+            scales,
         })
     }
 
@@ -115,9 +154,24 @@ impl Encoder {
             ));
         }
         let n = ids.len();
-        let ids64: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
+        let d = self.dim;
+        let mut embeds = Vec::with_capacity(n * d);
+        for &id in ids {
+            let i = id as usize;
+            let Some(scale) = self.scales.get(i) else {
+                return Err(Error::model(
+                    "encoder",
+                    format!("token id {id} is outside the embedding table"),
+                ));
+            };
+            embeds.extend(
+                self.table[i * d..(i + 1) * d]
+                    .iter()
+                    .map(|&q| f32::from(q) * scale),
+            );
+        }
         let run = || -> TractResult<Vec<f32>> {
-            let input = Tensor::from_shape(&[1, n], &ids64)?;
+            let input = Tensor::from_shape(&[1, n, d], &embeds)?;
             let mask = Tensor::from_shape(&[1, n], &vec![1i64; n])?;
             let out = self.plan.run(tvec!(input.into(), mask.into()))?;
             let view = out[0].to_plain_array_view::<f32>()?;

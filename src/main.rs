@@ -363,6 +363,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // A CLI piped into `head` should end quietly, like other Unix tools, not panic on EPIPE.
+        // (The daemon keeps SIGPIPE ignored: a vanished peer must not kill it.)
+        // SAFETY: setting a signal disposition to SIG_DFL at start-up, before any threads exist.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -155,11 +155,7 @@ impl Generator1 {
         options: HashMap<String, OwnedValue>,
     ) -> Result<Vec<(String, f64, f64)>, DbusError> {
         let opts = parse_options(&options).map_err(DbusError::InvalidOption)?;
-        let g = self.svc.generator();
-        let ex = tokio::task::spawn_blocking(move || g.explain(&description, &opts))
-            .await
-            .map_err(|e| DbusError::Internal(e.to_string()))?
-            .map_err(|e| DbusError::from(ServiceError::from(e)))?;
+        let ex = self.svc.explain(description, opts).await?;
         Ok(ex
             .experts
             .into_iter()

@@ -75,7 +75,21 @@ pub struct Counters {
     pub generated: AtomicU64,
 }
 
-type Slot = Arc<OnceCell<Result<Served, ServiceError>>>;
+type Shared = Arc<OnceCell<Result<Served, ServiceError>>>;
+
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A place in the compute stage (released on drop).
+struct Slot<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    _leave: Leave<'a>,
+}
 
 /// The service.
 pub struct Service {
@@ -84,7 +98,7 @@ pub struct Service {
     permits: Semaphore,
     in_stage: AtomicUsize,
     capacity: usize,
-    inflight: Mutex<HashMap<String, Slot>>,
+    inflight: Mutex<HashMap<String, Shared>>,
     /// Statistics.
     pub counters: Counters,
 }
@@ -225,15 +239,9 @@ impl Service {
         result
     }
 
-    async fn embed_lookup_generate(
-        &self,
-        gen: Arc<Generator>,
-        text: String,
-        scope: String,
-        opts: ResolvedOptions,
-    ) -> Result<Served, ServiceError> {
-        // Bounded queue: past `max_concurrent + max_queue` requests in this stage, refuse
-        // instead of growing.
+    /// Take a place in the bounded compute stage: past `max_concurrent + max_queue` requests,
+    /// refuse with `Busy` instead of queueing without bound; then wait for a compute permit.
+    async fn enter(&self) -> Result<Slot<'_>, ServiceError> {
         if self.in_stage.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.in_stage.fetch_sub(1, Ordering::SeqCst);
             return Err(ServiceError::Busy(format!(
@@ -241,14 +249,37 @@ impl Service {
                 self.capacity
             )));
         }
-        struct Leave<'a>(&'a AtomicUsize);
-        impl Drop for Leave<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let _leave = Leave(&self.in_stage);
-        let _permit = self.permits.acquire().await.map_err(internal)?;
+        let leave = Leave(&self.in_stage);
+        let permit = self.permits.acquire().await.map_err(internal)?;
+        Ok(Slot {
+            _permit: permit,
+            _leave: leave,
+        })
+    }
+
+    /// Retrieval only (no generation), under the same concurrency bound as generation.
+    pub async fn explain(
+        &self,
+        description: String,
+        options: GenerateOptions,
+    ) -> Result<crate::generator::Explanation, ServiceError> {
+        let _slot = self.enter().await?;
+        let g = self.generator();
+        Ok(
+            tokio::task::spawn_blocking(move || g.explain(&description, &options))
+                .await
+                .map_err(internal)??,
+        )
+    }
+
+    async fn embed_lookup_generate(
+        &self,
+        gen: Arc<Generator>,
+        text: String,
+        scope: String,
+        opts: ResolvedOptions,
+    ) -> Result<Served, ServiceError> {
+        let _slot = self.enter().await?;
         let g = gen.clone();
         let t = text.clone();
         let (emb, timings) = tokio::task::spawn_blocking(move || g.embed(&t))

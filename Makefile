@@ -20,7 +20,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units
+.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units aarch64
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -97,6 +97,11 @@ uninstall:
 	rm -f $(DESTDIR)$(DBUSDIR)/system.d/org.sglora.Generator1.conf $(DESTDIR)$(DBUSDIR)/system-services/org.sglora.Generator1.service
 	rm -f $(DESTDIR)$(LIBDIR)/sysusers.d/sglora.conf
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml and /var/lib/sglora, /var/cache/sglora (remove by hand)"
+
+# --- ARM boards (cross/README.md) ------------------------------------------------------------
+aarch64:
+	$(CARGO) build --profile board --target aarch64-unknown-linux-gnu --bin sglora
+	@ls -l $(TARGET_DIR)/aarch64-unknown-linux-gnu/board/sglora
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: build

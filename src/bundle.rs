@@ -196,6 +196,24 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
         })
 }
 
+fn size_problem(got: u64, want: u64) -> String {
+    format!("size is {got} bytes, the manifest says {want} (truncated or replaced?)")
+}
+
+/// What is wrong with `bytes` as the file `entry` describes, if anything.
+fn check_bytes(entry: &FileEntry, bytes: &[u8]) -> Option<String> {
+    if bytes.len() as u64 != entry.bytes {
+        return Some(size_problem(bytes.len() as u64, entry.bytes));
+    }
+    let got = sha256_hex(bytes);
+    (got != entry.sha256).then(|| {
+        format!(
+            "sha256 is {got}, the manifest says {} (corrupted?)",
+            entry.sha256
+        )
+    })
+}
+
 /// A problem found by [`Bundle::verify_files`].
 #[derive(Debug, Clone)]
 pub struct FileProblem {
@@ -207,10 +225,19 @@ pub struct FileProblem {
 
 impl Bundle {
     /// Open `dir`, parse its manifest, check the layout and every file's size and hash.
+    ///
+    /// Sizes are checked here; each file's SHA-256 is checked by [`Bundle::read`] as the file is
+    /// loaded, so every byte is read from disk once.
     pub fn open(dir: impl AsRef<Path>) -> Result<Bundle> {
         let bundle = Bundle::open_unverified(dir)?;
-        if let Some(p) = bundle.verify_files().into_iter().next() {
-            return Err(Error::bundle(bundle.dir.join(&p.file), p.what));
+        for (name, entry) in &bundle.manifest.files {
+            let path = bundle.dir.join(name);
+            let len = fs::metadata(&path)
+                .map_err(|e| Error::bundle(&path, format!("cannot read: {e}")))?
+                .len();
+            if len != entry.bytes {
+                return Err(Error::bundle(&path, size_problem(len, entry.bytes)));
+            }
         }
         Ok(bundle)
     }
@@ -334,31 +361,15 @@ impl Bundle {
         let mut problems = Vec::new();
         for (name, entry) in &self.manifest.files {
             let path = self.dir.join(name);
-            match fs::read(&path) {
-                Err(e) => problems.push(FileProblem {
+            let what = match fs::read(&path) {
+                Err(e) => Some(format!("cannot read: {e}")),
+                Ok(bytes) => check_bytes(entry, &bytes),
+            };
+            if let Some(what) = what {
+                problems.push(FileProblem {
                     file: name.clone(),
-                    what: format!("cannot read: {e}"),
-                }),
-                Ok(bytes) if bytes.len() as u64 != entry.bytes => problems.push(FileProblem {
-                    file: name.clone(),
-                    what: format!(
-                        "size is {} bytes, the manifest says {} (truncated or replaced?)",
-                        bytes.len(),
-                        entry.bytes
-                    ),
-                }),
-                Ok(bytes) => {
-                    let got = sha256_hex(&bytes);
-                    if got != entry.sha256 {
-                        problems.push(FileProblem {
-                            file: name.clone(),
-                            what: format!(
-                                "sha256 is {got}, the manifest says {} (corrupted?)",
-                                entry.sha256
-                            ),
-                        });
-                    }
-                }
+                    what,
+                });
             }
         }
         problems
@@ -369,9 +380,18 @@ impl Bundle {
         self.dir.join(name)
     }
 
-    /// Read a bundle file into memory.
+    /// Read a bundle file into memory and check it against the manifest (size and SHA-256).
     pub fn read(&self, name: &str) -> Result<Vec<u8>> {
         let p = self.path(name);
-        fs::read(&p).map_err(|e| Error::io("reading", p, e))
+        let entry = self
+            .manifest
+            .files
+            .get(name)
+            .ok_or_else(|| Error::bundle(&p, "is not listed in the manifest"))?;
+        let bytes = fs::read(&p).map_err(|e| Error::io("reading", &p, e))?;
+        match check_bytes(entry, &bytes) {
+            Some(what) => Err(Error::bundle(p, what)),
+            None => Ok(bytes),
+        }
     }
 }

@@ -56,12 +56,14 @@ impl Cvae {
         let (d, z, c) = (m.lora.flat_dim, m.cvae.z_dim, m.cvae.cond_dim);
         let f = f32::datum_type();
         let prior = load_onnx(
-            &bundle.path(&m.cvae.prior_file),
+            bundle,
+            &m.cvae.prior_file,
             &[(f, vec![Some(1), Some(d)]), (f, vec![Some(1), Some(d)])],
             "cvae prior",
         )?;
         let decoder = load_onnx(
-            &bundle.path(&m.cvae.decoder_file),
+            bundle,
+            &m.cvae.decoder_file,
             &[
                 (f, vec![Some(1), Some(z)]),
                 (f, vec![Some(1), Some(c)]),

@@ -3,7 +3,6 @@
 //! The model is loaded, typed with a symbolic sequence length and optimised once; every request
 //! reuses the same runnable plan.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tokenizers::{Tokenizer, TruncationParams};
@@ -47,15 +46,17 @@ impl std::fmt::Debug for Encoder {
 
 /// Load an ONNX file, tolerating onnxruntime-written shape annotations that clash with our facts.
 pub(crate) fn load_onnx(
-    path: &Path,
+    bundle: &Bundle,
+    name: &str,
     facts: &[(DatumType, Vec<Option<usize>>)],
     stage: &'static str,
 ) -> Result<Plan> {
+    let bytes = bundle.read(name)?;
     let build = || -> TractResult<Plan> {
         let mut model = tract_onnx::onnx()
             .with_ignore_output_shapes(true)
             .with_ignore_value_info(true)
-            .model_for_path(path)?;
+            .model_for_read(&mut bytes.as_slice())?;
         let s = model.sym("S");
         for (i, (dt, shape)) in facts.iter().enumerate() {
             let dims: TVec<TDim> = shape
@@ -69,7 +70,12 @@ pub(crate) fn load_onnx(
         }
         model.into_optimized()?.into_runnable()
     };
-    build().map_err(|e| Error::model(stage, format!("loading {}: {e:#}", path.display())))
+    build().map_err(|e| {
+        Error::model(
+            stage,
+            format!("loading {}: {e:#}", bundle.path(name).display()),
+        )
+    })
 }
 
 /// Read the int8 word-embedding table and its per-row scales.
@@ -111,7 +117,7 @@ impl Encoder {
     pub fn load(bundle: &Bundle) -> Result<Encoder> {
         let spec = &bundle.manifest.encoder;
         let tok_path = bundle.path(&spec.tokenizer);
-        let mut tokenizer = Tokenizer::from_file(&tok_path)
+        let mut tokenizer = Tokenizer::from_bytes(bundle.read(&spec.tokenizer)?)
             .map_err(|e| Error::bundle(&tok_path, format!("not a valid tokenizer.json: {e}")))?;
         // The packaged tokenizer pads to 128 tokens; a batch of one needs no padding.
         tokenizer.with_padding(None);
@@ -126,7 +132,7 @@ impl Encoder {
             (f32::datum_type(), vec![Some(1), None, Some(spec.dim)]),
             (i64::datum_type(), vec![Some(1), None]),
         ];
-        let plan = load_onnx(&bundle.path(&spec.file), &facts, "encoder")?;
+        let plan = load_onnx(bundle, &spec.file, &facts, "encoder")?;
         Ok(Encoder {
             tokenizer,
             plan,

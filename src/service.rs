@@ -300,9 +300,8 @@ impl Service {
         let t = text.clone();
         let generation = tokio::task::spawn_blocking(move || {
             let ex = g.explain_embedding(&t, emb, timings, opts);
-            let mut generation = g.generate_from(ex)?;
+            let generation = g.generate_from(ex)?;
             let files = g.adapter_files(&generation, serde_json::Value::Null)?;
-            generation.explanation.timings.write_ms = 0.0;
             Ok::<_, Error>((generation, files))
         })
         .await

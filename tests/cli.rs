@@ -10,9 +10,13 @@ use std::process::{Command, Output, Stdio};
 const DESC: &str = "Given the name of an animal, find the broader category it is a kind of.";
 
 fn sglora(args: &[&str]) -> Output {
+    sglora_with(&bundle_dir(), args)
+}
+
+fn sglora_with(bundle: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sglora"))
         .arg("--bundle")
-        .arg(bundle_dir())
+        .arg(bundle)
         .args(args)
         .output()
         .expect("run sglora")
@@ -354,12 +358,7 @@ fn bundle_verify_passes_and_names_a_corrupted_file() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let r = Command::new(env!("CARGO_BIN_EXE_sglora"))
-        .arg("--bundle")
-        .arg(&copy)
-        .args(["generate", DESC])
-        .output()
-        .unwrap();
+    let r = sglora_with(&copy, &["generate", DESC]);
     assert_eq!(r.status.code(), Some(4), "{}", stderr(&r));
     assert!(
         stderr(&r).contains("encoder.onnx") || stderr(&r).contains("experts.safetensors"),
@@ -367,10 +366,7 @@ fn bundle_verify_passes_and_names_a_corrupted_file() {
         stderr(&r)
     );
     // missing bundle directory
-    let r = Command::new(env!("CARGO_BIN_EXE_sglora"))
-        .args(["--bundle", "/nonexistent/bundle", "experts"])
-        .output()
-        .unwrap();
+    let r = sglora_with(Path::new("/nonexistent/bundle"), &["experts"]);
     assert_eq!(r.status.code(), Some(4));
     assert!(stderr(&r).contains("manifest.json"));
 }

@@ -20,7 +20,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units aarch64
+.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -28,6 +28,10 @@ help:
 	@echo "make models            rebuild models/default with the full pipeline (hours, resumable)"
 	@echo "make models-tiny       the pipeline's --tiny smoke run (minutes)"
 	@echo "make venv              create the pinned Python virtualenv ($(VENV))"
+	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
+	@echo "make soak              32 clients x 60 s, 100 SIGKILL cycles (RELIABILITY.md numbers)"
+	@echo "make fuzz              property-based fuzzing of every parser, bounded time"
+	@echo "make aarch64 / armv7   stripped board binaries; make test-aarch64 runs tests under qemu"
 
 build:
 	$(CARGO) build --bins
@@ -74,6 +78,25 @@ models: venv deps-apt
 models-tiny: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny
 
+# --- benchmarks, soak, fuzz (BENCHMARKS.md, RELIABILITY.md) --------------------------------
+BENCH_DIR := $(abspath $(TARGET_DIR))/bench
+
+bench: venv
+	mkdir -p $(BENCH_DIR)
+	cd models && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.bench --bundle $(abspath $(BUNDLE)) --out $(BENCH_DIR) $(if $(QUICK),--quick)
+	$(CARGO) bench --bench bench -- --bundle $(abspath $(BUNDLE)) --fp32-bundle $(BENCH_DIR)/fp32-bundle --python $(BENCH_DIR)/python.json --json $(BENCH_DIR)/rust.json $(if $(QUICK),--quick)
+
+soak:
+	SGLORA_SOAK_CLIENTS=32 SGLORA_SOAK_SECS=60 SGLORA_SOAK_JSON=$(abspath $(TARGET_DIR))/soak.json \
+	  $(CARGO) test --test soak -- --nocapture
+	SGLORA_CRASH_CYCLES=100 SGLORA_CRASH_JSON=$(abspath $(TARGET_DIR))/crash.json \
+	  $(CARGO) test --test crash -- --nocapture
+
+FUZZ_CASES ?= 4000
+FUZZ_SECONDS ?= 900
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) timeout $(FUZZ_SECONDS) $(CARGO) test --test fuzz -- --nocapture
+
 # --- install on a board (or into DESTDIR for packaging) -------------------------------------
 $(BIN):
 	$(CARGO) build --profile $(PROFILE) --bin sglora
@@ -102,6 +125,15 @@ uninstall:
 aarch64:
 	$(CARGO) build --profile board --target aarch64-unknown-linux-gnu --bin sglora
 	@ls -l $(TARGET_DIR)/aarch64-unknown-linux-gnu/board/sglora
+
+armv7:
+	$(CARGO) build --profile board --target armv7-unknown-linux-gnueabihf --bin sglora
+	@ls -l $(TARGET_DIR)/armv7-unknown-linux-gnueabihf/board/sglora
+
+# The library's unit tests and the parity tests on the real bundle (Rust vs the Python golden
+# fixtures), run under qemu-aarch64 (cortex-a72) through the runner in .cargo/config.toml.
+test-aarch64:
+	$(CARGO) test --target aarch64-unknown-linux-gnu --lib --test parity
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: build

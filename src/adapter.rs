@@ -109,17 +109,25 @@ pub struct AdapterFiles {
     pub provenance: Vec<u8>,
 }
 
+/// An output write that failed (disk full, read-only, …): an `Output` error naming the file.
+fn write_failed(path: &Path, action: &str, e: std::io::Error) -> Error {
+    Error::Output {
+        path: path.into(),
+        what: format!("{action} failed: {e}"),
+    }
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| Error::io("creating", path, e))?;
+    let mut f = File::create(path).map_err(|e| write_failed(path, "creating", e))?;
     f.write_all(bytes)
-        .map_err(|e| Error::io("writing", path, e))?;
-    f.sync_all().map_err(|e| Error::io("syncing", path, e))
+        .map_err(|e| write_failed(path, "writing", e))?;
+    f.sync_all().map_err(|e| write_failed(path, "syncing", e))
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("syncing directory", path, e))
+        .map_err(|e| write_failed(path, "syncing the directory", e))
 }
 
 fn unique_suffix() -> String {
@@ -128,6 +136,39 @@ fn unique_suffix() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("{}-{nanos}", std::process::id())
+}
+
+/// Remove temporary directories that [`write_atomic`] left in `dir` when its process was killed
+/// mid-write (`.NAME.tmp-PID-NANOS`). Call it only where this process is the sole writer (the
+/// daemon's outbox at start-up). Returns how many were removed; links are removed, not followed.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let p = e.path();
+        let removed = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p).is_ok(),
+            Ok(_) => fs::remove_file(&p).is_ok(),
+            Err(_) => false,
+        };
+        n += usize::from(removed);
+    }
+    n
+}
+
+/// Whether `dir` holds exactly these adapter files (a delivery that already happened).
+pub fn same_files(dir: &Path, files: &AdapterFiles) -> bool {
+    let eq = |name: &str, want: &[u8]| fs::read(dir.join(name)).map(|b| b == want).unwrap_or(false);
+    fs::symlink_metadata(dir)
+        .map(|m| m.is_dir())
+        .unwrap_or(false)
+        && eq(WEIGHTS_FILE, &files.weights)
+        && eq(CONFIG_FILE, &files.config)
+        && eq(PROVENANCE_FILE, &files.provenance)
 }
 
 /// Write `files` to `dest` atomically. With `force`, an existing `dest` is replaced (the old one

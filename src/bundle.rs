@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 /// The bundle format version this library reads.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Largest LoRA parameter vector a bundle may describe (a sanity bound against lying manifests:
+/// 2^28 f32 values are 1 GiB).
+pub const MAX_FLAT_DIM: usize = 1 << 28;
+
 /// `manifest.json`, as written by `models/pipeline/export.py`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -311,13 +315,22 @@ impl Bundle {
                     e.module, l.r
                 ));
             }
-            if e.offset != offset || e.len != e.lora_b_shape[0] * e.lora_b_shape[1] {
+            let b_len = e.lora_b_shape[0].checked_mul(e.lora_b_shape[1]);
+            let a_len = e.lora_a_shape[0].checked_mul(e.lora_a_shape[1]);
+            if e.offset != offset || Some(e.len) != b_len || a_len.is_none() {
                 return bad(format!(
                     "module {}: offset/len inconsistent with the layout",
                     e.module
                 ));
             }
-            offset += e.len;
+            offset = match offset.checked_add(e.len) {
+                Some(o) if o <= MAX_FLAT_DIM => o,
+                _ => {
+                    return bad(format!(
+                        "the layout covers more than {MAX_FLAT_DIM} parameters"
+                    ))
+                }
+            };
         }
         if offset != l.flat_dim {
             return bad(format!(
@@ -330,6 +343,12 @@ impl Bundle {
         }
         if m.encoder.max_tokens == 0 || m.encoder.dim == 0 {
             return bad("encoder.max_tokens and encoder.dim must be positive".into());
+        }
+        if m.encoder.max_tokens > 4096 || m.encoder.dim > 16384 || m.experts.count > 1 << 20 {
+            return bad(format!(
+                "encoder.max_tokens {}, encoder.dim {} or experts.count {} is beyond any real bundle",
+                m.encoder.max_tokens, m.encoder.dim, m.experts.count
+            ));
         }
         if m.prior.top_k == 0 || m.prior.temperature.is_nan() || m.prior.temperature <= 0.0 {
             return bad("prior.top_k must be >= 1 and prior.temperature > 0".into());

@@ -52,26 +52,21 @@ pub struct Stats {
     pub bytes: u64,
 }
 
-struct IndexRow {
-    id: String,
-    scope: String,
-    embedding: Vec<f32>,
-}
-
 /// The cache.
 pub struct Cache {
     db: Connection,
     dir: PathBuf,
     max_bytes: u64,
     threshold: f64,
-    index: Vec<IndexRow>,
+    index: HashMap<String, EmbeddingIndex>,
+    stats: Stats,
 }
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
             .field("dir", &self.dir)
-            .field("entries", &self.index.len())
+            .field("entries", &self.stats.entries)
             .finish()
     }
 }
@@ -86,8 +81,33 @@ fn now() -> i64 {
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
     Error::Output {
         path: path.to_path_buf(),
-        what: format!("cache database: {e}"),
+        what: format!("cache database: {e}{}", writable_hint(path)),
     }
+}
+
+/// Why a database may not be writable, in words (empty if it looks writable).
+fn writable_hint(path: &Path) -> String {
+    use nix::unistd::{access, AccessFlags};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for p in [path, dir] {
+        match access(p, AccessFlags::W_OK) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(nix::errno::Errno::EROFS) => {
+                return format!(
+                    " ({} is on a read-only file system; the state directory must be writable)",
+                    p.display()
+                )
+            }
+            Err(e) => {
+                return format!(
+                    " ({} is not writable: {e}; the state directory must be writable by the service user)",
+                    p.display()
+                )
+            }
+        }
+    }
+    String::new()
 }
 
 fn emb_to_blob(v: &[f32]) -> Vec<u8> {
@@ -105,6 +125,114 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
         .zip(b)
         .map(|(x, y)| f64::from(*x) * f64::from(*y))
         .sum()
+}
+
+/// Symmetric int8 code of a vector: `v ≈ scale · code`, `scale = max|v| / 127`.
+fn quantise(v: &[f32]) -> (Vec<i8>, f32) {
+    let m = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = if m > 0.0 { m / 127.0 } else { 1.0 };
+    let code = v
+        .iter()
+        .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (code, scale)
+}
+
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    // Integer arithmetic: exact, so it vectorises freely (pmaddwd / sdot) and gives the same
+    // answer on every architecture.
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| i32::from(x) * i32::from(y))
+        .sum()
+}
+
+/// Brute-force nearest-embedding index of one scope, stored as int8 codes (a quarter of the
+/// memory of f32 and a quarter of the bytes scanned per lookup).
+///
+/// A scan returns every row whose cosine *may* reach the threshold: with `e ≈ s·c` and
+/// `q ≈ s_q·c_q`, `|q·e − s s_q c_q·c| ≤ (s/2)‖q‖₁ + (s_q/2) s‖c‖₁`, so a row is kept when its
+/// approximate score plus that bound reaches the threshold. Candidates are then scored exactly
+/// (f64 over the stored f32 embedding), so the int8 codes never change which entry matches.
+#[derive(Debug, Default, Clone)]
+pub struct EmbeddingIndex {
+    dim: usize,
+    ids: Vec<String>,
+    pos: HashMap<String, usize>,
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    l1: Vec<f32>,
+}
+
+impl EmbeddingIndex {
+    /// Rows in the index.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Add (or replace) the embedding of `id`. Embeddings of another length than the first
+    /// one are refused (false): a scope has one encoder.
+    pub fn insert(&mut self, id: &str, embedding: &[f32]) -> bool {
+        if self.ids.is_empty() {
+            self.dim = embedding.len();
+        }
+        if embedding.len() != self.dim || self.dim == 0 {
+            return false;
+        }
+        self.remove(id);
+        let (code, scale) = quantise(embedding);
+        let l1 = scale * code.iter().map(|&c| f32::from(c).abs()).sum::<f32>();
+        self.pos.insert(id.to_string(), self.ids.len());
+        self.ids.push(id.to_string());
+        self.codes.extend_from_slice(&code);
+        self.scales.push(scale);
+        self.l1.push(l1);
+        true
+    }
+
+    /// Remove `id` if present (swap-remove: order is not kept).
+    pub fn remove(&mut self, id: &str) -> bool {
+        let Some(i) = self.pos.remove(id) else {
+            return false;
+        };
+        let last = self.ids.len() - 1;
+        if i != last {
+            let d = self.dim;
+            self.codes.copy_within(last * d..(last + 1) * d, i * d);
+            self.pos.insert(self.ids[last].clone(), i);
+        }
+        self.codes.truncate(last * self.dim);
+        self.ids.swap_remove(i);
+        self.scales.swap_remove(i);
+        self.l1.swap_remove(i);
+        true
+    }
+
+    /// Ids of the rows whose cosine to `q` may be ≥ `threshold`, best approximate score first.
+    pub fn candidates(&self, q: &[f32], threshold: f64) -> Vec<&str> {
+        if q.len() != self.dim || self.ids.is_empty() {
+            return Vec::new();
+        }
+        let (qc, qs) = quantise(q);
+        let q_l1: f32 = q.iter().map(|x| x.abs()).sum();
+        let mut out: Vec<(f32, usize)> = Vec::new();
+        for (i, code) in self.codes.chunks_exact(self.dim).enumerate() {
+            let s = self.scales[i];
+            let approx = s * qs * dot_i8(&qc, code) as f32;
+            // f32 rounding of the score itself is covered by a small absolute slack.
+            let bound = 0.5 * s * q_l1 + 0.5 * qs * self.l1[i] + 1e-5;
+            if f64::from(approx + bound) >= threshold {
+                out.push((approx, i));
+            }
+        }
+        out.sort_by(|a, b| b.0.total_cmp(&a.0));
+        out.into_iter().map(|(_, i)| self.ids[i].as_str()).collect()
+    }
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -175,7 +303,8 @@ impl Cache {
             dir: dir.to_path_buf(),
             max_bytes,
             threshold,
-            index: Vec::new(),
+            index: HashMap::new(),
+            stats: Stats::default(),
         };
         cache.reconcile()?;
         Ok(cache)
@@ -207,12 +336,11 @@ impl Cache {
                 .iter()
                 .all(|f| d.join(f).is_file())
             {
-                known.insert(id.clone());
-                self.index.push(IndexRow {
-                    id,
-                    scope,
-                    embedding: blob_to_emb(&emb),
-                });
+                self.index
+                    .entry(scope)
+                    .or_default()
+                    .insert(&id, &blob_to_emb(&emb));
+                known.insert(id);
             } else {
                 self.db
                     .execute("DELETE FROM adapters WHERE id = ?1", params![id])
@@ -237,6 +365,7 @@ impl Cache {
                 }
             }
         }
+        self.stats = self.count()?;
         Ok(())
     }
 
@@ -264,17 +393,40 @@ impl Cache {
             }
         }
         let Some(q) = embedding else { return Ok(None) };
-        let best = self
-            .index
-            .iter()
-            .filter(|r| r.scope == scope)
-            .map(|r| (dot(q, &r.embedding), r.id.clone()))
-            .max_by(|a, b| a.0.total_cmp(&b.0));
-        if let Some((sim, id)) = best {
-            if sim >= self.threshold {
-                if let Some(e) = self.touch_verified(&id)? {
-                    return Ok(Some((e, Match::Similar)));
+        let candidates: Vec<String> = match self.index.get(scope) {
+            Some(ix) => ix
+                .candidates(q, self.threshold)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            None => Vec::new(),
+        };
+        // Exact scores of the (few) candidates, best first.
+        let mut scored = Vec::with_capacity(candidates.len());
+        for id in candidates {
+            let blob: Option<Vec<u8>> = self
+                .db
+                .query_row(
+                    "SELECT embedding FROM adapters WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| db_err(&dbp, e))?;
+            if let Some(b) = blob {
+                let e = blob_to_emb(&b);
+                if e.len() == q.len() {
+                    let sim = dot(q, &e);
+                    if sim >= self.threshold {
+                        scored.push((sim, id));
+                    }
                 }
+            }
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (_, id) in scored {
+            if let Some(e) = self.touch_verified(&id)? {
+                return Ok(Some((e, Match::Similar)));
             }
         }
         Ok(None)
@@ -305,12 +457,14 @@ impl Cache {
             self.remove(id)?;
             return Ok(None);
         }
-        self.db
-            .execute(
-                "UPDATE adapters SET last_used = ?1, hits = hits + 1 WHERE id = ?2",
-                params![now(), id],
-            )
-            .map_err(|e| db_err(&dbp, e))?;
+        // The LRU bump is bookkeeping: if the database is locked or read-only the adapter is
+        // still served.
+        if let Err(e) = self.db.execute(
+            "UPDATE adapters SET last_used = ?1, hits = hits + 1 WHERE id = ?2",
+            params![now(), id],
+        ) {
+            crate::log::warn(&format!("cache: cannot record a hit of {id}: {e}"));
+        }
         Ok(Some(Entry {
             id: id.to_string(),
             dir,
@@ -341,22 +495,40 @@ impl Cache {
         let text_sha = sha256_hex(text.as_bytes());
         let id = sha256_hex(format!("{scope}\u{0}{text_sha}").as_bytes())[..24].to_string();
         let dir = self.dir.join(&id);
+        let old: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT bytes FROM adapters WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| db_err(&dbp, e))?;
         crate::adapter::write_atomic(&dir, files, true)?;
         let bytes = dir_bytes(&dir);
         let t = now();
-        self.db
-            .execute(
-                "INSERT OR REPLACE INTO adapters(id, text_sha, scope, embedding, description, bytes, weights_sha256, provenance, created, last_used, hits)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, 0)",
-                params![id, text_sha, scope, emb_to_blob(embedding), text, bytes as i64, sha256_hex(&files.weights), String::from_utf8_lossy(&files.provenance), t],
-            )
-            .map_err(|e| db_err(&dbp, e))?;
-        self.index.retain(|r| r.id != id);
-        self.index.push(IndexRow {
-            id: id.clone(),
-            scope: scope.to_string(),
-            embedding: embedding.to_vec(),
-        });
+        let inserted = self.db.execute(
+            "INSERT OR REPLACE INTO adapters(id, text_sha, scope, embedding, description, bytes, weights_sha256, provenance, created, last_used, hits)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, 0)",
+            params![id, text_sha, scope, emb_to_blob(embedding), text, bytes as i64, sha256_hex(&files.weights), String::from_utf8_lossy(&files.provenance), t],
+        );
+        if let Err(e) = inserted {
+            // No row, so no directory either (unless an older row still points at it).
+            if old.is_none() {
+                let _ = fs::remove_dir_all(&dir);
+            }
+            return Err(db_err(&dbp, e));
+        }
+        if let Some(b) = old {
+            self.stats.entries -= 1;
+            self.stats.bytes = self.stats.bytes.saturating_sub(b as u64);
+        }
+        self.stats.entries += 1;
+        self.stats.bytes += bytes;
+        self.index
+            .entry(scope.to_string())
+            .or_default()
+            .insert(&id, embedding);
         self.evict_to_budget(Some(&id))?;
         Ok(Entry {
             id,
@@ -371,7 +543,7 @@ impl Cache {
     pub fn evict_to_budget(&mut self, keep: Option<&str>) -> Result<u64> {
         let dbp = self.db_path();
         let mut evicted = 0;
-        while self.stats()?.bytes > self.max_bytes {
+        while self.stats.bytes > self.max_bytes {
             let victim: Option<String> = self
                 .db
                 .query_row(
@@ -398,11 +570,28 @@ impl Cache {
             return Ok(false);
         }
         let dbp = self.db_path();
+        let old: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT bytes FROM adapters WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| db_err(&dbp, e))?;
         let n = self
             .db
             .execute("DELETE FROM adapters WHERE id = ?1", params![id])
             .map_err(|e| db_err(&dbp, e))?;
-        self.index.retain(|r| r.id != id);
+        if let Some(b) = old {
+            self.stats.entries = self.stats.entries.saturating_sub(1);
+            self.stats.bytes = self.stats.bytes.saturating_sub(b as u64);
+        }
+        for ix in self.index.values_mut() {
+            if ix.remove(id) {
+                break;
+            }
+        }
         let d = self.dir.join(id);
         if fs::symlink_metadata(&d)
             .map(|m| m.is_dir())
@@ -413,8 +602,12 @@ impl Cache {
         Ok(n > 0)
     }
 
-    /// Entry count and bytes.
+    /// Entry count and bytes (kept in memory; counted from the database at open).
     pub fn stats(&self) -> Result<Stats> {
+        Ok(self.stats)
+    }
+
+    fn count(&self) -> Result<Stats> {
         let dbp = self.db_path();
         self.db
             .query_row(
@@ -552,6 +745,57 @@ mod tests {
         assert_eq!(c.stats().unwrap().entries, 1);
         assert!(c.get(&b.id).unwrap().is_some());
         assert!(!dir.join("stray").exists() && !dir.join(".x.tmp-1-2").exists());
+    }
+
+    /// The int8 scan never drops a row whose exact cosine reaches the threshold, over random
+    /// unit vectors and near-duplicates of them, and removal keeps codes and ids aligned.
+    #[test]
+    fn index_candidates_contain_every_true_match() {
+        let mut rng = crate::rng::Rng::new(7);
+        for &dim in &[3usize, 384] {
+            let mut ix = EmbeddingIndex::default();
+            let mut rows = Vec::new();
+            for i in 0..300 {
+                let v = unit(
+                    &rng.normals(dim)
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect::<Vec<_>>(),
+                );
+                assert!(ix.insert(&format!("{i}"), &v));
+                rows.push(v);
+            }
+            for i in (0..300).step_by(7) {
+                assert!(ix.remove(&format!("{i}")));
+            }
+            assert!(!ix.remove("0"));
+            assert_eq!(ix.len(), 300 - 43);
+            for trial in 0..200 {
+                let base = &rows[trial % rows.len()];
+                let eps = [0.0, 0.05, 0.15, 0.3][trial % 4];
+                let q = unit(
+                    &base
+                        .iter()
+                        .zip(rng.normals(dim))
+                        .map(|(x, n)| x + eps * n as f32 / (dim as f32).sqrt())
+                        .collect::<Vec<_>>(),
+                );
+                for &t in &[0.5, 0.9, 0.97, 0.99] {
+                    let cands = ix.candidates(&q, t);
+                    for (i, r) in rows.iter().enumerate() {
+                        if i % 7 == 0 {
+                            assert!(!cands.contains(&format!("{i}").as_str()));
+                        } else if dot(&q, r) >= t {
+                            assert!(
+                                cands.contains(&format!("{i}").as_str()),
+                                "row {i} dim {dim} t {t}"
+                            );
+                        }
+                    }
+                }
+            }
+            assert!(!ix.insert("x", &vec![1.0; dim + 1]), "other length refused");
+        }
     }
 
     #[test]

@@ -227,6 +227,12 @@ impl Generator1 {
         self.svc.cache_stats().bytes
     }
 
+    /// Requests now queued or running in the compute stage (0 when idle).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pending(&self) -> u64 {
+        self.svc.pending().0 as u64
+    }
+
     /// Successful Generate requests.
     #[zbus(property(emits_changed_signal = "false"))]
     fn requests_served(&self) -> u64 {

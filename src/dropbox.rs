@@ -182,6 +182,14 @@ impl Dropbox {
         for p in [&d.inbox, &d.outbox, &d.done, &d.failed] {
             fs::create_dir_all(p)?;
         }
+        // Half-written outputs of a killed predecessor (hidden temporaries) go; complete ones
+        // were published by an atomic rename and stay.
+        let stale = crate::adapter::remove_stale_temps(&d.outbox);
+        if stale > 0 {
+            crate::log::warn(&format!(
+                "dropbox: removed {stale} unfinished output(s) left by an interrupted run"
+            ));
+        }
         Ok(d)
     }
 
@@ -286,9 +294,10 @@ impl Dropbox {
             Err(e) => return self.fail(path, &e.to_string()),
         };
         let stem = sanitize(
-            path.file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("request"),
+            &path
+                .file_stem()
+                .map(|s| s.to_string_lossy())
+                .unwrap_or_default(),
         );
         let files = match read_adapter(&served.entry.dir) {
             Ok(f) => f,
@@ -299,17 +308,25 @@ impl Dropbox {
                 )
             }
         };
-        let mut out = unique(&self.outbox, &stem, "");
-        // A concurrent writer may take the name between the check and the rename: retry.
-        for _ in 0..5 {
-            match crate::adapter::write_atomic(&out, &files, false) {
-                Ok(_) => break,
-                Err(crate::Error::Output { .. }) if out.exists() => {
-                    out = unique(&self.outbox, &stem, "")
+        // A request whose output was published before the daemon was killed (but not yet moved
+        // to done/) is delivered once: an identical adapter under its name counts as done.
+        let delivered = (0..100)
+            .map(|i| {
+                if i == 0 {
+                    self.outbox.join(&stem)
+                } else {
+                    self.outbox.join(format!("{stem}-{i}"))
                 }
+            })
+            .take_while(|p| fs::symlink_metadata(p).is_ok())
+            .find(|p| crate::adapter::same_files(p, &files));
+        let out = match delivered {
+            Some(p) => p,
+            None => match self.publish(&stem, &files) {
+                Ok(p) => p,
                 Err(e) => return self.fail(path, &e.to_string()),
-            }
-        }
+            },
+        };
         let done = unique(&self.done, &stem, &format!(".{ext}"));
         if let Err(e) = fs::rename(path, &done) {
             crate::log::warn(&format!(
@@ -324,6 +341,22 @@ impl Dropbox {
             served.entry.id,
             served.cache_hit
         ));
+    }
+
+    /// Write `files` to a free `outbox/STEM[-N]` atomically. A concurrent writer may take the
+    /// name between the check and the rename: retry with the next free name.
+    fn publish(&self, stem: &str, files: &AdapterFiles) -> crate::Result<PathBuf> {
+        let mut out = unique(&self.outbox, stem, "");
+        for _ in 0..5 {
+            match crate::adapter::write_atomic(&out, files, false) {
+                Ok(_) => return Ok(out),
+                Err(crate::Error::Output { .. }) if out.exists() => {
+                    out = unique(&self.outbox, stem, "")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        crate::adapter::write_atomic(&out, files, false)
     }
 
     /// Watch the inbox until `stop` fires; process start-up files first.

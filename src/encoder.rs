@@ -70,10 +70,12 @@ pub(crate) fn load_onnx(
         }
         model.into_optimized()?.into_runnable()
     };
+    // The bytes matched the manifest's hash, so a file tract cannot load is a defective bundle
+    // (built for another format, or damaged before it was pinned), not a runtime failure.
     build().map_err(|e| {
-        Error::model(
-            stage,
-            format!("loading {}: {e:#}", bundle.path(name).display()),
+        Error::bundle(
+            bundle.path(name),
+            format!("cannot be loaded as the {stage} model: {e:#}"),
         )
     })
 }

@@ -17,15 +17,14 @@ pub enum Error {
         what: String,
     },
     /// A file could not be read or written.
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}: {cause}", path.display())]
     Io {
         /// What we were doing (`"reading"`, `"writing"`, …).
         action: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// The operating-system error.
-        #[source]
-        source: std::io::Error,
+        /// The operating-system error (part of the message, so not also a `source`).
+        cause: std::io::Error,
     },
     /// The task description cannot be used (empty, too long, control characters, …).
     #[error("invalid description: {0}")]
@@ -74,7 +73,7 @@ impl Error {
         Error::Io {
             action,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -214,10 +214,11 @@ fn read_description(arg: &str) -> anyhow::Result<String> {
         .read_to_end(&mut bytes)
         .context("reading standard input")?;
     String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
+        sglora::Error::InvalidDescription(format!(
             "standard input is not valid UTF-8 (byte {} is not)",
             e.utf8_error().valid_up_to()
-        )
+        ))
+        .into()
     })
 }
 

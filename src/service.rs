@@ -160,6 +160,16 @@ impl Service {
         self.in_stage.load(Ordering::SeqCst) > 0
     }
 
+    /// Requests queued or running in the compute stage plus distinct in-flight keys; both
+    /// return to zero when the daemon is idle, whatever the clients did (a caller that hangs up
+    /// mid-call leaves its generation to finish and be cached, nothing else).
+    pub fn pending(&self) -> (usize, usize) {
+        (
+            self.in_stage.load(Ordering::SeqCst),
+            self.inflight.lock().map(|m| m.len()).unwrap_or(0),
+        )
+    }
+
     /// Cache statistics.
     pub fn cache_stats(&self) -> crate::cache::Stats {
         self.cache().stats().unwrap_or_default()

@@ -2,43 +2,12 @@
 
 mod common;
 
+use common::cli::*;
 use common::*;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 const DESC: &str = "Given the name of an animal, find the broader category it is a kind of.";
-
-fn sglora(args: &[&str]) -> Output {
-    sglora_with(&bundle_dir(), args)
-}
-
-fn sglora_with(bundle: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sglora"))
-        .arg("--bundle")
-        .arg(bundle)
-        .args(args)
-        .output()
-        .expect("run sglora")
-}
-
-fn sglora_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sglora"))
-        .arg("--bundle")
-        .arg(bundle_dir())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn generate(dir: &Path, seed: u64) -> Output {
     let o = sglora(&[

@@ -31,12 +31,11 @@ class _EncoderWrapper(torch.nn.Module):
                           token_type_ids=torch.zeros_like(attention_mask)).last_hidden_state
 
 
-def export_encoder(out_dir: str, work_dir: str) -> dict:
-    """fp32 export of the base model, then onnxruntime dynamic int8 per-channel quantisation."""
+def export_fp32_encoder(path: str) -> np.ndarray:
+    """fp32 ONNX export of the base model's transformer (inputs_embeds, attention_mask ->
+    last_hidden_state, dynamic batch and sequence); returns the fp32 word-embedding table."""
     from transformers import AutoModel
 
-    os.makedirs(work_dir, exist_ok=True)
-    fp32 = os.path.join(work_dir, "encoder_fp32.onnx")
     base = AutoModel.from_pretrained(lora_mod.base_model_dir(), attn_implementation="eager").eval()
     ids = torch.tensor([[101, 7592, 2088, 102]])
     # The word-embedding lookup happens outside the graph (Rust: src/encoder.rs) from an int8
@@ -44,12 +43,20 @@ def export_encoder(out_dir: str, work_dir: str) -> dict:
     # table was dequantised whole on every call (+50 ms).
     table = base.embeddings.word_embeddings.weight.detach().numpy().astype(np.float32)
     torch.onnx.export(
-        _EncoderWrapper(base), (torch.tensor(table[ids.numpy()]), torch.ones_like(ids)), fp32,
+        _EncoderWrapper(base), (torch.tensor(table[ids.numpy()]), torch.ones_like(ids)), path,
         input_names=["inputs_embeds", "attention_mask"], output_names=["last_hidden_state"],
         dynamic_axes={"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                       "last_hidden_state": {0: "batch", 1: "seq"}},
         opset_version=17, dynamo=False,
     )
+    return table
+
+
+def export_encoder(out_dir: str, work_dir: str) -> dict:
+    """fp32 export of the base model, then weight-only int8 per output channel."""
+    os.makedirs(work_dir, exist_ok=True)
+    fp32 = os.path.join(work_dir, "encoder_fp32.onnx")
+    table = export_fp32_encoder(fp32)
     np.save(os.path.join(work_dir, "word_embeddings_fp32.npy"), table)
     from safetensors.numpy import save_file
     scale = (np.abs(table).max(axis=1) / 127.0).astype(np.float32)

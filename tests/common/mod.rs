@@ -1,6 +1,10 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod bus;
+pub mod cli;
+pub mod load;
+
 use std::path::PathBuf;
 
 /// Repository root.

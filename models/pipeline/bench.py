@@ -1,0 +1,241 @@
+"""Python side of `make bench`: what a user would otherwise run, on the same descriptions.
+
+    python -m pipeline.bench --bundle ../models/default --out ../target/bench [--quick]
+
+Writes OUT/python.json (timings, ms, one thread) and OUT/fp32-bundle/ (the bundle with the fp32
+encoder, for the Rust side's int8-vs-fp32 row). Measures:
+- the encoder: onnxruntime on the bundle's int8 file and on the fp32 export, and
+  sentence-transformers (PyTorch fp32), for the 5/20/100-word descriptions;
+- generation on a cache miss with the pipeline's own stack (sentence-transformers encoder, numpy
+  retrieval and mixture from pipeline.prior, the PyTorch CVAE with the bundle's weights, PEFT
+  safetensors written and fsynced like the device does), stage by stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def dist(v):
+    v = sorted(v)
+    if not v:
+        return {"p50": 0.0, "p95": 0.0, "mean": 0.0, "n": 0}
+    q = lambda p: v[int(round((len(v) - 1) * p))]  # noqa: E731  (same rule as the Rust side)
+    return {"p50": q(0.5), "p95": q(0.95), "mean": float(np.mean(v)), "n": len(v)}
+
+
+def timed(fn, reps, warm=3):
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def fp32_bundle(bundle: str, out: str) -> str:
+    """Copy of the bundle whose encoder.onnx is the fp32 export (manifest re-hashed)."""
+    from .export import export_fp32_encoder, write_manifest
+    dst = os.path.join(out, "fp32-bundle")
+    if os.path.exists(os.path.join(dst, "manifest.json")):
+        return dst
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle, tmp)
+    export_fp32_encoder(os.path.join(tmp, "encoder.onnx"))
+    with open(os.path.join(tmp, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["encoder"]["quantization"] = "none (fp32 export, for benchmarks only)"
+    write_manifest(tmp, manifest)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(tmp, dst)
+    return dst
+
+
+def load_cvae(bundle: str, manifest: dict):
+    """The pipeline's CVAE module with the weights the bundle's ONNX files carry."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from .cvae import CVAE
+
+    inits = {}
+    for name in (manifest["cvae"]["prior_file"], manifest["cvae"]["decoder_file"]):
+        for i in onnx.load(os.path.join(bundle, name)).graph.initializer:
+            inits[i.name] = numpy_helper.to_array(i)
+    d = manifest["lora"]["flat_dim"]
+    kc = (manifest["cvae"]["cond_dim"] - 1) // 2
+    sd_names = {}
+    for k, v in inits.items():
+        if k.startswith("onnx::MatMul_") and v.ndim == 2 and v.shape[1] == d:
+            sd_names["U"] = v.T.copy()  # the exporter stored U transposed under a generated name
+        else:
+            sd_names[k.removeprefix("m.")] = v
+    ku = sd_names["U"].shape[1]
+    hidden = sd_names["prior.0.weight"].shape[0]
+    model = CVAE(d, np.zeros((d, kc), np.float32), np.zeros((d, ku), np.float32),
+                 zdim=manifest["cvae"]["z_dim"], hidden=hidden, gain=float(manifest["prior"].get("decoder_gain", 1.0)))
+    state = model.state_dict()
+    loaded = 0
+    for k in state:
+        if k in sd_names and tuple(sd_names[k].shape) == tuple(state[k].shape):
+            state[k] = torch.tensor(sd_names[k])
+            loaded += 1
+    model.load_state_dict(state)
+    model.eval()
+    missing = [k for k in state if k not in sd_names and not k.startswith("post.")]
+    return model, {"loaded": loaded, "missing_outside_posterior": missing}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", default=os.path.join(REPO, "models/default"))
+    ap.add_argument("--out", default=os.path.join(REPO, "target/bench"))
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import onnxruntime
+    import sentence_transformers
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+
+    from . import lora as lora_mod
+    from .export import OnnxEmbedder
+    from .prior import mixture, retrieve
+    from .rng import Rng
+
+    torch.set_num_threads(1)
+    with open(os.path.join(REPO, "benches/descriptions.json")) as f:
+        texts = json.load(f)
+    with open(os.path.join(a.bundle, "manifest.json")) as f:
+        manifest = json.load(f)
+    fp32_dir = fp32_bundle(a.bundle, a.out)
+    tok = os.path.join(a.bundle, "tokenizer.json")
+    ort8 = OnnxEmbedder(os.path.join(a.bundle, "encoder.onnx"), tok)
+    ort32 = OnnxEmbedder(os.path.join(fp32_dir, "encoder.onnx"), tok, table=ort8.table)
+    st = SentenceTransformer(lora_mod.base_model_dir(), device="cpu")
+    st.eval()
+
+    enc = {"ort_int8": {}, "ort_fp32": {}, "st_torch": {}}
+    fidelity = {}
+    for words, text in texts["encoder_by_words"].items():
+        reps = 10 if a.quick else (60 if words == "100" else 150)
+        with torch.no_grad():
+            enc["st_torch"][words] = dist(timed(lambda: st.encode(text, normalize_embeddings=True), reps))
+        enc["ort_int8"][words] = dist(timed(lambda: ort8(text), reps))
+        enc["ort_fp32"][words] = dist(timed(lambda: ort32(text), reps))
+        ref = st.encode(text, normalize_embeddings=True)
+        fidelity[words] = {"ort_int8_vs_torch": float(ort8(text) @ ref), "ort_fp32_vs_torch": float(ort32(text) @ ref)}
+        print(f"  encoder {words:>3} words: st {enc['st_torch'][words]['p50']:.2f} ms, "
+              f"ort int8 {enc['ort_int8'][words]['p50']:.2f} ms, ort fp32 {enc['ort_fp32'][words]['p50']:.2f} ms", flush=True)
+
+    # ---- generation with the pipeline's PyTorch stack ----------------------------------------
+    ex = load_file(os.path.join(a.bundle, manifest["experts"]["file"]))
+    demb, mu, var = ex["desc_emb"].astype(np.float64), ex["mu"], ex["var"]
+    nm, ns, lora_a = ex["norm_mean"], ex["norm_std"], ex["lora_A"]
+    model, wl = load_cvae(a.bundle, manifest)
+    # The reference must compute what the bundle computes: compare with onnxruntime once.
+    import onnxruntime as ort
+    rng = np.random.default_rng(0)
+    M0 = rng.normal(size=(1, mu.shape[1])).astype(np.float32)
+    S0 = np.abs(rng.normal(size=(1, mu.shape[1]))).astype(np.float32)
+    with torch.no_grad():
+        c0 = model.cond(torch.tensor(M0), torch.tensor(S0))
+        z0 = torch.tensor(rng.normal(size=(1, model.zdim)).astype(np.float32))
+        x_t = model.decode(z0, c0, torch.tensor(M0), torch.tensor(S0)).numpy()
+    sess = ort.InferenceSession(os.path.join(a.bundle, manifest["cvae"]["decoder_file"]), providers=["CPUExecutionProvider"])
+    x_o = sess.run(None, {"z": z0.numpy(), "cond": c0.numpy(), "mu_star": M0, "std_star": S0})[0]
+    wl["torch_vs_onnx_decoder_max_abs"] = float(np.abs(x_t - x_o).max())
+    print(f"  PyTorch CVAE vs the bundle's decoder ONNX: max abs diff {wl['torch_vs_onnx_decoder_max_abs']:.2e}")
+    k, tau = manifest["prior"]["top_k"], manifest["prior"]["temperature"]
+    layout = manifest["lora"]["layout"]
+    cfg = json.dumps(manifest["lora"]["adapter_config"], indent=2).encode()
+    stages = {s: [] for s in ("tokenize", "encode", "retrieve", "prior", "cvae", "write")}
+    total = []
+    tmp = tempfile.mkdtemp(prefix="sglora-bench-")
+    n = 0
+
+    def write_adapter(flat, dest, prov):
+        part = dest + ".tmp"
+        os.makedirs(part)
+        tensors = {}
+        for i, e in enumerate(layout):
+            tensors[e["lora_A"]] = lora_a[i]
+            tensors[e["lora_B"]] = flat[e["offset"]: e["offset"] + e["len"]].reshape(e["lora_B_shape"])
+        save_file(tensors, os.path.join(part, "adapter_model.safetensors"))
+        with open(os.path.join(part, "adapter_config.json"), "wb") as f:
+            f.write(cfg)
+        with open(os.path.join(part, "provenance.json"), "w") as f:
+            json.dump(prov, f)
+        for name in os.listdir(part):
+            fd = os.open(os.path.join(part, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        os.rename(part, dest)
+        fd = os.open(os.path.dirname(dest), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+    reps = 1 if a.quick else 5
+    with torch.no_grad():
+        for _ in range(reps + 1):  # the first round is warm-up
+            for desc in texts["generation"]:
+                n += 1
+                t0 = time.perf_counter()
+                feats = st.preprocess([desc]) if hasattr(st, "preprocess") else st.tokenize([desc])
+                t1 = time.perf_counter()
+                q = st.forward(feats)["sentence_embedding"]
+                q = torch.nn.functional.normalize(q, dim=1)[0].numpy().astype(np.float64)
+                t2 = time.perf_counter()
+                idx, sims, w = retrieve(q, demb, k, tau)
+                t3 = time.perf_counter()
+                m, v = mixture(mu, var, idx, w)
+                M = torch.tensor(((m - nm) / ns)[None], dtype=torch.float32)
+                S = torch.tensor((np.sqrt(v) / ns)[None], dtype=torch.float32)
+                t4 = time.perf_counter()
+                cnd = model.cond(M, S)
+                zm, zlv = model.prior_params(cnd)
+                eps = torch.tensor([Rng(0).normals(model.zdim)], dtype=torch.float32)
+                x = model.decode(zm + torch.exp(0.5 * zlv) * eps, cnd, M, S)[0].numpy()
+                flat = (x * ns + nm).astype(np.float32)
+                t5 = time.perf_counter()
+                write_adapter(flat, os.path.join(tmp, f"a{n}"), {"description": desc, "experts": [int(i) for i in idx],
+                                                                  "weights": [float(x) for x in w], "seed": 0})
+                t6 = time.perf_counter()
+                if n > len(texts["generation"]):
+                    for s, (ta, tb) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6)]):
+                        stages[s].append((tb - ta) * 1e3)
+                    total.append((t6 - t0) * 1e3)
+    shutil.rmtree(tmp, ignore_errors=True)
+    gen = {"stages": {s: dist(v) for s, v in stages.items()}, "total": dist(total), "cvae_weights": wl}
+    print(f"  generation (PyTorch stack): total p50 {gen['total']['p50']:.2f} ms", flush=True)
+    out = {
+        "encoder": enc,
+        "encoder_fidelity_cosine": fidelity,
+        "generation": gen,
+        "fp32_bundle": fp32_dir,
+        "versions": {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__, "sentence-transformers": sentence_transformers.__version__,
+                     "torch_threads": torch.get_num_threads()},
+    }
+    with open(os.path.join(a.out, "python.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {os.path.join(a.out, 'python.json')}")
+
+
+if __name__ == "__main__":
+    main()

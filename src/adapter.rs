@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -118,7 +119,12 @@ fn write_failed(path: &Path, action: &str, e: std::io::Error) -> Error {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| write_failed(path, "creating", e))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| write_failed(path, "creating", e))?;
     f.write_all(bytes)
         .map_err(|e| write_failed(path, "writing", e))?;
     f.sync_all().map_err(|e| write_failed(path, "syncing", e))
@@ -204,13 +210,17 @@ pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<Pa
         unique_suffix()
     ));
     let result = (|| {
-        fs::create_dir(&tmp).map_err(|e| Error::Output {
-            path: dest.into(),
-            what: format!(
-                "cannot create a directory in {}: {e} (is it writable?)",
-                parent.display()
-            ),
-        })?;
+        // Adapters are read-only artefacts: 0755/0644 before the umask, never group-writable.
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&tmp)
+            .map_err(|e| Error::Output {
+                path: dest.into(),
+                what: format!(
+                    "cannot create a directory in {}: {e} (is it writable?)",
+                    parent.display()
+                ),
+            })?;
         write_synced(&tmp.join(WEIGHTS_FILE), &files.weights)?;
         write_synced(&tmp.join(CONFIG_FILE), &files.config)?;
         write_synced(&tmp.join(PROVENANCE_FILE), &files.provenance)?;

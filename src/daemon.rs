@@ -47,9 +47,29 @@ fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
 }
 
+/// Nothing the daemon creates is for "other" users: keep the caller's umask (the unit sets
+/// `UMask=0007`) but never let it grant world access, whoever started us.
+fn restrict_umask() {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o007));
+    umask(old | Mode::from_bits_truncate(0o007));
+}
+
+/// Create `dir` if needed and make it 0750: group members read what is inside but cannot
+/// rename or replace its entries (only the drop folder's inbox is theirs to write).
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)) {
+        log::warn(&format!("cannot set mode 750 on {}: {e}", dir.display()));
+    }
+    Ok(())
+}
+
 /// Run until SIGTERM/SIGINT.
 pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    restrict_umask();
     let g = tokio::task::spawn_blocking(move || Generator::load(&bundle))
         .await?
         .context("loading the model bundle")?;
@@ -59,6 +79,9 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
         g.experts().len(),
         t0.elapsed().as_secs_f64() * 1e3
     ));
+    private_dir(&cfg.state_dir)?;
+    private_dir(&cfg.cache_dir)?;
+    private_dir(&cfg.cache_dir.join("adapters"))?;
     let db = cfg.state_dir.join("cache.db");
     let cache = Cache::open(
         &db,

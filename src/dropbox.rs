@@ -179,8 +179,23 @@ impl Dropbox {
             max_bytes,
             settle: Duration::from_millis(settle_ms),
         };
-        for p in [&d.inbox, &d.outbox, &d.done, &d.failed] {
+        use std::os::unix::fs::PermissionsExt;
+        // inbox: the group (clients) drops requests; the rest: the group reads, only we write.
+        let root = root.to_path_buf();
+        for (p, mode) in [
+            (&root, 0o750),
+            (&d.inbox, 0o770),
+            (&d.outbox, 0o750),
+            (&d.done, 0o750),
+            (&d.failed, 0o750),
+        ] {
             fs::create_dir_all(p)?;
+            if let Err(e) = fs::set_permissions(p, fs::Permissions::from_mode(mode)) {
+                crate::log::warn(&format!(
+                    "dropbox: cannot set mode {mode:o} on {}: {e}",
+                    p.display()
+                ));
+            }
         }
         // Half-written outputs of a killed predecessor (hidden temporaries) go; complete ones
         // were published by an atomic rename and stay.
@@ -459,7 +474,13 @@ fn read_adapter(dir: &Path) -> std::io::Result<AdapterFiles> {
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp-write");
-    let mut f = fs::File::create(&tmp)?;
+    // Never write through a link: drop whatever is there (the entry itself), then create anew
+    // (O_EXCL does not follow symlinks); the rename replaces a link at `path`, not its target.
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path)

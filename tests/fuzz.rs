@@ -127,6 +127,19 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config())]
+
+    /// Output names derived from any file name stay a plain name inside outbox/.
+    #[test]
+    fn output_names_cannot_escape(stem in "\\PC{0,150}") {
+        let s = sglora::dropbox::sanitize(&stem);
+        prop_assert!(!s.is_empty() && s.len() <= 100);
+        prop_assert!(!s.starts_with('.') && s != "..");
+        prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+    }
+}
+
 // ---- D-Bus options ----------------------------------------------------------------------------
 
 fn option_value() -> impl Strategy<Value = OwnedValue> {

@@ -55,6 +55,17 @@ fn restrict_umask() {
     umask(old | Mode::from_bits_truncate(0o007));
 }
 
+/// glibc gives every thread that allocates its own arena (up to 8 per core), and each keeps
+/// the memory its thread freed: under load the resident size grew by ~80 MB that way. Two
+/// arenas are plenty for a daemon whose model work runs on a couple of threads.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt adjusts allocator tuning; called at start-up.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Loading and optimising the models leaves ~30 MB of freed heap that glibc keeps; hand it back
 /// to the system so the resident size reflects what the daemon really holds (measured in
 /// BENCHMARKS.md).
@@ -81,6 +92,7 @@ fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
     let t0 = Instant::now();
     restrict_umask();
+    limit_malloc_arenas();
     let g = tokio::task::spawn_blocking(move || Generator::load(&bundle))
         .await?
         .context("loading the model bundle")?;

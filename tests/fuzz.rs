@@ -29,9 +29,10 @@ fn config() -> Config {
         .unwrap_or(64);
     Config {
         cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel(
-            "proptest-regressions",
-        ))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fuzz.proptest-regressions"
+        )))),
         ..Config::default()
     }
 }

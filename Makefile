@@ -85,6 +85,7 @@ bench: venv
 	mkdir -p $(BENCH_DIR)
 	cd models && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.bench --bundle $(abspath $(BUNDLE)) --out $(BENCH_DIR) $(if $(QUICK),--quick)
 	$(CARGO) bench --bench bench -- --bundle $(abspath $(BUNDLE)) --fp32-bundle $(BENCH_DIR)/fp32-bundle --python $(BENCH_DIR)/python.json --json $(BENCH_DIR)/rust.json $(if $(QUICK),--quick)
+	cat benches/notes.md >> BENCHMARKS.md
 
 soak:
 	SGLORA_SOAK_CLIENTS=32 SGLORA_SOAK_SECS=60 SGLORA_SOAK_JSON=$(abspath $(TARGET_DIR))/soak.json \

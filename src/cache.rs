@@ -587,10 +587,14 @@ impl Cache {
             self.stats.entries = self.stats.entries.saturating_sub(1);
             self.stats.bytes = self.stats.bytes.saturating_sub(b as u64);
         }
-        for ix in self.index.values_mut() {
-            if ix.remove(id) {
-                break;
-            }
+        // Scopes include the seed, so most hold one entry: drop a scope's index when it empties,
+        // or the map grows by one empty index per seed ever served.
+        let emptied = self
+            .index
+            .iter_mut()
+            .find_map(|(scope, ix)| (ix.remove(id) && ix.is_empty()).then(|| scope.clone()));
+        if let Some(scope) = emptied {
+            self.index.remove(&scope);
         }
         let d = self.dir.join(id);
         if fs::symlink_metadata(&d)

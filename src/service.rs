@@ -85,6 +85,21 @@ impl Drop for Leave<'_> {
     }
 }
 
+/// Removes an in-flight key when the request that created it ends, however it ends.
+struct InflightGuard<'a> {
+    map: &'a Mutex<HashMap<String, Shared>>,
+    key: String,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// A place in the compute stage (released on drop).
 struct Slot<'a> {
     _permit: tokio::sync::SemaphorePermit<'a>,
@@ -226,27 +241,28 @@ impl Service {
             });
         }
         let key = format!("{scope}\u{0}{text}");
-        let slot = {
+        let (slot, created) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            inflight
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(OnceCell::new()))
-                .clone()
+            match inflight.get(&key) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s: Shared = Arc::new(OnceCell::new());
+                    inflight.insert(key.clone(), s.clone());
+                    (s, true)
+                }
+            }
         };
-        let leader = !slot.initialized();
-        let result = slot
-            .get_or_init(|| {
-                self.embed_lookup_generate(gen.clone(), text.clone(), scope.clone(), opts)
-            })
-            .await
-            .clone();
-        if leader {
-            self.inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-        }
-        result
+        // The caller that created the key removes it when done, also if its future is dropped
+        // midway (a caller that hangs up), so the map never keeps finished or abandoned work.
+        let _guard = created.then(|| InflightGuard {
+            map: &self.inflight,
+            key,
+        });
+        slot.get_or_init(|| {
+            self.embed_lookup_generate(gen.clone(), text.clone(), scope.clone(), opts)
+        })
+        .await
+        .clone()
     }
 
     /// Take a place in the bounded compute stage: past `max_concurrent + max_queue` requests,

@@ -495,15 +495,7 @@ impl Cache {
         let text_sha = sha256_hex(text.as_bytes());
         let id = sha256_hex(format!("{scope}\u{0}{text_sha}").as_bytes())[..24].to_string();
         let dir = self.dir.join(&id);
-        let old: Option<i64> = self
-            .db
-            .query_row(
-                "SELECT bytes FROM adapters WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| db_err(&dbp, e))?;
+        let old = self.row_bytes(&id)?;
         crate::adapter::write_atomic(&dir, files, true)?;
         let bytes = dir_bytes(&dir);
         let t = now();
@@ -564,21 +556,26 @@ impl Cache {
         Ok(evicted)
     }
 
-    /// Delete a row and its directory; true if it existed.
-    pub fn remove(&mut self, id: &str) -> Result<bool> {
-        if !is_valid_id(id) {
-            return Ok(false);
-        }
+    /// Bytes recorded for row `id`, if the row exists.
+    fn row_bytes(&self, id: &str) -> Result<Option<i64>> {
         let dbp = self.db_path();
-        let old: Option<i64> = self
-            .db
+        self.db
             .query_row(
                 "SELECT bytes FROM adapters WHERE id = ?1",
                 params![id],
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| db_err(&dbp, e))?;
+            .map_err(|e| db_err(&dbp, e))
+    }
+
+    /// Delete a row and its directory; true if it existed.
+    pub fn remove(&mut self, id: &str) -> Result<bool> {
+        if !is_valid_id(id) {
+            return Ok(false);
+        }
+        let dbp = self.db_path();
+        let old = self.row_bytes(id)?;
         let n = self
             .db
             .execute("DELETE FROM adapters WHERE id = ?1", params![id])

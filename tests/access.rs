@@ -6,20 +6,10 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::bus::*;
-
-fn wait_for(p: &Path, secs: u64) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if p.exists() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
+use common::*;
 
 fn walk(p: &Path, out: &mut Vec<(std::path::PathBuf, u32, bool)>) {
     let m = std::fs::symlink_metadata(p).unwrap();

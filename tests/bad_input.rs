@@ -171,17 +171,6 @@ async fn dbus_description_and_option_matrix() {
 
 // ---- the drop folder ---------------------------------------------------------------------------
 
-fn wait_for(p: &Path, secs: u64) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if p.exists() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 /// Creates one bad file in the inbox.
 type MakeFile<'a> = Box<dyn Fn() + 'a>;
 

@@ -349,17 +349,6 @@ async fn bounded_queue_answers_busy() {
     d.stop();
 }
 
-fn wait_for(p: &Path, secs: u64) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if p.exists() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 #[test]
 fn drop_folder_requests_rejections_and_startup_files() {
     let bus = Bus::start();

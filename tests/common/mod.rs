@@ -63,3 +63,15 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
         .fold(0.0, f64::max)
 }
+
+/// Wait up to `secs` seconds for `p` to exist.
+pub fn wait_for(p: &std::path::Path, secs: u64) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(secs) {
+        if p.exists() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}

@@ -401,16 +401,28 @@ impl Bundle {
 
     /// Read a bundle file into memory and check it against the manifest (size and SHA-256).
     pub fn read(&self, name: &str) -> Result<Vec<u8>> {
+        self.open_checked(name).map(|(_, bytes)| bytes)
+    }
+
+    /// Open a bundle file, read it and check it against the manifest; returns the open handle
+    /// with the bytes, so a caller that reads parts of the file again later (`pread`) reads the
+    /// very file that was checked, even if the path is replaced meanwhile.
+    pub fn open_checked(&self, name: &str) -> Result<(fs::File, Vec<u8>)> {
+        use std::io::Read;
         let p = self.path(name);
         let entry = self
             .manifest
             .files
             .get(name)
             .ok_or_else(|| Error::bundle(&p, "is not listed in the manifest"))?;
-        let bytes = fs::read(&p).map_err(|e| Error::io("reading", &p, e))?;
+        let mut file = fs::File::open(&p).map_err(|e| Error::io("reading", &p, e))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Error::io("reading", &p, e))?;
         match check_bytes(entry, &bytes) {
             Some(what) => Err(Error::bundle(p, what)),
-            None => Ok(bytes),
+            None => Ok((file, bytes)),
         }
     }
 }

@@ -1,6 +1,15 @@
 //! The expert repository: per expert, its description embedding and the mean `μ_k` and variance
 //! `σ²_k` of its flattened LoRA parameters, plus the shared (frozen) LoRA A matrices and the
 //! parameter normalisation. Stored as `experts.safetensors` + `experts.json` in the bundle.
+//!
+//! The per-expert `μ_k`/`σ²_k` (the bulk of the file) are checked at load and then read from the
+//! open file only for the K experts a prior needs (`pread`), so they cost page cache rather than
+//! process memory; embeddings, normalisation and the shared A stay in memory.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
@@ -28,6 +37,20 @@ struct MetaFile {
     experts: Vec<ExpertMeta>,
 }
 
+/// Where the experts' `μ` and `σ²` rows live.
+#[derive(Debug, Clone)]
+enum Params {
+    /// In memory (built with [`Experts::from_parts`]).
+    Memory { mu: Vec<f32>, var: Vec<f32> },
+    /// In the hash-checked bundle file, kept open: byte offsets of row 0 of `mu` and `var`.
+    File {
+        file: Arc<File>,
+        path: PathBuf,
+        mu_at: u64,
+        var_at: u64,
+    },
+}
+
 /// All experts, in bundle order.
 #[derive(Debug, Clone)]
 pub struct Experts {
@@ -35,8 +58,7 @@ pub struct Experts {
     emb_dim: usize,
     dim: usize,
     desc_emb: Vec<f32>,
-    mu: Vec<f32>,
-    var: Vec<f32>,
+    params: Params,
     /// Normalisation mean (length = flat dim).
     pub norm_mean: Vec<f32>,
     /// Normalisation scale (length = flat dim).
@@ -45,12 +67,12 @@ pub struct Experts {
     pub lora_a: Vec<f32>,
 }
 
-fn f32_tensor(
-    st: &SafeTensors<'_>,
+fn f32_view<'a>(
+    st: &'a SafeTensors<'_>,
     name: &str,
     shape: &[usize],
     file: &std::path::Path,
-) -> Result<Vec<f32>> {
+) -> Result<safetensors::tensor::TensorView<'a>> {
     let t = st
         .tensor(name)
         .map_err(|e| Error::bundle(file, format!("tensor {name}: {e}")))?;
@@ -69,18 +91,37 @@ fn f32_tensor(
             ),
         ));
     }
-    Ok(t.data()
+    Ok(t)
+}
+
+fn le_f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }
+
+fn f32_tensor(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    file: &std::path::Path,
+) -> Result<Vec<f32>> {
+    Ok(le_f32s(f32_view(st, name, shape, file)?.data()).collect())
+}
+
+/// `μ` must be finite, `σ²` finite and non-negative.
+fn bad_params(mu: impl Iterator<Item = f32>, var: impl Iterator<Item = f32>) -> bool {
+    mu.into_iter().any(|x| !x.is_finite()) || var.into_iter().any(|v| !v.is_finite() || v < 0.0)
+}
+
+const BAD_PARAMS: &str = "expert tensors contain NaN/inf or negative variances";
 
 impl Experts {
     /// Load and check the expert repository of a bundle.
     pub fn load(bundle: &Bundle) -> Result<Experts> {
         let m = &bundle.manifest;
         let file = bundle.path(&m.experts.file);
-        let bytes = bundle.read(&m.experts.file)?;
+        let (handle, bytes) = bundle.open_checked(&m.experts.file)?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::bundle(&file, format!("not a valid safetensors file: {e}")))?;
         let meta_path = bundle.path(&m.experts.meta);
@@ -109,12 +150,31 @@ impl Experts {
                 "all modules must share the A shape for a shared A",
             ));
         }
+        let mu = f32_view(&st, "mu", &[n, d], &file)?;
+        let var = f32_view(&st, "var", &[n, d], &file)?;
+        if bad_params(le_f32s(mu.data()), le_f32s(var.data())) {
+            return Err(Error::bundle(&file, BAD_PARAMS));
+        }
+        // Data offsets in a safetensors file count from the end of the 8-byte length + header.
+        let (header_len, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::bundle(&file, format!("not a valid safetensors file: {e}")))?;
+        let at = |name: &str| {
+            header
+                .info(name)
+                .map(|i| (8 + header_len + i.data_offsets.0) as u64)
+                .ok_or_else(|| Error::bundle(&file, format!("tensor {name} is missing")))
+        };
+        let params = Params::File {
+            mu_at: at("mu")?,
+            var_at: at("var")?,
+            file: Arc::new(handle),
+            path: file.clone(),
+        };
         let ex = Experts {
             emb_dim: e,
             dim: d,
             desc_emb: f32_tensor(&st, "desc_emb", &[n, e], &file)?,
-            mu: f32_tensor(&st, "mu", &[n, d], &file)?,
-            var: f32_tensor(&st, "var", &[n, d], &file)?,
+            params,
             norm_mean: f32_tensor(&st, "norm_mean", &[d], &file)?,
             norm_std: f32_tensor(&st, "norm_std", &[d], &file)?,
             lora_a: f32_tensor(&st, "lora_A", &a_shape, &file)?,
@@ -123,18 +183,8 @@ impl Experts {
         if ex.norm_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(Error::bundle(&file, "norm_std must be finite and positive"));
         }
-        if ex
-            .mu
-            .iter()
-            .chain(&ex.var)
-            .chain(&ex.desc_emb)
-            .any(|x| !x.is_finite())
-            || ex.var.iter().any(|v| *v < 0.0)
-        {
-            return Err(Error::bundle(
-                &file,
-                "expert tensors contain NaN/inf or negative variances",
-            ));
+        if ex.desc_emb.iter().any(|x| !x.is_finite()) {
+            return Err(Error::bundle(&file, BAD_PARAMS));
         }
         Ok(ex)
     }
@@ -173,8 +223,7 @@ impl Experts {
             emb_dim,
             dim,
             desc_emb,
-            mu,
-            var,
+            params: Params::Memory { mu, var },
             norm_mean: vec![0.0; dim],
             norm_std: vec![1.0; dim],
             lora_a: vec![],
@@ -211,13 +260,42 @@ impl Experts {
         &self.desc_emb[i * self.emb_dim..(i + 1) * self.emb_dim]
     }
 
-    /// `μ_i`.
-    pub fn mu(&self, i: usize) -> &[f32] {
-        &self.mu[i * self.dim..(i + 1) * self.dim]
-    }
-
-    /// `σ²_i`.
-    pub fn var(&self, i: usize) -> &[f32] {
-        &self.var[i * self.dim..(i + 1) * self.dim]
+    /// `(μ_i, σ²_i)`, read from the bundle file (re-checked: finite, σ² ≥ 0).
+    pub fn params(&self, i: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = self.dim;
+        if i >= self.len() {
+            return Err(Error::model(
+                "experts",
+                format!("no expert {i} ({} experts)", self.len()),
+            ));
+        }
+        let (mu, var) = match &self.params {
+            Params::Memory { mu, var } => (
+                mu[i * d..(i + 1) * d].to_vec(),
+                var[i * d..(i + 1) * d].to_vec(),
+            ),
+            Params::File {
+                file,
+                path,
+                mu_at,
+                var_at,
+            } => {
+                let mut buf = vec![0u8; d * 4];
+                let row = (i * d * 4) as u64;
+                let mut read = |at: u64| -> Result<Vec<f32>> {
+                    file.read_exact_at(&mut buf, at + row)
+                        .map_err(|e| Error::io("reading", path, e))?;
+                    Ok(le_f32s(&buf).collect())
+                };
+                (read(*mu_at)?, read(*var_at)?)
+            }
+        };
+        if bad_params(mu.iter().copied(), var.iter().copied()) {
+            if let Params::File { path, .. } = &self.params {
+                return Err(Error::bundle(path, BAD_PARAMS));
+            }
+            return Err(Error::model("experts", BAD_PARAMS));
+        }
+        Ok((mu, var))
     }
 }

@@ -319,7 +319,7 @@ impl Generator {
             });
         }
         let t0 = Instant::now();
-        let p = prior::mixture(&self.experts, &ex.picked);
+        let p = prior::mixture(&self.experts, &ex.picked)?;
         let (mu_n, std_n) = self.normalise(&p.mean, &p.var);
         ex.timings.prior_ms = ms(t0);
         let t1 = Instant::now();

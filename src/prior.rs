@@ -4,6 +4,7 @@
 //! `σ*² = Σ α_k σ²_k + Σ α_k (μ_k − μ*)²`, accumulated in f64 in retrieval order (as the Python
 //! reference `models/pipeline/prior.py` does).
 
+use crate::error::Result;
 use crate::experts::Experts;
 
 /// One retrieved expert.
@@ -63,27 +64,31 @@ pub struct Prior {
 }
 
 /// Moment-matched mixture of the retrieved experts' parameter distributions.
-pub fn mixture(experts: &Experts, picked: &[Retrieved]) -> Prior {
+///
+/// Fails only if an expert's parameters cannot be read from the bundle file.
+pub fn mixture(experts: &Experts, picked: &[Retrieved]) -> Result<Prior> {
     let d = experts.dim();
+    let params = picked
+        .iter()
+        .map(|r| experts.params(r.index))
+        .collect::<Result<Vec<_>>>()?;
     let mut m = vec![0f64; d];
-    for r in picked {
-        for (acc, x) in m.iter_mut().zip(experts.mu(r.index)) {
+    for (r, (mu, _)) in picked.iter().zip(&params) {
+        for (acc, x) in m.iter_mut().zip(mu) {
             *acc += r.weight * f64::from(*x);
         }
     }
     let mut v = vec![0f64; d];
-    for r in picked {
-        let mu = experts.mu(r.index);
-        let var = experts.var(r.index);
+    for (r, (mu, var)) in picked.iter().zip(&params) {
         for j in 0..d {
             let diff = f64::from(mu[j]) - m[j];
             v[j] += r.weight * (f64::from(var[j]) + diff * diff);
         }
     }
-    Prior {
+    Ok(Prior {
         mean: m.into_iter().map(|x| x as f32).collect(),
         var: v.into_iter().map(|x| x as f32).collect(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -128,7 +133,7 @@ mod tests {
                 weight: 0.75,
             },
         ];
-        let p = mixture(&ex, &picked);
+        let p = mixture(&ex, &picked).unwrap();
         // mean = .25*[1,3] + .75*[2,5] = [1.75, 4.5]
         assert_eq!(p.mean, vec![1.75, 4.5]);
         // var = .25*(.5 + .75²) + .75*(1 + .25²) ; .25*(.5+1.5²) + .75*(1+.5²)

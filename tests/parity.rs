@@ -113,7 +113,7 @@ fn retrieval_and_prior_match_reference() {
                 w
             );
         }
-        let p = prior::mixture(g.experts(), &picked);
+        let p = prior::mixture(g.experts(), &picked).unwrap();
         let dm = max_abs_diff(&p.mean, &tensor(&ctx().tensors, &format!("{i}.mu_star")));
         let dv = max_abs_diff(&p.var, &tensor(&ctx().tensors, &format!("{i}.var_star")));
         println!("case {i}: prior max abs error mean {dm:.2e} var {dv:.2e}");

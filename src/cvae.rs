@@ -8,7 +8,7 @@
 use tract_onnx::prelude::*;
 
 use crate::bundle::Bundle;
-use crate::encoder::{load_onnx, Runner};
+use crate::encoder::{load_onnx, Runner, WeightPrecision};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -60,6 +60,7 @@ impl Cvae {
             &m.cvae.prior_file,
             &[(f, vec![Some(1), Some(d)]), (f, vec![Some(1), Some(d)])],
             "cvae prior",
+            WeightPrecision::F32,
         )?;
         let decoder = load_onnx(
             bundle,
@@ -71,6 +72,7 @@ impl Cvae {
                 (f, vec![Some(1), Some(d)]),
             ],
             "cvae decoder",
+            WeightPrecision::F32,
         )?;
         Ok(Cvae {
             prior,

@@ -30,6 +30,7 @@ pub mod log;
 pub mod prior;
 pub mod rng;
 pub mod service;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use generator::{GenerateOptions, Generation, Generator};

@@ -376,3 +376,96 @@ proptest! {
         check_experts(&b, tmp.path());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer: sglora's own WordPiece must give exactly the ids of Hugging Face `tokenizers` on the
+// bundle's tokenizer.json (what the Python pipeline used), on any text.
+
+fn tokenizers_pair() -> &'static (sglora::tokenizer::Tokenizer, tokenizers::Tokenizer, usize) {
+    static T: OnceLock<(sglora::tokenizer::Tokenizer, tokenizers::Tokenizer, usize)> =
+        OnceLock::new();
+    T.get_or_init(|| {
+        let b = Bundle::open(common::bundle_dir()).unwrap();
+        let bytes = b.read(&b.manifest.encoder.tokenizer).unwrap();
+        let max = b.manifest.encoder.max_tokens;
+        let ours = sglora::tokenizer::Tokenizer::from_json(&bytes, max).unwrap();
+        let mut hf = tokenizers::Tokenizer::from_bytes(&bytes).unwrap();
+        hf.with_padding(None);
+        hf.with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max,
+            ..Default::default()
+        }))
+        .unwrap();
+        (ours, hf, max)
+    })
+}
+
+fn check_tokens(text: &str) {
+    let (ours, hf, max) = tokenizers_pair();
+    let want = hf.encode(text, true).unwrap().get_ids().to_vec();
+    let got = ours.encode(text);
+    assert_eq!(got, want, "token ids differ for {text:?}");
+    assert!(got.len() <= *max);
+}
+
+#[test]
+fn tokenizer_corpus() {
+    for (_, bytes) in corpus("tokenizer") {
+        let text = String::from_utf8(bytes).unwrap();
+        check_tokens(&text);
+    }
+    for text in common::load::TEXTS {
+        check_tokens(text);
+    }
+    let descs: Value = serde_json::from_slice(
+        &std::fs::read(common::root().join("benches/descriptions.json")).unwrap(),
+    )
+    .unwrap();
+    let mut n = 0;
+    pointers_strings(&descs, &mut |s| {
+        check_tokens(s);
+        n += 1;
+    });
+    assert!(n > 20, "only {n} descriptions checked");
+}
+
+fn pointers_strings(v: &Value, f: &mut dyn FnMut(&str)) {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(a) => a.iter().for_each(|x| pointers_strings(x, f)),
+        Value::Object(o) => o.values().for_each(|x| pointers_strings(x, f)),
+        _ => {}
+    }
+}
+
+/// Text built from the pieces the tokenizer treats specially, in any order.
+fn tricky_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        4 => "[a-zA-Z]{1,12}",
+        2 => "[ \t\n\r\u{a0}\u{3000}\u{2028}]{1,3}",
+        2 => "[!-/:-@\\[-`{-~¡-¿«»“”‘’—–…]",
+        2 => "[à-ÿÀ-ÖØ-ÞĀ-ž]{1,4}",
+        1 => "[\u{300}-\u{36f}]",
+        1 => "[\u{4e00}-\u{4e40}\u{3040}-\u{30ff}\u{ac00}-\u{ac40}]{1,3}",
+        1 => "[\u{0}-\u{1f}\u{7f}-\u{9f}\u{200b}-\u{200f}\u{feff}\u{fffd}\u{ad}]",
+        1 => "[\u{1f300}-\u{1f6ff}\u{1f3fb}-\u{1f3ff}\u{200d}\u{fe0f}]",
+        1 => prop_oneof![Just("[CLS]"), Just("[SEP]"), Just("[MASK]"), Just("[PAD]"), Just("[UNK]"), Just("[mask]")].prop_map(String::from),
+        1 => "\\PC",
+        1 => "[a-z]{90,110}",
+    ];
+    proptest::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn tokenizer_matches_hugging_face_on_tricky_text(text in tricky_text()) {
+        check_tokens(&text);
+    }
+
+    #[test]
+    fn tokenizer_matches_hugging_face_on_any_text(chars in proptest::collection::vec(any::<char>(), 0..200)) {
+        check_tokens(&chars.into_iter().collect::<String>());
+    }
+}

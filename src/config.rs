@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::encoder::WeightPrecision;
 use crate::error::{Error, Result};
 
 /// Default configuration file.
@@ -41,6 +42,41 @@ pub struct Config {
     pub dropbox: DropboxConfig,
     /// Concurrency limits.
     pub service: ServiceConfig,
+    /// Model loading.
+    pub model: ModelConfig,
+}
+
+/// How the models are held in memory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Encoder matmul weights in memory: `auto` (fp16 where tract has fp16-weight kernels),
+    /// `fp16` (−21 MB resident; slower on long descriptions) or `fp32` (fastest).
+    pub encoder_weights: EncoderWeights,
+}
+
+/// The `model.encoder_weights` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderWeights {
+    /// [`WeightPrecision::native`].
+    #[default]
+    Auto,
+    /// fp16.
+    Fp16,
+    /// fp32.
+    Fp32,
+}
+
+impl EncoderWeights {
+    /// The precision to load with.
+    pub fn precision(self) -> WeightPrecision {
+        match self {
+            EncoderWeights::Auto => WeightPrecision::native(),
+            EncoderWeights::Fp16 => WeightPrecision::F16,
+            EncoderWeights::Fp32 => WeightPrecision::F32,
+        }
+    }
 }
 
 /// Cache settings.
@@ -121,6 +157,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             dropbox: DropboxConfig::default(),
             service: ServiceConfig::default(),
+            model: ModelConfig::default(),
         }
     }
 }
@@ -205,8 +242,16 @@ mod tests {
             max_concurrent = 3
             max_queue = 4
             shutdown_grace_secs = 1
+            [model]
+            encoder_weights = "fp32"
         "#;
         let c: Config = toml::from_str(t).unwrap();
+        assert_eq!(c.model.encoder_weights.precision(), WeightPrecision::F32);
+        assert!(toml::from_str::<Config>("[model]\nencoder_weights = \"int4\"").is_err());
+        // The shipped example parses with every key it sets.
+        let example = include_str!("../sglorad.toml.example");
+        let e: Config = toml::from_str(example).unwrap();
+        assert_eq!(e.model.encoder_weights, EncoderWeights::Auto);
         assert_eq!(c.bus, BusKind::Session);
         assert_eq!(c.cache.max_bytes, 1000);
         assert!(!c.dropbox.enabled);

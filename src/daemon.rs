@@ -165,7 +165,8 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
     let t0 = Instant::now();
     restrict_umask();
     limit_malloc_arenas();
-    let g = tokio::task::spawn_blocking(move || Generator::load(&bundle))
+    let weights = cfg.model.encoder_weights.precision();
+    let g = tokio::task::spawn_blocking(move || Generator::load_with(&bundle, weights))
         .await?
         .context("loading the model bundle")?;
     log::info(&format!(

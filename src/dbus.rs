@@ -190,7 +190,8 @@ impl Generator1 {
     /// the number of experts. A bundle that fails verification leaves the old one in service.
     async fn reload_experts(&self) -> Result<u32, DbusError> {
         let dir = self.svc.generator().bundle().dir.clone();
-        let g = tokio::task::spawn_blocking(move || crate::Generator::load(dir))
+        let weights = self.svc.generator().encoder().weights();
+        let g = tokio::task::spawn_blocking(move || crate::Generator::load_with(dir, weights))
             .await
             .map_err(|e| DbusError::Internal(e.to_string()))?
             .map_err(|e| {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::adapter::{self, AdapterFiles};
 use crate::bundle::{sha256_hex, Bundle};
 use crate::cvae::Cvae;
-use crate::encoder::{Embedding, Encoder};
+use crate::encoder::{Embedding, Encoder, WeightPrecision};
 use crate::error::{Error, Result};
 use crate::experts::Experts;
 use crate::prior::{self, Retrieved};
@@ -163,14 +163,24 @@ fn ms(t: Instant) -> f64 {
 impl Generator {
     /// Open (and verify) a bundle and load every model.
     pub fn load(dir: impl AsRef<Path>) -> Result<Generator> {
+        Generator::load_with(dir, WeightPrecision::native())
+    }
+
+    /// [`Generator::load`] with the encoder's weights held at `weights` in memory.
+    pub fn load_with(dir: impl AsRef<Path>, weights: WeightPrecision) -> Result<Generator> {
         let bundle = Bundle::open(dir)?;
-        Generator::from_bundle(bundle)
+        Generator::from_bundle_with(bundle, weights)
     }
 
     /// Load models from an opened bundle.
     pub fn from_bundle(bundle: Bundle) -> Result<Generator> {
+        Generator::from_bundle_with(bundle, WeightPrecision::native())
+    }
+
+    /// [`Generator::from_bundle`] with the encoder's weights held at `weights` in memory.
+    pub fn from_bundle_with(bundle: Bundle, weights: WeightPrecision) -> Result<Generator> {
         let experts = Experts::load(&bundle)?;
-        let encoder = Encoder::load(&bundle)?;
+        let encoder = Encoder::load_with(&bundle, weights)?;
         let cvae = Cvae::load(&bundle)?;
         Ok(Generator {
             bundle,

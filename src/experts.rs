@@ -262,40 +262,64 @@ impl Experts {
 
     /// `(μ_i, σ²_i)`, read from the bundle file (re-checked: finite, σ² ≥ 0).
     pub fn params(&self, i: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut mu, mut var) = (vec![0f32; self.dim], vec![0f32; self.dim]);
+        self.read_mu(i, &mut mu)?;
+        self.read_var(i, &mut var)?;
+        Ok((mu, var))
+    }
+
+    /// Read `μ_i` into `out` (length [`Experts::dim`]); checked finite.
+    pub fn read_mu(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.read_row(i, false, out)
+    }
+
+    /// Read `σ²_i` into `out` (length [`Experts::dim`]); checked finite and non-negative.
+    pub fn read_var(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.read_row(i, true, out)
+    }
+
+    fn read_row(&self, i: usize, var: bool, out: &mut [f32]) -> Result<()> {
         let d = self.dim;
-        if i >= self.len() {
+        if i >= self.len() || out.len() != d {
             return Err(Error::model(
                 "experts",
-                format!("no expert {i} ({} experts)", self.len()),
+                format!(
+                    "no expert row {i} of length {} ({} experts of {d})",
+                    out.len(),
+                    self.len()
+                ),
             ));
         }
-        let (mu, var) = match &self.params {
-            Params::Memory { mu, var } => (
-                mu[i * d..(i + 1) * d].to_vec(),
-                var[i * d..(i + 1) * d].to_vec(),
-            ),
+        match &self.params {
+            Params::Memory { mu, var: v } => {
+                out.copy_from_slice(&(if var { v } else { mu })[i * d..(i + 1) * d]);
+            }
             Params::File {
                 file,
                 path,
                 mu_at,
                 var_at,
             } => {
-                let mut buf = vec![0u8; d * 4];
-                let row = (i * d * 4) as u64;
-                let mut read = |at: u64| -> Result<Vec<f32>> {
-                    file.read_exact_at(&mut buf, at + row)
-                        .map_err(|e| Error::io("reading", path, e))?;
-                    Ok(le_f32s(&buf).collect())
-                };
-                (read(*mu_at)?, read(*var_at)?)
+                let at = if var { *var_at } else { *mu_at } + (i * d * 4) as u64;
+                // SAFETY: every bit pattern is a valid f32, u8 has alignment 1, and the byte
+                // slice covers exactly the f32 slice's memory for the duration of the read.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), d * 4) };
+                file.read_exact_at(bytes, at)
+                    .map_err(|e| Error::io("reading", path, e))?;
+                if cfg!(target_endian = "big") {
+                    for x in out.iter_mut() {
+                        *x = f32::from_bits(x.to_bits().swap_bytes());
+                    }
+                }
             }
-        };
-        if bad_params(mu.iter().copied(), var.iter().copied()) {
+        }
+        if out.iter().any(|x| !x.is_finite() || (var && *x < 0.0)) {
             if let Params::File { path, .. } = &self.params {
                 return Err(Error::bundle(path, BAD_PARAMS));
             }
             return Err(Error::model("experts", BAD_PARAMS));
         }
-        Ok((mu, var))
+        Ok(())
     }
 }

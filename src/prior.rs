@@ -68,18 +68,20 @@ pub struct Prior {
 /// Fails only if an expert's parameters cannot be read from the bundle file.
 pub fn mixture(experts: &Experts, picked: &[Retrieved]) -> Result<Prior> {
     let d = experts.dim();
-    let params = picked
-        .iter()
-        .map(|r| experts.params(r.index))
-        .collect::<Result<Vec<_>>>()?;
+    // Rows are read into two reused buffers (μ once for the mean, μ and σ² again for the
+    // variance) rather than holding all K experts at once.
+    let (mut mu, mut var) = (vec![0f32; d], vec![0f32; d]);
     let mut m = vec![0f64; d];
-    for (r, (mu, _)) in picked.iter().zip(&params) {
-        for (acc, x) in m.iter_mut().zip(mu) {
+    for r in picked {
+        experts.read_mu(r.index, &mut mu)?;
+        for (acc, x) in m.iter_mut().zip(&mu) {
             *acc += r.weight * f64::from(*x);
         }
     }
     let mut v = vec![0f64; d];
-    for (r, (mu, var)) in picked.iter().zip(&params) {
+    for r in picked {
+        experts.read_mu(r.index, &mut mu)?;
+        experts.read_var(r.index, &mut var)?;
         for j in 0..d {
             let diff = f64::from(mu[j]) - m[j];
             v[j] += r.weight * (f64::from(var[j]) + diff * diff);

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use sglora::adapter::{CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE};
 use sglora::bundle::sha256_hex;
 use sglora::cache::Cache;
+use sglora::encoder::{Encoder, WeightPrecision};
 use sglora::{GenerateOptions, Generator};
 
 use common::bus::{Bus, Daemon};
@@ -144,25 +145,25 @@ fn cpu_info() -> (String, Vec<String>, f64) {
 // 1. Encoder
 
 fn bench_encoder(
-    g: &Generator,
+    enc: &Encoder,
     texts: &BTreeMap<String, String>,
     quick: bool,
 ) -> Res<BTreeMap<String, Value>> {
     let mut out = BTreeMap::new();
     for (words, text) in texts {
-        let tokens = g.encoder().tokenize(text)?.len();
+        let tokens = enc.tokenize(text)?.len();
         let reps = match (quick, words.as_str()) {
             (true, _) => 10,
             (false, "100") => 60,
             _ => 150,
         };
         for _ in 0..3 {
-            g.encoder().embed(text)?;
+            enc.embed(text)?;
         }
         let mut v = Vec::with_capacity(reps);
         for _ in 0..reps {
             let t = Instant::now();
-            std::hint::black_box(g.encoder().embed(text)?);
+            std::hint::black_box(enc.embed(text)?);
             v.push(ms(t));
         }
         out.insert(words.clone(), json!({"tokens": tokens, "ms": dist(&v)}));
@@ -550,6 +551,10 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, gen: &Value) -> Value {
     let layers = 6.0;
     let weights_per_layer = 4.0 * h * h + 2.0 * h * ffn;
     let enc_weight_f32_bytes = layers * weights_per_layer * 4.0;
+    let (weights, weight_bytes) = match g.encoder().weights() {
+        WeightPrecision::F16 => ("fp16", 2.0),
+        WeightPrecision::F32 => ("fp32", 4.0),
+    };
     let tokens20 = enc
         .get("20")
         .and_then(|v| v["tokens"].as_f64())
@@ -575,7 +580,7 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, gen: &Value) -> Value {
     json!({
         "cpu_lanes_f32": lanes, "ghz": ghz, "peak_gmacs_one_core": peak_gmacs, "read_gb_s_one_core": bw,
         "rows": [
-            row("encode, 20 words (f32 weights as tract holds them)", enc_weight_f32_bytes, enc_macs, enc20),
+            row(&format!("encode, 20 words ({weights} weights as held in memory)"), enc_weight_f32_bytes / 4.0 * weight_bytes, enc_macs, enc20),
             row("encode, 20 words (if weights stayed int8)", enc_weight_f32_bytes / 4.0, enc_macs, enc20),
             row("prior mixture (K experts' μ, σ²)", prior_bytes, 3.0 * k * d, st("prior")),
             row("CVAE prior net + decoder (weights read once)", cvae_bytes, cvae_bytes / 4.0, st("cvae")),
@@ -605,18 +610,22 @@ fn markdown(r: &Value, py: &Value) -> String {
     let _ = writeln!(w, "## 1. Encoder: description → embedding (one thread)\n");
     let _ = writeln!(
         w,
-        "| words (tokens) | sglora tract int8 | tract fp32 | onnxruntime int8 (same file) | onnxruntime fp32 | sentence-transformers (PyTorch fp32) |"
+        "| words (tokens) | sglora: int8 file, {} weights in memory | same file, fp32 weights in memory | tract fp32 file | onnxruntime int8 (same file) | onnxruntime fp32 | sentence-transformers (PyTorch fp32) |",
+        r["encoder_weights"].as_str().unwrap_or("?")
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|");
     for words in ["5", "20", "100"] {
         let ours = py_dist(&r["encoder"]["int8"][words]["ms"]);
         let fp32 = py_dist(&r["encoder"]["fp32"][words]["ms"]);
+        let f32w = py_dist(&r["encoder"]["int8_f32w"][words]["ms"]);
         let p = |k: &str| py_dist(&py["encoder"][k][words]);
         let _ = writeln!(
             w,
-            "| {words} ({}) | {} | {} ({}) | {} ({}) | {} ({}) | {} ({}) |",
+            "| {words} ({}) | {} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} ({}) |",
             r["encoder"]["int8"][words]["tokens"],
             fmt_ms(ours),
+            fmt_ms(f32w),
+            ratio(f32w, ours),
             fmt_ms(fp32),
             ratio(fp32, ours),
             fmt_ms(p("ort_int8")),
@@ -814,10 +823,15 @@ fn main() -> Res<()> {
 
     println!("1. encoder");
     let mut encoder = BTreeMap::new();
-    encoder.insert("int8", bench_encoder(&g, &enc_texts, a.quick)?);
+    encoder.insert("int8", bench_encoder(g.encoder(), &enc_texts, a.quick)?);
+    {
+        // The same file with the weights kept fp32 in memory (tract's default), same run.
+        let f32w = Encoder::load_with(g.bundle(), WeightPrecision::F32)?;
+        encoder.insert("int8_f32w", bench_encoder(&f32w, &enc_texts, a.quick)?);
+    }
     if let Some(fp) = &a.fp32_bundle {
         let g32 = Generator::load(fp)?;
-        encoder.insert("fp32", bench_encoder(&g32, &enc_texts, a.quick)?);
+        encoder.insert("fp32", bench_encoder(g32.encoder(), &enc_texts, a.quick)?);
     }
     for (k, v) in &encoder {
         for (words, x) in v {
@@ -856,6 +870,7 @@ fn main() -> Res<()> {
         "date": date, "commit": commit, "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "quick": a.quick, "encoder": encoder, "generation": generation, "cache": cache,
+        "encoder_weights": match g.encoder().weights() { WeightPrecision::F16 => "fp16", WeightPrecision::F32 => "fp32" },
         "daemon": daemon, "footprint": footprint, "floor": fl,
     });
     let py: Value = match &a.python {

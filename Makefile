@@ -53,7 +53,10 @@ fmt:
 test-rust:
 	$(CARGO) test
 
-test-peft: venv build
+# Uses the binary `cargo test` built (same features as the tests; `cargo build --bins` would
+# resolve features without the dev-dependencies and rebuild the tract crates once more).
+test-peft: venv
+	$(CARGO) test --no-run --quiet
 	rm -rf $(TARGET_DIR)/peft-check && mkdir -p $(TARGET_DIR)/peft-check
 	$(VPY) tests/peft_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/peft-check
 

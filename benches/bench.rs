@@ -551,9 +551,10 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, gen: &Value) -> Value {
     let layers = 6.0;
     let weights_per_layer = 4.0 * h * h + 2.0 * h * ffn;
     let enc_weight_f32_bytes = layers * weights_per_layer * 4.0;
-    let (weights, weight_bytes) = match g.encoder().weights() {
-        WeightPrecision::F16 => ("fp16", 2.0),
-        WeightPrecision::F32 => ("fp32", 4.0),
+    let weights = g.encoder().weights().name();
+    let weight_bytes = match g.encoder().weights() {
+        WeightPrecision::F16 => 2.0,
+        WeightPrecision::F32 => 4.0,
     };
     let tokens20 = enc
         .get("20")
@@ -870,7 +871,7 @@ fn main() -> Res<()> {
         "date": date, "commit": commit, "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "quick": a.quick, "encoder": encoder, "generation": generation, "cache": cache,
-        "encoder_weights": match g.encoder().weights() { WeightPrecision::F16 => "fp16", WeightPrecision::F32 => "fp32" },
+        "encoder_weights": g.encoder().weights().name(),
         "daemon": daemon, "footprint": footprint, "floor": fl,
     });
     let py: Value = match &a.python {

@@ -204,6 +204,12 @@ fn size_problem(got: u64, want: u64) -> String {
     format!("size is {got} bytes, the manifest says {want} (truncated or replaced?)")
 }
 
+/// Byte offset in a file of `part`, a slice borrowed from `whole` (the file's bytes): where a
+/// parsed safetensors tensor's data starts, for reading it again with `pread`.
+pub(crate) fn offset_in(whole: &[u8], part: &[u8]) -> u64 {
+    (part.as_ptr() as usize - whole.as_ptr() as usize) as u64
+}
+
 /// What is wrong with `bytes` as the file `entry` describes, if anything.
 fn check_bytes(entry: &FileEntry, bytes: &[u8]) -> Option<String> {
     if bytes.len() as u64 != entry.bytes {

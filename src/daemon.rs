@@ -175,7 +175,6 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
         g.experts().len(),
         t0.elapsed().as_secs_f64() * 1e3
     ));
-    release_free_heap();
     private_dir(&cfg.state_dir)?;
     private_dir(&cfg.cache_dir)?;
     private_dir(&cfg.cache_dir.join("adapters"))?;

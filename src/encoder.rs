@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use crate::bundle::Bundle;
+use crate::bundle::{offset_in, Bundle};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -45,6 +45,14 @@ pub enum WeightPrecision {
 }
 
 impl WeightPrecision {
+    /// `"fp16"` or `"fp32"` (the config file's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightPrecision::F16 => "fp16",
+            WeightPrecision::F32 => "fp32",
+        }
+    }
+
     /// fp16 where tract has native kernels that read fp16 weights into fp32 arithmetic
     /// (x86_64 with F16C, aarch64); fp32 elsewhere (armv7 would fall back to generic kernels).
     pub fn native() -> WeightPrecision {
@@ -202,8 +210,7 @@ fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
     let name = &bundle.manifest.encoder.embeddings;
     let path = bundle.path(name);
     let (file, bytes) = bundle.open_checked(name)?;
-    let (header, st) = SafeTensors::read_metadata(&bytes)
-        .and_then(|(n, meta)| SafeTensors::deserialize(&bytes).map(|st| ((n, meta), st)))
+    let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::bundle(&path, format!("not a valid safetensors file: {e}")))?;
     let t = st
         .tensor("word_embeddings")
@@ -222,12 +229,7 @@ fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
             format!("expected word_embeddings I8 [vocab, {dim}] and word_embeddings_scale F32 [vocab], found {:?} {:?} and {:?} {:?}", t.dtype(), t.shape(), s.dtype(), s.shape()),
         ));
     }
-    // Data offsets in a safetensors file count from the end of the 8-byte length + JSON header.
-    let (header_len, meta) = header;
-    let info = meta
-        .info("word_embeddings")
-        .ok_or_else(|| Error::bundle(&path, "word_embeddings: missing from the header"))?;
-    let offset = (8 + header_len + info.data_offsets.0) as u64;
+    let offset = offset_in(&bytes, t.data());
     let scales = s
         .data()
         .chunks_exact(4)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::bundle::Bundle;
+use crate::bundle::{offset_in, Bundle};
 use crate::error::{Error, Result};
 
 /// Descriptive metadata of one expert.
@@ -155,18 +155,9 @@ impl Experts {
         if bad_params(le_f32s(mu.data()), le_f32s(var.data())) {
             return Err(Error::bundle(&file, BAD_PARAMS));
         }
-        // Data offsets in a safetensors file count from the end of the 8-byte length + header.
-        let (header_len, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::bundle(&file, format!("not a valid safetensors file: {e}")))?;
-        let at = |name: &str| {
-            header
-                .info(name)
-                .map(|i| (8 + header_len + i.data_offsets.0) as u64)
-                .ok_or_else(|| Error::bundle(&file, format!("tensor {name} is missing")))
-        };
         let params = Params::File {
-            mu_at: at("mu")?,
-            var_at: at("var")?,
+            mu_at: offset_in(&bytes, mu.data()),
+            var_at: offset_in(&bytes, var.data()),
             file: Arc::new(handle),
             path: file.clone(),
         };
@@ -258,14 +249,6 @@ impl Experts {
     /// Description embedding of expert `i`.
     pub fn desc_emb(&self, i: usize) -> &[f32] {
         &self.desc_emb[i * self.emb_dim..(i + 1) * self.emb_dim]
-    }
-
-    /// `(μ_i, σ²_i)`, read from the bundle file (re-checked: finite, σ² ≥ 0).
-    pub fn params(&self, i: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut mu, mut var) = (vec![0f32; self.dim], vec![0f32; self.dim]);
-        self.read_mu(i, &mut mu)?;
-        self.read_var(i, &mut var)?;
-        Ok((mu, var))
     }
 
     /// Read `μ_i` into `out` (length [`Experts::dim`]); checked finite.

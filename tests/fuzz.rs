@@ -422,18 +422,18 @@ fn tokenizer_corpus() {
     )
     .unwrap();
     let mut n = 0;
-    pointers_strings(&descs, &mut |s| {
+    each_string(&descs, &mut |s| {
         check_tokens(s);
         n += 1;
     });
     assert!(n > 20, "only {n} descriptions checked");
 }
 
-fn pointers_strings(v: &Value, f: &mut dyn FnMut(&str)) {
+fn each_string(v: &Value, f: &mut dyn FnMut(&str)) {
     match v {
         Value::String(s) => f(s),
-        Value::Array(a) => a.iter().for_each(|x| pointers_strings(x, f)),
-        Value::Object(o) => o.values().for_each(|x| pointers_strings(x, f)),
+        Value::Array(a) => a.iter().for_each(|x| each_string(x, f)),
+        Value::Object(o) => o.values().for_each(|x| each_string(x, f)),
         _ => {}
     }
 }

@@ -20,7 +20,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -53,10 +53,12 @@ fmt:
 test-rust:
 	$(CARGO) test
 
-# Uses the binary `cargo test` built (same features as the tests; `cargo build --bins` would
-# resolve features without the dev-dependencies and rebuild the tract crates once more).
-test-peft: venv
+# The test steps use the binary `cargo test` builds: `cargo build --bins` resolves features
+# without the dev-dependencies and would build the tract crates a second time.
+test-build:
 	$(CARGO) test --no-run --quiet
+
+test-peft: venv test-build
 	rm -rf $(TARGET_DIR)/peft-check && mkdir -p $(TARGET_DIR)/peft-check
 	$(VPY) tests/peft_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/peft-check
 
@@ -140,7 +142,7 @@ test-aarch64:
 	$(CARGO) test --target aarch64-unknown-linux-gnu --lib --test parity
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
-verify-units: build
+verify-units: test-build
 	rm -rf $(TARGET_DIR)/units && mkdir -p $(TARGET_DIR)/units
 	sed 's#@BINDIR@#$(abspath $(TARGET_DIR))/debug#g' systemd/sglorad.service > $(TARGET_DIR)/units/sglorad.service
 	cd $(TARGET_DIR)/units && systemd-analyze verify ./sglorad.service

@@ -100,6 +100,46 @@ class Lora:
         pooled = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
 
+    def b_param_names(self) -> list[str]:
+        """Names of the lora_B weights in `self.model.named_parameters()`, in layout order."""
+        if not hasattr(self, "_b_names"):
+            ids = {id(p): n for n, p in self.model.named_parameters()}
+            self._b_names = [ids[id(b.weight)] for _, _, b in self.modules]
+        return self._b_names
+
+    def embed_with(self, texts, flat: torch.Tensor) -> torch.Tensor:
+        """Embeddings with the LoRA B weights taken from the (differentiable) flat vector `flat`:
+        gradients flow into whatever produced `flat` (the CVAE decoder in the `tune` stage)."""
+        params, i = {}, 0
+        for name, shape in zip(self.b_param_names(), self.b_shapes):
+            n = shape[0] * shape[1]
+            params[name] = flat[i:i + n].reshape(shape)
+            i += n
+        enc = self._batch(texts)
+        out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(enc)).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+        pooled = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+    def info_nce(self, bp, pos, temp: float, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE of one batch of (query, target, _) pairs with in-batch negatives; columns that
+        are other positives of a query (`pos`: query -> all its targets) are masked out. With
+        `flat`, the adapter is that flat B vector (see `embed_with`), else the module's own weights."""
+        qs = [p[0] for p in bp]
+        ts = [p[1] for p in bp]
+        uniq = list(dict.fromkeys(ts))
+        col = {t: j for j, t in enumerate(uniq)}
+        emb = (lambda x: self.embed(x, grad=True)) if flat is None else (lambda x: self.embed_with(x, flat))
+        logits = emb(qs) @ emb(uniq).T / temp
+        labels = torch.tensor([col[t] for t in ts])
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        for i, (q, t) in enumerate(zip(qs, ts)):
+            for other in pos[q]:
+                j = col.get(other)
+                if j is not None and other != t:
+                    mask[i, j] = True
+        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
+
     @torch.no_grad()
     def embed_all(self, texts, bs: int = 128) -> torch.Tensor:
         self.model.eval()
@@ -135,23 +175,7 @@ class Lora:
             ep_loss = 0.0
             for s in range(0, len(order), batch):
                 bp = [pairs[i] for i in order[s:s + batch]]
-                qs = [p[0] for p in bp]
-                ts = [p[1] for p in bp]
-                # unique targets as columns; mask columns that are also positives of the query
-                uniq = list(dict.fromkeys(ts))
-                col = {t: j for j, t in enumerate(uniq)}
-                qe = self.embed(qs, grad=True)
-                te = self.embed(uniq, grad=True)
-                logits = qe @ te.T / temp
-                labels = torch.tensor([col[t] for t in ts])
-                mask = torch.zeros_like(logits, dtype=torch.bool)
-                for i, (q, t) in enumerate(zip(qs, ts)):
-                    for other in pos[q]:
-                        j = col.get(other)
-                        if j is not None and other != t:
-                            mask[i, j] = True
-                logits = logits.masked_fill(mask, float("-inf"))
-                loss = F.cross_entropy(logits, labels)
+                loss = self.info_nce(bp, pos, temp)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

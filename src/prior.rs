@@ -68,28 +68,31 @@ pub struct Prior {
 /// Fails only if an expert's parameters cannot be read from the bundle file.
 pub fn mixture(experts: &Experts, picked: &[Retrieved]) -> Result<Prior> {
     let d = experts.dim();
-    // Rows are read into two reused buffers (μ once for the mean, μ and σ² again for the
-    // variance) rather than holding all K experts at once.
+    // One pass over the K rows, read into two reused buffers rather than holding all K experts:
+    // accumulate Σα μ and Σα (σ² + μ²) in f64, then σ*² = Σα (σ² + μ²) − μ*², which equals the
+    // two-pass form Σα σ² + Σα (μ − μ*)² because Σα = 1. f64 keeps the cancellation harmless:
+    // parameters are O(1e-2), so its absolute error is ~1e-20, far below f32 resolution of σ*².
     let (mut mu, mut var) = (vec![0f32; d], vec![0f32; d]);
     let mut m = vec![0f64; d];
-    for r in picked {
-        experts.read_mu(r.index, &mut mu)?;
-        for (acc, x) in m.iter_mut().zip(&mu) {
-            *acc += r.weight * f64::from(*x);
-        }
-    }
-    let mut v = vec![0f64; d];
+    let mut s = vec![0f64; d];
+    let total: f64 = picked.iter().map(|r| r.weight).sum();
     for r in picked {
         experts.read_mu(r.index, &mut mu)?;
         experts.read_var(r.index, &mut var)?;
-        for j in 0..d {
-            let diff = f64::from(mu[j]) - m[j];
-            v[j] += r.weight * (f64::from(var[j]) + diff * diff);
+        let w = r.weight / total;
+        for (((m, s), x), v) in m.iter_mut().zip(s.iter_mut()).zip(&mu).zip(&var) {
+            let x = f64::from(*x);
+            *m += w * x;
+            *s += w * (f64::from(*v) + x * x);
         }
     }
     Ok(Prior {
+        var: m
+            .iter()
+            .zip(&s)
+            .map(|(m, s)| (s - m * m).max(0.0) as f32)
+            .collect(),
         mean: m.into_iter().map(|x| x as f32).collect(),
-        var: v.into_iter().map(|x| x as f32).collect(),
     })
 }
 
@@ -110,6 +113,56 @@ mod tests {
     #[test]
     fn k_larger_than_repository_is_clamped() {
         assert_eq!(retrieve(&[0.2, 0.3], 8, 1.0).len(), 2);
+    }
+
+    #[test]
+    fn one_pass_mixture_matches_the_two_pass_definition() {
+        // Parameters of the bundle's magnitude (1e-2) with spreads from 1e-10 to 1e-4: the
+        // one-pass σ*² must agree with Σα σ² + Σα (μ − μ*)² to f32 precision.
+        let (k, d) = (5usize, 64usize);
+        let mut rng = crate::rng::Rng::new(3);
+        let mu: Vec<f32> = rng
+            .normals(k * d)
+            .iter()
+            .map(|x| (x * 1e-2) as f32)
+            .collect();
+        let var: Vec<f32> = (0..k * d)
+            .map(|i| 10f32.powi(-10 + (i % 7) as i32))
+            .collect();
+        let names: Vec<String> = (0..k).map(|i| i.to_string()).collect();
+        let ex = Experts::from_parts(
+            names.clone(),
+            names,
+            1,
+            vec![0.0; k],
+            mu.clone(),
+            var.clone(),
+        )
+        .unwrap();
+        let picked = retrieve(&[0.3, 0.1, 0.5, 0.2, 0.4], k, 0.1);
+        let p = mixture(&ex, &picked).unwrap();
+        for j in 0..d {
+            let m: f64 = picked
+                .iter()
+                .map(|r| r.weight * f64::from(mu[r.index * d + j]))
+                .sum();
+            let v: f64 = picked
+                .iter()
+                .map(|r| {
+                    let x = f64::from(mu[r.index * d + j]) - m;
+                    r.weight * (f64::from(var[r.index * d + j]) + x * x)
+                })
+                .sum();
+            assert!(
+                (f64::from(p.mean[j]) - m).abs() <= 1e-7 * m.abs().max(1e-12),
+                "mean {j}"
+            );
+            assert!(
+                (f64::from(p.var[j]) - v).abs() <= 1e-6 * v,
+                "var {j}: {} vs {v}",
+                p.var[j]
+            );
+        }
     }
 
     #[test]

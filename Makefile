@@ -7,6 +7,9 @@ REQ_HASH := $(shell sha256sum models/requirements.txt | cut -c1-12)
 VENV ?= $(HOME)/.cache/sglora/venv-$(REQ_HASH)
 VPY := $(VENV)/bin/python
 BUNDLE ?= models/default
+# The full pipeline's stage cache (hours of CPU): outside the clone, so `git clean` or a fresh
+# checkout keeps it, like the virtualenv.
+MODELS_WORK ?= $(HOME)/.cache/sglora/work-full
 DESC ?= Given the name of an animal, find the broader category it is a kind of.
 
 PREFIX ?= /usr
@@ -78,7 +81,7 @@ deps-apt:
 	@test -e /usr/share/wordnet/data.noun || (apt-get update -q && apt-get install -y -q wordnet-base)
 
 models: venv deps-apt
-	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run
+	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK)
 
 models-tiny: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny

@@ -30,6 +30,7 @@ FULL = dict(
     rank=8, alpha=16, epochs=10, snapshots=4, lr=4e-3, batch=32, temp=0.05,
     transfer_per_task=6, multitask_epochs=2, cvae_epochs=1500, cvae_lam=1.0, cvae_lr=3e-3,
     basis_c=16, basis_u=16, zdim=8, sample_seeds=5, tune_steps=600, tune_eval_every=40, tune_lr=1e-3,
+    tune_u_lr_scale=0.05,
 )
 TINY = dict(FULL, n_experts=6, n_unseen=2, max_sources=40, epochs=2, snapshots=2,
             transfer_per_task=2, multitask_epochs=1, cvae_epochs=150, max_experts_per_relation=2,
@@ -436,8 +437,11 @@ class Pipeline:
             return (float(np.mean([m["mrr"] - z["mrr"] for m, z in zip(ms, zv)])),
                     float(np.mean([m["r1"] - z["r1"] for m, z in zip(ms, zv)])))
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=c["tune_lr"])
+        # The basis U has entries of ~1/sqrt(D) (unit columns); the MLP weights are ~0.1. One
+        # Adam learning rate would move U by its own size in a few steps, so U gets a smaller one.
+        mlp = [p for n, p in model.named_parameters() if p.requires_grad and n != "U"]
+        opt = torch.optim.Adam([{"params": mlp, "lr": c["tune_lr"]},
+                                {"params": [model.U], "lr": c["tune_lr"] * c["tune_u_lr_scale"]}])
         torch.manual_seed(12)
         pyrng = random.Random(13)
         pos = {i: {} for i in train}
@@ -477,7 +481,8 @@ class Pipeline:
         torch.save(best[1], path + ".tmp")
         os.replace(path + ".tmp", path)
         jdump(self.p("tune.json"), {"heldout": [experts[i].name for i in held], "before": start, "best": best[0],
-                                    "best_step": best[2], "hist": hist, "lr": c["tune_lr"], "steps": c["tune_steps"]})
+                                    "best_step": best[2], "hist": hist, "lr": c["tune_lr"], "u_lr": c["tune_lr"] * c["tune_u_lr_scale"],
+                                    "steps": c["tune_steps"]})
 
     def stage_bundle(self):
         import torch

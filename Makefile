@@ -23,7 +23,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt deps-cross clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -79,6 +79,12 @@ $(VENV)/.ok: models/requirements.txt
 
 deps-apt:
 	@test -e /usr/share/wordnet/data.noun || (apt-get update -q && apt-get install -y -q wordnet-base)
+
+# Cross toolchains (Debian) and the Rust standard libraries for the board targets.
+deps-cross:
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null && test -e /usr/aarch64-linux-gnu/lib/libc.so.6 \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
+	rustup target add aarch64-unknown-linux-gnu
 
 models: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK)
@@ -141,7 +147,7 @@ armv7:
 
 # The library's unit tests and the parity tests on the real bundle (Rust vs the Python golden
 # fixtures), run under qemu-aarch64 (cortex-a72) through the runner in .cargo/config.toml.
-test-aarch64:
+test-aarch64: deps-cross
 	$(CARGO) test --target aarch64-unknown-linux-gnu --lib --test parity
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.

@@ -322,6 +322,11 @@ Anonymous:            16 kB
         let v = r.normals(1000);
         let m = v.iter().sum::<f64>() / 1000.0;
         assert!(m.abs() < 0.2, "mean {m}");
-        assert!(after < before, "RssFile {before} kB -> {after} kB");
+        // Under qemu-user (`make test-aarch64`; the runner in .cargo/config.toml sets
+        // SGLORA_EMULATED) /proc/self/status is the emulator's, whose RSS holds its translation
+        // cache rather than the guest's code pages: there the RSS drop cannot be observed.
+        if std::env::var_os("SGLORA_EMULATED").is_none() {
+            assert!(after < before, "RssFile {before} kB -> {after} kB");
+        }
     }
 }

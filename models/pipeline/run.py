@@ -142,10 +142,12 @@ class Pipeline:
 
     def stage_experts(self):
         experts = self.suite["experts"]
-        todo = [t for t in experts if not os.path.exists(self.p("experts", safe(t.name) + ".npz"))]
+        todo = [i for i, t in enumerate(experts) if not os.path.exists(self.p("experts", safe(t.name) + ".npz"))]
         log(f"experts: {len(experts) - len(todo)} cached, {len(todo)} to train")
-        for i, t in enumerate(tqdm(todo, desc="experts")):
-            self._train_cached(t, "experts", seed=1000 + i)
+        # the seed follows the task's place in the suite, not in the to-do list, so a resumed run
+        # trains every expert exactly as an uninterrupted one would
+        for i in tqdm(todo, desc="experts"):
+            self._train_cached(experts[i], "experts", seed=1000 + i)
 
     def stage_gate(self):
         """Transfer of expert A on task B vs description similarity (validity gate)."""

@@ -490,8 +490,14 @@ class Pipeline:
         import torch
         from safetensors.numpy import save_file
         from .export import export_cvae, write_manifest
-        if os.path.exists(os.path.join(self.bundle, "manifest.json")) and os.path.exists(self.p("bundle.done")):
-            return
+        # bundle.done names the folder the bundle went to: a work cache reused with another
+        # --bundle-out (or after a test bundle went elsewhere) writes the bundle again, so the
+        # eval and fixtures below never describe a bundle other than the one in self.bundle
+        done = self.p("bundle.done")
+        if os.path.exists(os.path.join(self.bundle, "manifest.json")) and os.path.exists(done):
+            with open(done) as f:
+                if f.read().strip() == os.path.realpath(self.bundle):
+                    return
         c = self.cfg
         experts = self.suite["experts"]
         _, mu, var = self.expert_arrays()
@@ -547,7 +553,8 @@ class Pipeline:
             "ood": ood,
         }
         write_manifest(self.bundle, manifest)
-        open(self.p("bundle.done"), "w").close()
+        with open(self.p("bundle.done"), "w") as f:
+            f.write(os.path.realpath(self.bundle))
         log(f"bundle written to {self.bundle}: {manifest['bundle_id']}")
 
     def ood_threshold(self, demb):

@@ -111,7 +111,13 @@ fn f32_tensor(
 
 /// `μ` must be finite, `σ²` finite and non-negative.
 fn bad_params(mu: impl Iterator<Item = f32>, var: impl Iterator<Item = f32>) -> bool {
-    mu.into_iter().any(|x| !x.is_finite()) || var.into_iter().any(|v| !v.is_finite() || v < 0.0)
+    !(all_in_range(mu, f32::NEG_INFINITY) && all_in_range(var, 0.0))
+}
+
+/// Whether every value is finite and ≥ `lower`. Branch-free so it vectorises: it runs over every
+/// row a generation reads, not only at load.
+fn all_in_range(values: impl Iterator<Item = f32>, lower: f32) -> bool {
+    values.fold(true, |ok, x| ok & (x.abs() < f32::INFINITY) & (x >= lower))
 }
 
 const BAD_PARAMS: &str = "expert tensors contain NaN/inf or negative variances";
@@ -297,13 +303,8 @@ impl Experts {
                 }
             }
         }
-        // Branch-free so it vectorises (this runs on every row of every generation): a value
-        // is bad when it is NaN/infinite, or negative in a variance row.
         let lower = if var { 0.0 } else { f32::NEG_INFINITY };
-        let ok = out
-            .iter()
-            .fold(true, |ok, x| ok & (x.abs() < f32::INFINITY) & (*x >= lower));
-        if !ok {
+        if !all_in_range(out.iter().copied(), lower) {
             if let Params::File { path, .. } = &self.params {
                 return Err(Error::bundle(path, BAD_PARAMS));
             }

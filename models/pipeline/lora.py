@@ -96,9 +96,7 @@ class Lora:
     def embed(self, texts, grad: bool = False) -> torch.Tensor:
         enc = self._batch(texts)
         out = self.model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
-        pooled = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+        return _pool(out, enc["attention_mask"])
 
     def b_param_names(self) -> list[str]:
         """Names of the lora_B weights in `self.model.named_parameters()`, in layout order."""
@@ -117,9 +115,7 @@ class Lora:
             i += n
         enc = self._batch(texts)
         out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(enc)).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
-        pooled = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+        return _pool(out, enc["attention_mask"])
 
     def info_nce(self, bp, pos, temp: float, flat: torch.Tensor | None = None) -> torch.Tensor:
         """InfoNCE of one batch of (query, target, _) pairs with in-batch negatives; columns that
@@ -190,6 +186,12 @@ class Lora:
             p.requires_grad_(False)
         self.model.eval()
         return np.stack(snaps), losses
+
+
+def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens, then L2 normalisation (the sentence-transformers recipe)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
 
 def _module_order(name: str):

@@ -50,8 +50,9 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Encoder matmul weights in memory: `auto` (fp16 where tract has fp16-weight kernels),
-    /// `fp16` (−21 MB resident; slower on long descriptions) or `fp32` (fastest).
+    /// Encoder matmul weights in memory and the runtime: `auto` ([`WeightPrecision::native`]),
+    /// `int8` (sglora's fixed-order kernels: least memory, fastest, the same bits on every
+    /// platform), or tract with `fp16` or `fp32` weights (runs any ONNX encoder).
     pub encoder_weights: EncoderWeights,
 }
 
@@ -62,6 +63,8 @@ pub enum EncoderWeights {
     /// [`WeightPrecision::native`].
     #[default]
     Auto,
+    /// int8, sglora's kernels.
+    Int8,
     /// fp16.
     Fp16,
     /// fp32.
@@ -73,6 +76,7 @@ impl EncoderWeights {
     pub fn precision(self) -> WeightPrecision {
         match self {
             EncoderWeights::Auto => WeightPrecision::native(),
+            EncoderWeights::Int8 => WeightPrecision::I8,
             EncoderWeights::Fp16 => WeightPrecision::F16,
             EncoderWeights::Fp32 => WeightPrecision::F32,
         }

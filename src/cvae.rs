@@ -1,4 +1,8 @@
-//! The CVAE generator: prior network `p(z|c)` and decoder `p(x|z,c)`, run by tract.
+//! The CVAE generator: prior network `p(z|c)` and decoder `p(x|z,c)`.
+//!
+//! Two runtimes, chosen with the encoder's ([`WeightPrecision`]): sglora's fixed-order kernels
+//! ([`crate::kernels`], bit-identical on every platform; the weights are read out of the bundle's
+//! ONNX files by node name) or tract (runs any ONNX graph with these inputs and outputs).
 //!
 //! Inputs are in the bundle's normalised parameter space: `mu_star = (μ* − mean)/std`,
 //! `std_star = sqrt(σ*²)/std`. The prior returns the condition `c` and the Gaussian `p(z|c)`;
@@ -10,12 +14,125 @@ use tract_onnx::prelude::*;
 use crate::bundle::Bundle;
 use crate::encoder::{load_onnx, Runner, WeightPrecision};
 use crate::error::{Error, Result};
+use crate::kernels::{gelu, Linear};
+use crate::onnx_graph::Graph;
 use crate::rng::Rng;
 
-/// Loaded CVAE plans.
+/// The two networks, in one of the runtimes.
+enum Nets {
+    Native(Box<Native>),
+    Tract { prior: Runner, decoder: Runner },
+}
+
+/// The CVAE in fixed-order kernels, as the pipeline exports it (`models/BUNDLE.md`):
+/// prior: `c = [μ*·P, s*·P, ln(mean(s*) + eps)]`, `[z_mean, z_logvar] = MLP(c)` with the log-variance
+/// clipped; decoder: `[k, g] = MLP([z, c])`, `x = gain·(tanh(g)·a + b)·μ* + s* ⊙ (k·B)`.
+struct Native {
+    project: Linear,
+    eps: f32,
+    prior: [Linear; 2],
+    clip: (f32, f32),
+    dec: [Linear; 2],
+    basis: Linear,
+    tanh_scale: f32,
+    tanh_shift: f32,
+    gain: f32,
+}
+
+impl Native {
+    fn load(prior: &[u8], decoder: &[u8], d: usize, z: usize, c: usize) -> Result<Native, String> {
+        let p = Graph::parse(prior)?;
+        let project = p.matmul("/MatMul", None)?;
+        if project.inputs() != d {
+            return Err(format!("projection takes {} values, expected {d}", project.inputs()));
+        }
+        p.node("/ReduceMean", "ReduceMean")?;
+        p.node("/Log", "Log")?;
+        p.node("/prior/prior.1/Erf", "Erf")?;
+        let eps = p.const_operand(p.node("/Add", "Add")?)?;
+        let clip = p.node("/Clip", "Clip")?;
+        let clip = (p.scalar(p.input(clip, 1)?)?, p.scalar(p.input(clip, 2)?)?);
+        let prior = [p.gemm("/prior/prior.0/Gemm")?, p.gemm("/prior/prior.2/Gemm")?];
+        if 2 * project.outputs() + 1 != c
+            || prior[0].inputs() != c
+            || prior[1].inputs() != prior[0].outputs()
+            || prior[1].outputs() != 2 * z
+        {
+            return Err(format!(
+                "prior network shapes do not match cond_dim {c} and z_dim {z}"
+            ));
+        }
+        let g = Graph::parse(decoder)?;
+        g.node("/dec/dec.1/Erf", "Erf")?;
+        g.node("/Tanh", "Tanh")?;
+        let dec = [g.gemm("/dec/dec.0/Gemm")?, g.gemm("/dec/dec.2/Gemm")?];
+        let basis = g.matmul("/MatMul", None)?;
+        if dec[0].inputs() != z + c
+            || dec[1].inputs() != dec[0].outputs()
+            || dec[1].outputs() != basis.inputs() + 1
+            || basis.outputs() != d
+        {
+            return Err(format!(
+                "decoder shapes do not match z_dim {z}, cond_dim {c} and {d} parameters"
+            ));
+        }
+        Ok(Native {
+            project,
+            eps,
+            prior,
+            clip,
+            tanh_scale: g.const_operand(g.node("/Mul", "Mul")?)?,
+            tanh_shift: g.const_operand(g.node("/Add", "Add")?)?,
+            gain: g.const_operand(g.node("/Mul_1", "Mul")?)?,
+            dec,
+            basis,
+        })
+    }
+
+    fn prior(&self, mu: &[f32], sd: &[f32], z: usize) -> LatentPrior {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        self.project.forward(mu, &mut a);
+        self.project.forward(sd, &mut b);
+        let mut sum = 0.0f32;
+        for &v in sd {
+            sum += v;
+        }
+        let mut cond = a;
+        cond.extend_from_slice(&b);
+        cond.push(libm::logf(sum / sd.len() as f32 + self.eps));
+        let (mut h, mut out) = (Vec::new(), Vec::new());
+        self.prior[0].forward(&cond, &mut h);
+        gelu(&mut h);
+        self.prior[1].forward(&h, &mut out);
+        let (lo, hi) = self.clip;
+        LatentPrior {
+            z_mean: out[..z].to_vec(),
+            z_logvar: out[z..2 * z].iter().map(|v| v.max(lo).min(hi)).collect(),
+            cond,
+        }
+    }
+
+    fn decode(&self, z: &[f32], cond: &[f32], mu: &[f32], sd: &[f32]) -> Vec<f32> {
+        let mut zc = z.to_vec();
+        zc.extend_from_slice(cond);
+        let (mut h, mut out, mut corr) = (Vec::new(), Vec::new(), Vec::new());
+        self.dec[0].forward(&zc, &mut h);
+        gelu(&mut h);
+        self.dec[1].forward(&h, &mut out);
+        let k = self.basis.inputs();
+        let s = self.gain * (libm::tanhf(out[k]) * self.tanh_scale + self.tanh_shift);
+        self.basis.forward(&out[..k], &mut corr);
+        mu.iter()
+            .zip(sd)
+            .zip(&corr)
+            .map(|((&m, &d), &c)| s * m + d * c)
+            .collect()
+    }
+}
+
+/// The loaded CVAE.
 pub struct Cvae {
-    prior: Runner,
-    decoder: Runner,
+    nets: Nets,
     dim: usize,
     z_dim: usize,
     cond_dim: usize,
@@ -50,10 +167,30 @@ fn to_vec(v: &TValue, len: usize, what: &str) -> TractResult<Vec<f32>> {
 }
 
 impl Cvae {
-    /// Load both networks of a bundle.
-    pub fn load(bundle: &Bundle) -> Result<Cvae> {
+    /// Load both networks of a bundle, for sglora's kernels ([`WeightPrecision::I8`]) or tract.
+    pub fn load(bundle: &Bundle, runtime: WeightPrecision) -> Result<Cvae> {
         let m = &bundle.manifest;
         let (d, z, c) = (m.lora.flat_dim, m.cvae.z_dim, m.cvae.cond_dim);
+        if runtime == WeightPrecision::I8 {
+            let prior = bundle.read(&m.cvae.prior_file)?;
+            let decoder = bundle.read(&m.cvae.decoder_file)?;
+            let native = Native::load(&prior, &decoder, d, z, c).map_err(|e| {
+                Error::bundle(
+                    bundle.path(&m.cvae.decoder_file),
+                    format!(
+                        "the CVAE ({} + {}) cannot be run by sglora's kernels: {e}; set [model] \
+                         encoder_weights = \"fp32\" to run it through tract instead",
+                        m.cvae.prior_file, m.cvae.decoder_file
+                    ),
+                )
+            })?;
+            return Ok(Cvae {
+                nets: Nets::Native(Box::new(native)),
+                dim: d,
+                z_dim: z,
+                cond_dim: c,
+            });
+        }
         let f = f32::datum_type();
         let prior = load_onnx(
             bundle,
@@ -75,8 +212,7 @@ impl Cvae {
             WeightPrecision::F32,
         )?;
         Ok(Cvae {
-            prior,
-            decoder,
+            nets: Nets::Tract { prior, decoder },
             dim: d,
             z_dim: z,
             cond_dim: c,
@@ -86,8 +222,12 @@ impl Cvae {
     /// Run the prior network.
     pub fn prior(&self, mu_star: &[f32], std_star: &[f32]) -> Result<LatentPrior> {
         self.check(mu_star, std_star)?;
+        let prior = match &self.nets {
+            Nets::Native(n) => return Ok(n.prior(mu_star, std_star, self.z_dim)),
+            Nets::Tract { prior, .. } => prior,
+        };
         let run = || -> TractResult<LatentPrior> {
-            let out = self.prior.run(tvec!(
+            let out = prior.run(tvec!(
                 Tensor::from_shape(&[1, self.dim], mu_star)?.into(),
                 Tensor::from_shape(&[1, self.dim], std_star)?.into()
             ))?;
@@ -108,7 +248,7 @@ impl Cvae {
             .zip(&p.z_logvar)
             .zip(eps)
             .map(|((m, lv), e)| {
-                (f64::from(*m) + noise_scale * (0.5 * f64::from(*lv)).exp() * e) as f32
+                (f64::from(*m) + noise_scale * libm::exp(0.5 * f64::from(*lv)) * e) as f32
             })
             .collect()
     }
@@ -129,8 +269,12 @@ impl Cvae {
                 cond.len()
             )));
         }
-        let run = || -> TractResult<Vec<f32>> {
-            let out = self.decoder.run(tvec!(
+        let decoder = match &self.nets {
+            Nets::Native(n) => Ok(n.decode(z, cond, mu_star, std_star)),
+            Nets::Tract { decoder, .. } => Err(decoder),
+        };
+        let run = |decoder: &Runner| -> TractResult<Vec<f32>> {
+            let out = decoder.run(tvec!(
                 Tensor::from_shape(&[1, self.z_dim], z)?.into(),
                 Tensor::from_shape(&[1, self.cond_dim], cond)?.into(),
                 Tensor::from_shape(&[1, self.dim], mu_star)?.into(),
@@ -138,7 +282,10 @@ impl Cvae {
             ))?;
             to_vec(&out[0], self.dim, "decoder output")
         };
-        let x = run().map_err(|e| Error::model("cvae decoder", e))?;
+        let x = match decoder {
+            Ok(x) => x,
+            Err(d) => run(d).map_err(|e| Error::model("cvae decoder", e))?,
+        };
         if x.iter().any(|v| !v.is_finite()) {
             return Err(Error::model(
                 "cvae decoder",

@@ -1,14 +1,16 @@
-//! Sentence encoder: WordPiece tokens ([`crate::tokenizer`]) + int8 ONNX MiniLM run by tract,
+//! Sentence encoder: WordPiece tokens ([`crate::tokenizer`]) + the bundle's int8 ONNX MiniLM,
 //! mean pooling, L2 norm.
 //!
-//! The model is loaded, typed with a symbolic sequence length and optimised once; every request
-//! reuses the same runnable plan.
+//! Two runtimes ([`WeightPrecision`]): by default sglora's own fixed-order kernels
+//! ([`crate::bert`]) keep the int8 matmul weights as int8 (11 MB) and give bit-identical
+//! embeddings on every platform, which is what makes a seed's adapter the same on x86 and
+//! aarch64. The other settings run the ONNX file through tract, typed with a symbolic sequence
+//! length and optimised once (every request reuses the runnable plan), with the weights
+//! dequantised at load to fp32 or narrowed to fp16; tract runs any ONNX encoder, but its kernels
+//! sum in a different order on each instruction set.
 //!
-//! Memory: the bundle stores the matmul weights as int8, which tract dequantises at load. By
-//! default they are then narrowed to fp16 ([`WeightPrecision`]), which tract's fp32 kernels widen
-//! on the fly (x86 F16C, aarch64 NEON): half the resident weight bytes of fp32 at about the same
-//! speed. The int8 word-embedding table is not loaded at all: each token's row is read from the
-//! open, hash-checked file when it is needed (`pread`), so it costs page cache, not process memory.
+//! The int8 word-embedding table is not loaded at all: each token's row is read from the open,
+//! hash-checked file when it is needed (`pread`), so it costs page cache, not process memory.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
+use crate::bert::Bert;
 use crate::bundle::{offset_in, Bundle};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -34,9 +37,13 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
-/// In-memory precision of a model's matmul weights at run time (the file is not changed).
+/// In-memory precision of the encoder's matmul weights at run time, and the runtime that goes
+/// with it (the file is not changed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightPrecision {
+    /// int8 as stored, run by sglora's fixed-order kernels ([`crate::kernels`]): 1 byte per
+    /// weight, bit-identical results on every platform.
+    I8,
     /// fp32, tract's default: 4 bytes per weight.
     F32,
     /// fp16: 2 bytes per weight; products and sums stay fp32. Relative rounding of each weight
@@ -45,28 +52,28 @@ pub enum WeightPrecision {
 }
 
 impl WeightPrecision {
-    /// `"fp16"` or `"fp32"` (the config file's spelling).
+    /// `"int8"`, `"fp16"` or `"fp32"` (the config file's spelling).
     pub fn name(self) -> &'static str {
         match self {
+            WeightPrecision::I8 => "int8",
             WeightPrecision::F16 => "fp16",
             WeightPrecision::F32 => "fp32",
         }
     }
 
-    /// fp16 where tract has native kernels that read fp16 weights into fp32 arithmetic
-    /// (x86_64 with F16C, aarch64); fp32 elsewhere (armv7 would fall back to generic kernels).
+    /// int8 where the fixed-order kernels have hardware fused multiply-add (x86_64 with FMA,
+    /// aarch64); fp32 through tract elsewhere (armv7, old x86), where the software `fma` those
+    /// kernels would need is slow.
     pub fn native() -> WeightPrecision {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("f16c")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return WeightPrecision::F16;
+            if std::arch::is_x86_feature_detected!("fma") {
+                return WeightPrecision::I8;
             }
         }
         #[cfg(target_arch = "aarch64")]
         {
-            return WeightPrecision::F16;
+            return WeightPrecision::I8;
         }
         #[allow(unreachable_code)]
         WeightPrecision::F32
@@ -112,10 +119,18 @@ struct Table {
     scales: Vec<f32>,
 }
 
-/// Tokeniser, int8 word-embedding table and encoder plan.
+/// The network behind the embedding table.
+enum Model {
+    /// sglora's fixed-order kernels, int8 weights.
+    Native(Bert),
+    /// A tract plan.
+    Tract(Runner),
+}
+
+/// Tokeniser, int8 word-embedding table and encoder network.
 pub struct Encoder {
     tokenizer: Tokenizer,
-    plan: Runner,
+    model: Model,
     dim: usize,
     max_tokens: usize,
     table: Table,
@@ -204,6 +219,19 @@ pub(crate) fn load_onnx(
     })
 }
 
+/// Run a tract encoder plan on `[1, n, d]` token embeddings: last hidden state, `[n, d]`.
+fn run_tract(plan: &Runner, embeds: Vec<f32>, n: usize, d: usize) -> TractResult<Vec<f32>> {
+    let input = Tensor::from_shape(&[1, n, d], &embeds)?;
+    let mask = Tensor::from_shape(&[1, n], &vec![1i64; n])?;
+    let out = plan.run(tvec!(input.into(), mask.into()))?;
+    let view = out[0].to_plain_array_view::<f32>()?;
+    let shape = view.shape().to_vec();
+    if shape != [1, n, d] {
+        anyhow::bail!("encoder output shape {shape:?}, expected [1, {n}, {d}]");
+    }
+    Ok(view.iter().copied().collect())
+}
+
 /// Check the int8 word-embedding file and keep it open; only the per-row scales are loaded.
 fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
     use safetensors::{Dtype, SafeTensors};
@@ -257,14 +285,37 @@ impl Encoder {
                 Error::bundle(&tok_path, format!("not a supported tokenizer.json: {e}"))
             })?;
         let table = open_table(bundle, spec.dim)?;
-        let facts = [
-            (f32::datum_type(), vec![Some(1), None, Some(spec.dim)]),
-            (i64::datum_type(), vec![Some(1), None]),
-        ];
-        let plan = load_onnx(bundle, &spec.file, &facts, "encoder", weights)?;
+        let model = if weights == WeightPrecision::I8 {
+            let bert = Bert::from_onnx(&bundle.read(&spec.file)?, spec.dim).map_err(|e| {
+                Error::bundle(
+                    bundle.path(&spec.file),
+                    format!(
+                        "cannot be run by sglora's int8 kernels: {e}; set [model] \
+                         encoder_weights = \"fp32\" to run it through tract instead"
+                    ),
+                )
+            })?;
+            if bert.max_positions() < spec.max_tokens {
+                return Err(Error::bundle(
+                    bundle.path(&spec.file),
+                    format!(
+                        "has {} positions, fewer than max_tokens = {}",
+                        bert.max_positions(),
+                        spec.max_tokens
+                    ),
+                ));
+            }
+            Model::Native(bert)
+        } else {
+            let facts = [
+                (f32::datum_type(), vec![Some(1), None, Some(spec.dim)]),
+                (i64::datum_type(), vec![Some(1), None]),
+            ];
+            Model::Tract(load_onnx(bundle, &spec.file, &facts, "encoder", weights)?)
+        };
         Ok(Encoder {
             tokenizer,
-            plan,
+            model,
             dim: spec.dim,
             max_tokens: spec.max_tokens,
             table,
@@ -305,29 +356,26 @@ impl Encoder {
             })?;
             embeds.extend(row.iter().map(|&q| f32::from(q as i8) * scale));
         }
-        let run = || -> TractResult<Vec<f32>> {
-            let input = Tensor::from_shape(&[1, n, d], &embeds)?;
-            let mask = Tensor::from_shape(&[1, n], &vec![1i64; n])?;
-            let out = self.plan.run(tvec!(input.into(), mask.into()))?;
-            let view = out[0].to_plain_array_view::<f32>()?;
-            let shape = view.shape().to_vec();
-            if shape != [1, n, self.dim] {
-                anyhow::bail!(
-                    "encoder output shape {shape:?}, expected [1, {n}, {}]",
-                    self.dim
-                );
+        let hidden = match &self.model {
+            Model::Native(bert) => bert.forward(embeds),
+            Model::Tract(plan) => run_tract(plan, embeds, n, d).map_err(|e| format!("{e:#}")),
+        }
+        .map_err(|e| Error::model("encoder", e))?;
+        if hidden.len() != n * d {
+            return Err(Error::model(
+                "encoder",
+                format!("output has {} values, expected {n}×{d}", hidden.len()),
+            ));
+        }
+        // Mean over tokens and the norm in f64, in index order.
+        let mut acc = vec![0f64; d];
+        for row in hidden.chunks_exact(d) {
+            for (a, x) in acc.iter_mut().zip(row) {
+                *a += f64::from(*x);
             }
-            let mut acc = vec![0f64; self.dim];
-            let data: Vec<f32> = view.iter().copied().collect();
-            for row in data.chunks_exact(self.dim) {
-                for (a, x) in acc.iter_mut().zip(row) {
-                    *a += f64::from(*x);
-                }
-            }
-            let norm = acc.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-            Ok(acc.iter().map(|x| (x / norm) as f32).collect())
-        };
-        let vector = run().map_err(|e| Error::model("encoder", e))?;
+        }
+        let norm = acc.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        let vector = acc.iter().map(|x| (x / norm) as f32).collect();
         Ok(Embedding {
             vector,
             tokens: n,
@@ -343,6 +391,14 @@ impl Encoder {
     /// Embedding size.
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// Bytes of encoder weights held in process memory by the int8 runtime (`None` for tract).
+    pub fn native_bytes(&self) -> Option<usize> {
+        match &self.model {
+            Model::Native(b) => Some(b.bytes()),
+            Model::Tract(_) => None,
+        }
     }
 
     /// In-memory precision of the matmul weights.

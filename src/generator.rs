@@ -181,7 +181,7 @@ impl Generator {
     pub fn from_bundle_with(bundle: Bundle, weights: WeightPrecision) -> Result<Generator> {
         let experts = Experts::load(&bundle)?;
         let encoder = Encoder::load_with(&bundle, weights)?;
-        let cvae = Cvae::load(&bundle)?;
+        let cvae = Cvae::load(&bundle, weights)?;
         Ok(Generator {
             bundle,
             encoder,

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod bert;
 pub mod bundle;
 pub mod cache;
 pub mod config;
@@ -26,7 +27,9 @@ pub mod encoder;
 pub mod error;
 pub mod experts;
 pub mod generator;
+pub mod kernels;
 pub mod log;
+mod onnx_graph;
 pub mod prior;
 pub mod rng;
 pub mod service;

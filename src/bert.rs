@@ -1,0 +1,249 @@
+//! The bundle's BERT encoder (MiniLM) run by sglora's own fixed-order kernels
+//! ([`crate::kernels`]): int8 weights stay int8 in memory, and the output is bit-identical on
+//! every platform.
+//!
+//! The weights are read out of the bundle's `encoder.onnx` by node name, as the pipeline's export
+//! (PyTorch → ONNX, weight-only int8) names them: `/model/embeddings/…`,
+//! `/model/encoder/layer.N/{attention/self/{query,key,value},attention/output/dense,
+//! intermediate/dense,output/dense}/MatMul` behind `DequantizeLinear`, biases on the `Add` that
+//! follows each, `LayerNormalization` nodes with their epsilon, the attention scale on
+//! `attention/self/Mul`. A file laid out otherwise is refused with a message that names the
+//! missing node; `encoder_weights = "fp32"` runs any ONNX encoder through tract instead.
+//!
+//! The computation is the exported graph's, for one unpadded sequence: embeddings
+//! (inputs + token type 0 + position) → layer norm → per layer: self-attention (softmax of
+//! `q·k · scale`), output projection, residual, layer norm, GELU feed-forward, residual, layer
+//! norm.
+
+use crate::kernels::{gelu, layer_norm, softmax, Linear};
+use crate::onnx_graph::Graph;
+
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln1: Norm,
+    up: Linear,
+    down: Linear,
+    ln2: Norm,
+    scale: f32,
+}
+
+/// A loaded BERT encoder.
+pub struct Bert {
+    dim: usize,
+    heads: usize,
+    /// Position embeddings, `[positions, dim]`.
+    pos: Vec<f32>,
+    /// Token-type-0 embedding, `[dim]`.
+    type0: Vec<f32>,
+    ln: Norm,
+    layers: Vec<Layer>,
+}
+
+impl std::fmt::Debug for Bert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bert")
+            .field("dim", &self.dim)
+            .field("heads", &self.heads)
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+fn norm(g: &Graph, node: &str, dim: usize) -> Result<Norm, String> {
+    let n = g.node(node, "LayerNormalization")?;
+    let gamma = g.f32s(g.input(n, 1)?)?;
+    let beta = g.f32s(g.input(n, 2)?)?;
+    if gamma.dims != [dim] || beta.dims != [dim] {
+        return Err(format!("{node}: scale/bias shapes {:?}/{:?}", gamma.dims, beta.dims));
+    }
+    let axis = g.attr_i64(n, "axis").unwrap_or(-1);
+    if axis != -1 {
+        return Err(format!("{node}: normalises axis {axis}, expected -1"));
+    }
+    Ok(Norm {
+        gamma: gamma.data,
+        beta: beta.data,
+        eps: g.attr_f32(n, "epsilon").unwrap_or(1e-5),
+    })
+}
+
+/// `MatMul` node `p/MatMul` with the bias stored on `p/Add`.
+fn linear(g: &Graph, p: &str, inputs: usize, outputs: Option<usize>) -> Result<Linear, String> {
+    let add = g.node(&format!("{p}/Add"), "Add")?;
+    let bias = add
+        .input
+        .iter()
+        .find_map(|i| g.f32s(i).ok())
+        .ok_or_else(|| format!("{p}/Add has no stored bias"))?;
+    let l = g.matmul(&format!("{p}/MatMul"), Some(bias.data))?;
+    if l.inputs() != inputs || outputs.is_some_and(|o| o != l.outputs()) {
+        return Err(format!(
+            "{p}: weight is {}×{}, expected {inputs}×{}",
+            l.inputs(),
+            l.outputs(),
+            outputs.map_or("?".into(), |o| o.to_string())
+        ));
+    }
+    Ok(l)
+}
+
+impl Bert {
+    /// Read the encoder out of ONNX bytes; `dim` is the manifest's hidden size.
+    pub fn from_onnx(bytes: &[u8], dim: usize) -> Result<Bert, String> {
+        let g = Graph::parse(bytes)?;
+        let pos_node = g.node("/model/embeddings/position_embeddings/Gather", "Gather")?;
+        let pos = g.f32s(g.input(pos_node, 0)?)?;
+        let type_node = g.node("/model/embeddings/token_type_embeddings/Gather", "Gather")?;
+        let types = g.f32s(g.input(type_node, 0)?)?;
+        if pos.dims.len() != 2 || pos.dims[1] != dim || types.dims.len() != 2 || types.dims[1] != dim
+        {
+            return Err(format!(
+                "embedding tables {:?}/{:?} do not have width {dim}",
+                pos.dims, types.dims
+            ));
+        }
+        let ln = norm(&g, "/model/embeddings/LayerNorm/LayerNormalization", dim)?;
+        let count = (0..)
+            .take_while(|l| {
+                let p = format!("/model/encoder/layer.{l}/");
+                g.node_names().any(|n| n.starts_with(&p))
+            })
+            .count();
+        if count == 0 {
+            return Err("no /model/encoder/layer.0 nodes: not a BERT export".into());
+        }
+        let mut layers = Vec::with_capacity(count);
+        let mut heads = 0;
+        for l in 0..count {
+            let p = format!("/model/encoder/layer.{l}");
+            let scale = g.const_operand(g.node(&format!("{p}/attention/self/Mul"), "Mul")?)?;
+            // The exported scale is 1/sqrt(head size).
+            let head = (1.0 / (f64::from(scale) * f64::from(scale))).round() as usize;
+            if head == 0 || dim % head != 0 {
+                return Err(format!("{p}: attention scale {scale} does not fit width {dim}"));
+            }
+            heads = dim / head;
+            g.node(&format!("{p}/intermediate/intermediate_act_fn/Erf"), "Erf")
+                .map_err(|e| format!("{e} (only the erf GELU is supported)"))?;
+            g.node(&format!("{p}/attention/self/Softmax"), "Softmax")?;
+            let up = linear(&g, &format!("{p}/intermediate/dense"), dim, None)?;
+            let hidden = up.outputs();
+            layers.push(Layer {
+                q: linear(&g, &format!("{p}/attention/self/query"), dim, Some(dim))?,
+                k: linear(&g, &format!("{p}/attention/self/key"), dim, Some(dim))?,
+                v: linear(&g, &format!("{p}/attention/self/value"), dim, Some(dim))?,
+                o: linear(&g, &format!("{p}/attention/output/dense"), dim, Some(dim))?,
+                ln1: norm(&g, &format!("{p}/attention/output/LayerNorm/LayerNormalization"), dim)?,
+                up,
+                down: linear(&g, &format!("{p}/output/dense"), hidden, Some(dim))?,
+                ln2: norm(&g, &format!("{p}/output/LayerNorm/LayerNormalization"), dim)?,
+                scale,
+            });
+        }
+        Ok(Bert {
+            dim,
+            heads,
+            pos: pos.data,
+            type0: types.data[..dim].to_vec(),
+            ln,
+            layers,
+        })
+    }
+
+    /// Longest sequence the position table allows.
+    pub fn max_positions(&self) -> usize {
+        self.pos.len() / self.dim
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.up, &l.down]
+                    .iter()
+                    .map(|m| m.bytes())
+                    .sum::<usize>()
+                    + 16 * self.dim
+            })
+            .sum();
+        l + 4 * (self.pos.len() + self.type0.len() + 2 * self.dim)
+    }
+
+    /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`, consumed).
+    pub fn forward(&self, mut h: Vec<f32>) -> Result<Vec<f32>, String> {
+        let d = self.dim;
+        let t = h.len() / d;
+        if t == 0 || h.len() != t * d || t > self.max_positions() {
+            return Err(format!(
+                "{} input values are not 1..={} tokens of width {d}",
+                h.len(),
+                self.max_positions()
+            ));
+        }
+        for (i, row) in h.chunks_exact_mut(d).enumerate() {
+            let p = &self.pos[i * d..(i + 1) * d];
+            for ((v, &ty), &pv) in row.iter_mut().zip(&self.type0).zip(p) {
+                *v = *v + ty + pv;
+            }
+        }
+        layer_norm(&mut h, &self.ln.gamma, &self.ln.beta, self.ln.eps);
+        let hd = d / self.heads;
+        let (mut q, mut k, mut v, mut a, mut u, mut f) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut ctx = vec![0.0f32; t * d];
+        let mut p = vec![0.0f32; t];
+        for l in &self.layers {
+            l.q.forward(&h, &mut q);
+            l.k.forward(&h, &mut k);
+            l.v.forward(&h, &mut v);
+            ctx.iter_mut().for_each(|c| *c = 0.0);
+            for head in 0..self.heads {
+                let c0 = head * hd;
+                for i in 0..t {
+                    let qi = &q[i * d + c0..i * d + c0 + hd];
+                    for (j, s) in p.iter_mut().enumerate() {
+                        let kj = &k[j * d + c0..j * d + c0 + hd];
+                        let mut dot = 0.0f32;
+                        for (&x, &y) in qi.iter().zip(kj) {
+                            dot += x * y;
+                        }
+                        *s = dot * l.scale;
+                    }
+                    softmax(&mut p);
+                    let ci = &mut ctx[i * d + c0..i * d + c0 + hd];
+                    for (j, &pj) in p.iter().enumerate() {
+                        let vj = &v[j * d + c0..j * d + c0 + hd];
+                        for (c, &y) in ci.iter_mut().zip(vj) {
+                            *c += pj * y;
+                        }
+                    }
+                }
+            }
+            l.o.forward(&ctx, &mut a);
+            for (x, r) in a.iter_mut().zip(&h) {
+                *x += r;
+            }
+            layer_norm(&mut a, &l.ln1.gamma, &l.ln1.beta, l.ln1.eps);
+            l.up.forward(&a, &mut u);
+            gelu(&mut u);
+            l.down.forward(&u, &mut f);
+            for (x, r) in f.iter_mut().zip(&a) {
+                *x += r;
+            }
+            layer_norm(&mut f, &l.ln2.gamma, &l.ln2.beta, l.ln2.eps);
+            std::mem::swap(&mut h, &mut f);
+        }
+        Ok(h)
+    }
+}

@@ -1,0 +1,506 @@
+//! Fixed-order numeric kernels: the same inputs give bit-identical outputs on every platform.
+//!
+//! A seed must give the same adapter bytes on an x86 build server and on an aarch64 board.
+//! General-purpose kernels (tract's, BLAS) split and reorder sums differently per instruction
+//! set, so their last bits differ between machines. Here the order of every floating-point
+//! operation is part of the definition:
+//!
+//! - **int8 products** ([`Linear`] with [`Weights::I8`], the encoder's matmuls): each output is one
+//!   chain of fused multiply-adds in input order, `acc = fma(x[i], q[i][j], acc)` for
+//!   `i = 0, 1, …` from `+0.0`, then `y = acc · scale[j] + bias[j]`. Vector code (AVX-512, AVX2,
+//!   NEON) only runs *independent* chains side by side, one output column per lane, which changes
+//!   speed and never bits. A fused multiply-add is exactly rounded by IEEE 754 on x86 (FMA3),
+//!   aarch64 and in software (`f32::mul_add`), so every path agrees.
+//! - **fp32 products** ([`Weights::F32`], the CVAE's small matrices): the same chain with a plain
+//!   multiply then add, `acc = acc + x[i] · w[i][j]`, which the compiler may vectorise across
+//!   columns but never reorders (rustc does not contract or reassociate float operations).
+//! - Everything else (layer norm, softmax, GELU) is plain scalar Rust, with transcendental
+//!   functions from the pure-Rust `libm` instead of the platform's C library.
+
+/// Weights of a [`Linear`] map, `[inputs, outputs]` row-major: row `i` holds input `i`'s weight
+/// for every output.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// int8 with one scale per output column: `w[i][j] = q[i][j] · scale[j]`.
+    I8 {
+        /// Quantised values, `inputs × outputs`.
+        q: Vec<i8>,
+        /// Per-output-column scale.
+        scale: Vec<f32>,
+    },
+    /// fp32 values, `inputs × outputs`.
+    F32(Vec<f32>),
+}
+
+/// A linear map `y = x·W + b` over rows of `x`, computed in the fixed order described above.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inputs: usize,
+    outputs: usize,
+    weights: Weights,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// A map from `inputs` to `outputs` values; checks every length.
+    pub fn new(
+        inputs: usize,
+        outputs: usize,
+        weights: Weights,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Linear, String> {
+        let cells = inputs
+            .checked_mul(outputs)
+            .ok_or_else(|| format!("{inputs}×{outputs} weights overflow"))?;
+        let (len, scales) = match &weights {
+            Weights::I8 { q, scale } => (q.len(), Some(scale.len())),
+            Weights::F32(w) => (w.len(), None),
+        };
+        if inputs == 0 || outputs == 0 || len != cells {
+            return Err(format!(
+                "weights hold {len} values, expected {inputs}×{outputs}"
+            ));
+        }
+        if let Some(s) = scales.filter(|&s| s != outputs) {
+            return Err(format!("{s} scales for {outputs} outputs"));
+        }
+        if let Some(b) = bias.as_ref().filter(|b| b.len() != outputs) {
+            return Err(format!("{} biases for {outputs} outputs", b.len()));
+        }
+        Ok(Linear {
+            inputs,
+            outputs,
+            weights,
+            bias,
+        })
+    }
+
+    /// Input width.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Output width.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// Bytes of weights, scales and biases held in memory.
+    pub fn bytes(&self) -> usize {
+        let w = match &self.weights {
+            Weights::I8 { q, scale } => q.len() + 4 * scale.len(),
+            Weights::F32(w) => 4 * w.len(),
+        };
+        w + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+
+    /// `out[r] = x[r]·W + b` for the `x.len() / inputs` rows of `x`; `out` is resized.
+    pub fn forward(&self, x: &[f32], out: &mut Vec<f32>) {
+        let rows = x.len() / self.inputs;
+        out.clear();
+        out.resize(rows * self.outputs, 0.0);
+        let x = &x[..rows * self.inputs];
+        match &self.weights {
+            Weights::I8 { q, scale } => {
+                int8::forward(x, rows, self.inputs, self.outputs, q, out);
+                for row in out.chunks_exact_mut(self.outputs) {
+                    for (j, y) in row.iter_mut().enumerate() {
+                        *y *= scale[j];
+                    }
+                }
+            }
+            Weights::F32(w) => {
+                for (xr, yr) in x
+                    .chunks_exact(self.inputs)
+                    .zip(out.chunks_exact_mut(self.outputs))
+                {
+                    for (i, &xi) in xr.iter().enumerate() {
+                        let wr = &w[i * self.outputs..(i + 1) * self.outputs];
+                        for (y, &wv) in yr.iter_mut().zip(wr) {
+                            *y += xi * wv;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(self.outputs) {
+                for (y, &bv) in row.iter_mut().zip(b) {
+                    *y += bv;
+                }
+            }
+        }
+    }
+}
+
+/// The int8 chains: `acc[r][j] = fma(x[r][i], q[i][j], acc[r][j])` for `i` in order, from `+0.0`.
+mod int8 {
+    /// Dispatch to the widest kernel this CPU runs; all of them give the same bits.
+    pub(super) fn forward(x: &[f32], rows: usize, k: usize, n: usize, q: &[i8], out: &mut [f32]) {
+        debug_assert_eq!(x.len(), rows * k);
+        debug_assert_eq!(q.len(), k * n);
+        debug_assert_eq!(out.len(), rows * n);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the features the kernel is compiled for were detected above.
+                unsafe { x86::forward_avx512(x, rows, k, n, q, out) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                unsafe { x86::forward_avx2(x, rows, k, n, q, out) };
+                return;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // NEON is part of the aarch64 baseline.
+            neon::forward(x, rows, k, n, q, out);
+            return;
+        }
+        #[allow(unreachable_code)]
+        scalar_columns(x, rows, k, n, q, out, 0)
+    }
+
+    /// The reference definition, for columns `from..n` (the tail the vector kernels leave).
+    #[inline(always)]
+    pub(super) fn scalar_columns(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+        q: &[i8],
+        out: &mut [f32],
+        from: usize,
+    ) {
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            for j in from..n {
+                let mut acc = 0.0f32;
+                for (i, &xi) in xr.iter().enumerate() {
+                    acc = xi.mul_add(f32::from(q[i * n + j]), acc);
+                }
+                out[r * n + j] = acc;
+            }
+        }
+    }
+
+    /// Run `tile::<R>` for every block of rows, `R` up to `MAX`, then the scalar tail columns.
+    macro_rules! by_row_blocks {
+        ($x:ident, $rows:ident, $k:ident, $n:ident, $q:ident, $out:ident, $width:expr, $tile:ident, $max:expr) => {{
+            let cols = $n / $width * $width;
+            let mut r0 = 0;
+            while r0 < $rows {
+                let rb = ($rows - r0).min($max);
+                for c in (0..cols).step_by($width) {
+                    let (xp, op) = ($x.as_ptr().add(r0 * $k), $out.as_mut_ptr().add(r0 * $n + c));
+                    let qp = $q.as_ptr().add(c);
+                    match rb {
+                        1 => $tile::<1>(xp, qp, op, $k, $n),
+                        2 => $tile::<2>(xp, qp, op, $k, $n),
+                        3 => $tile::<3>(xp, qp, op, $k, $n),
+                        4 => $tile::<4>(xp, qp, op, $k, $n),
+                        5 => $tile::<5>(xp, qp, op, $k, $n),
+                        _ => $tile::<$max>(xp, qp, op, $k, $n),
+                    }
+                }
+                r0 += rb;
+            }
+            if cols < $n {
+                scalar_columns($x, $rows, $k, $n, $q, $out, cols);
+            }
+        }};
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use super::scalar_columns;
+        use std::arch::x86_64::*;
+
+        /// 32 columns × `R` rows: two zmm accumulators per row.
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn tile512<const R: usize>(
+            x: *const f32,
+            q: *const i8,
+            out: *mut f32,
+            k: usize,
+            n: usize,
+        ) {
+            let mut a0 = [_mm512_setzero_ps(); R];
+            let mut a1 = [_mm512_setzero_ps(); R];
+            for i in 0..k {
+                let p = q.add(i * n);
+                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
+                let w1 =
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
+                for r in 0..R {
+                    let xv = _mm512_set1_ps(*x.add(r * k + i));
+                    a0[r] = _mm512_fmadd_ps(xv, w0, a0[r]);
+                    a1[r] = _mm512_fmadd_ps(xv, w1, a1[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out.add(r * n), a0[r]);
+                _mm512_storeu_ps(out.add(r * n + 16), a1[r]);
+            }
+        }
+
+        /// 16 columns × `R` rows: two ymm accumulators per row.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile256<const R: usize>(
+            x: *const f32,
+            q: *const i8,
+            out: *mut f32,
+            k: usize,
+            n: usize,
+        ) {
+            let mut a0 = [_mm256_setzero_ps(); R];
+            let mut a1 = [_mm256_setzero_ps(); R];
+            for i in 0..k {
+                let p = q.add(i * n);
+                let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())));
+                let w1 =
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast())));
+                for r in 0..R {
+                    let xv = _mm256_set1_ps(*x.add(r * k + i));
+                    a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out.add(r * n), a0[r]);
+                _mm256_storeu_ps(out.add(r * n + 8), a1[r]);
+            }
+        }
+
+        /// # Safety
+        /// The CPU must have AVX-512F and FMA; slice lengths as in [`super::forward`].
+        #[target_feature(enable = "avx512f,fma")]
+        pub(in super::super) unsafe fn forward_avx512(
+            x: &[f32],
+            rows: usize,
+            k: usize,
+            n: usize,
+            q: &[i8],
+            out: &mut [f32],
+        ) {
+            by_row_blocks!(x, rows, k, n, q, out, 32, tile512, 6)
+        }
+
+        /// # Safety
+        /// The CPU must have AVX2 and FMA; slice lengths as in [`super::forward`].
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn forward_avx2(
+            x: &[f32],
+            rows: usize,
+            k: usize,
+            n: usize,
+            q: &[i8],
+            out: &mut [f32],
+        ) {
+            by_row_blocks!(x, rows, k, n, q, out, 16, tile256, 6)
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    mod neon {
+        use super::scalar_columns;
+        use std::arch::aarch64::*;
+
+        /// 16 columns × `R` rows: four q-register accumulators per row.
+        #[inline(always)]
+        unsafe fn tile<const R: usize>(
+            x: *const f32,
+            q: *const i8,
+            out: *mut f32,
+            k: usize,
+            n: usize,
+        ) {
+            let mut a = [[vdupq_n_f32(0.0); 4]; R];
+            for i in 0..k {
+                let b = vld1q_s8(q.add(i * n));
+                let lo = vmovl_s8(vget_low_s8(b));
+                let hi = vmovl_s8(vget_high_s8(b));
+                let w = [
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))),
+                    vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))),
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))),
+                    vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))),
+                ];
+                for r in 0..R {
+                    let xv = vdupq_n_f32(*x.add(r * k + i));
+                    for c in 0..4 {
+                        // vfmaq_f32(a, b, c) = a + b·c, fused.
+                        a[r][c] = vfmaq_f32(a[r][c], xv, w[c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..4 {
+                    vst1q_f32(out.add(r * n + 4 * c), a[r][c]);
+                }
+            }
+        }
+
+        pub(in super::super) fn forward(
+            x: &[f32],
+            rows: usize,
+            k: usize,
+            n: usize,
+            q: &[i8],
+            out: &mut [f32],
+        ) {
+            // SAFETY: NEON is baseline on aarch64; every pointer stays inside its slice (rows and
+            // columns are bounded by the block loop).
+            unsafe { by_row_blocks!(x, rows, k, n, q, out, 16, tile, 4) }
+        }
+    }
+}
+
+/// Layer normalisation of each `gamma.len()`-wide row in place: `(x − mean)/sqrt(var + eps)·γ + β`,
+/// sums in index order.
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = gamma.len();
+    for row in x.chunks_exact_mut(d) {
+        let mut s = 0.0f32;
+        for &v in row.iter() {
+            s += v;
+        }
+        let mean = s / d as f32;
+        let mut ss = 0.0f32;
+        for &v in row.iter() {
+            let c = v - mean;
+            ss += c * c;
+        }
+        let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+        for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    }
+}
+
+/// GELU as BERT exports it: `x · (1 + erf(x/√2)) · 0.5`, with `libm`'s `erff`.
+pub fn gelu(x: &mut [f32]) {
+    for v in x {
+        *v = *v * (1.0 + libm::erff(*v / std::f32::consts::SQRT_2)) * 0.5;
+    }
+}
+
+/// Softmax of one row in place: max-shifted `libm::expf`, sum in index order.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0.0f32;
+    for v in x.iter_mut() {
+        *v = libm::expf(*v - m);
+        s += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random_int8(rows: usize, k: usize, n: usize, seed: u64) -> (Vec<f32>, Linear) {
+        let mut rng = Rng::new(seed);
+        let x: Vec<f32> = rng.normals(rows * k).iter().map(|v| *v as f32).collect();
+        let q: Vec<i8> = (0..k * n)
+            .map(|_| (rng.next_u64() % 255) as i16 as i8)
+            .collect();
+        let scale: Vec<f32> = (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect();
+        let bias: Vec<f32> = (0..n).map(|j| (j as f32 - 7.0) * 0.01).collect();
+        let l = Linear::new(k, n, Weights::I8 { q, scale }, Some(bias)).unwrap();
+        (x, l)
+    }
+
+    /// The dispatched kernel must equal the scalar definition bit for bit, for every row count
+    /// (each block size and tail) and column counts that leave a scalar tail.
+    #[test]
+    fn vector_int8_kernels_match_the_scalar_definition_bit_for_bit() {
+        for &(rows, k, n) in &[(1, 384, 384), (7, 384, 1536), (13, 50, 40), (6, 3, 33)] {
+            let (x, l) = random_int8(rows, k, n, (rows * k + n) as u64);
+            let mut got = Vec::new();
+            l.forward(&x, &mut got);
+            let Weights::I8 { q, scale } = &l.weights else {
+                unreachable!()
+            };
+            let mut want = vec![0.0f32; rows * n];
+            int8::scalar_columns(&x, rows, k, n, q, &mut want, 0);
+            for (r, row) in want.chunks_exact_mut(n).enumerate() {
+                for (j, y) in row.iter_mut().enumerate() {
+                    *y = *y * scale[j] + l.bias.as_ref().unwrap()[j];
+                }
+                for j in 0..n {
+                    assert_eq!(
+                        got[r * n + j].to_bits(),
+                        row[j].to_bits(),
+                        "rows {rows} k {k} n {n}: row {r} column {j}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_product_is_close_to_the_real_product() {
+        let (x, l) = random_int8(3, 64, 48, 9);
+        let mut got = Vec::new();
+        l.forward(&x, &mut got);
+        let Weights::I8 { q, scale } = &l.weights else {
+            unreachable!()
+        };
+        for r in 0..3 {
+            for j in 0..48 {
+                let mut s = 0.0f64;
+                for i in 0..64 {
+                    s += f64::from(x[r * 64 + i]) * f64::from(q[i * 48 + j]) * f64::from(scale[j]);
+                }
+                s += f64::from(l.bias.as_ref().unwrap()[j]);
+                assert!((s - f64::from(got[r * 48 + j])).abs() < 1e-4, "{r} {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_product_and_shape_checks() {
+        let l = Linear::new(2, 3, Weights::F32(vec![1., 2., 3., 4., 5., 6.]), None).unwrap();
+        let mut y = Vec::new();
+        l.forward(&[1.0, 10.0, 0.5, 0.0], &mut y);
+        assert_eq!(y, vec![41.0, 52.0, 63.0, 0.5, 1.0, 1.5]);
+        assert!(Linear::new(2, 3, Weights::F32(vec![0.0; 5]), None).is_err());
+        assert!(Linear::new(2, 3, Weights::F32(vec![0.0; 6]), Some(vec![0.0; 2])).is_err());
+        let q = Weights::I8 {
+            q: vec![0; 6],
+            scale: vec![1.0; 2],
+        };
+        assert!(Linear::new(2, 3, q, None).is_err());
+        assert!(Linear::new(usize::MAX, 3, Weights::F32(vec![]), None).is_err());
+    }
+
+    #[test]
+    fn softmax_layer_norm_and_gelu_reference_values() {
+        let mut s = vec![1.0f32, 2.0, 3.0];
+        softmax(&mut s);
+        let e: Vec<f64> = [1.0f64, 2.0, 3.0].iter().map(|v| v.exp()).collect();
+        let t: f64 = e.iter().sum();
+        for (a, b) in s.iter().zip(&e) {
+            assert!((f64::from(*a) - b / t).abs() < 1e-6);
+        }
+        let mut x = vec![1.0f32, 3.0];
+        layer_norm(&mut x, &[2.0, 2.0], &[0.5, 0.5], 0.0);
+        assert_eq!(x, vec![-1.5, 2.5]);
+        let mut g = vec![0.0f32, 1.0, -3.0];
+        gelu(&mut g);
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - 0.841_344_7).abs() < 1e-6);
+        assert!((g[2] + 0.004_049_7).abs() < 1e-6);
+    }
+}

@@ -63,7 +63,10 @@ fn norm(g: &Graph, node: &str, dim: usize) -> Result<Norm, String> {
     let gamma = g.f32s(g.input(n, 1)?)?;
     let beta = g.f32s(g.input(n, 2)?)?;
     if gamma.dims != [dim] || beta.dims != [dim] {
-        return Err(format!("{node}: scale/bias shapes {:?}/{:?}", gamma.dims, beta.dims));
+        return Err(format!(
+            "{node}: scale/bias shapes {:?}/{:?}",
+            gamma.dims, beta.dims
+        ));
     }
     let axis = g.attr_i64(n, "axis").unwrap_or(-1);
     if axis != -1 {
@@ -104,7 +107,10 @@ impl Bert {
         let pos = g.f32s(g.input(pos_node, 0)?)?;
         let type_node = g.node("/model/embeddings/token_type_embeddings/Gather", "Gather")?;
         let types = g.f32s(g.input(type_node, 0)?)?;
-        if pos.dims.len() != 2 || pos.dims[1] != dim || types.dims.len() != 2 || types.dims[1] != dim
+        if pos.dims.len() != 2
+            || pos.dims[1] != dim
+            || types.dims.len() != 2
+            || types.dims[1] != dim
         {
             return Err(format!(
                 "embedding tables {:?}/{:?} do not have width {dim}",
@@ -129,7 +135,9 @@ impl Bert {
             // The exported scale is 1/sqrt(head size).
             let head = (1.0 / (f64::from(scale) * f64::from(scale))).round() as usize;
             if head == 0 || dim % head != 0 {
-                return Err(format!("{p}: attention scale {scale} does not fit width {dim}"));
+                return Err(format!(
+                    "{p}: attention scale {scale} does not fit width {dim}"
+                ));
             }
             heads = dim / head;
             g.node(&format!("{p}/intermediate/intermediate_act_fn/Erf"), "Erf")
@@ -142,7 +150,11 @@ impl Bert {
                 k: linear(&g, &format!("{p}/attention/self/key"), dim, Some(dim))?,
                 v: linear(&g, &format!("{p}/attention/self/value"), dim, Some(dim))?,
                 o: linear(&g, &format!("{p}/attention/output/dense"), dim, Some(dim))?,
-                ln1: norm(&g, &format!("{p}/attention/output/LayerNorm/LayerNormalization"), dim)?,
+                ln1: norm(
+                    &g,
+                    &format!("{p}/attention/output/LayerNorm/LayerNormalization"),
+                    dim,
+                )?,
                 up,
                 down: linear(&g, &format!("{p}/output/dense"), hidden, Some(dim))?,
                 ln2: norm(&g, &format!("{p}/output/LayerNorm/LayerNormalization"), dim)?,

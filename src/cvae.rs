@@ -44,7 +44,10 @@ impl Native {
         let p = Graph::parse(prior)?;
         let project = p.matmul("/MatMul", None)?;
         if project.inputs() != d {
-            return Err(format!("projection takes {} values, expected {d}", project.inputs()));
+            return Err(format!(
+                "projection takes {} values, expected {d}",
+                project.inputs()
+            ));
         }
         p.node("/ReduceMean", "ReduceMean")?;
         p.node("/Log", "Log")?;
@@ -52,7 +55,10 @@ impl Native {
         let eps = p.const_operand(p.node("/Add", "Add")?)?;
         let clip = p.node("/Clip", "Clip")?;
         let clip = (p.scalar(p.input(clip, 1)?)?, p.scalar(p.input(clip, 2)?)?);
-        let prior = [p.gemm("/prior/prior.0/Gemm")?, p.gemm("/prior/prior.2/Gemm")?];
+        let prior = [
+            p.gemm("/prior/prior.0/Gemm")?,
+            p.gemm("/prior/prior.2/Gemm")?,
+        ];
         if 2 * project.outputs() + 1 != c
             || prior[0].inputs() != c
             || prior[1].inputs() != prior[0].outputs()

@@ -14,8 +14,9 @@
 //! - **fp32 products** ([`Weights::F32`], the CVAE's small matrices): the same chain with a plain
 //!   multiply then add, `acc = acc + x[i] · w[i][j]`, which the compiler may vectorise across
 //!   columns but never reorders (rustc does not contract or reassociate float operations).
-//! - Everything else (layer norm, softmax, GELU) is plain scalar Rust, with transcendental
-//!   functions from the pure-Rust `libm` instead of the platform's C library.
+//! - Everything else (layer norm, softmax, GELU) is plain scalar Rust. `exp` and `erf` are our
+//!   own branch-free polynomials of plain multiplies and adds ([`exp`], [`erf`]: vectorisable, and
+//!   independent of the platform's C library); other functions come from the pure-Rust `libm`.
 
 /// Weights of a [`Linear`] map, `[inputs, outputs]` row-major: row `i` holds input `i`'s weight
 /// for every output.
@@ -23,7 +24,8 @@
 pub enum Weights {
     /// int8 with one scale per output column: `w[i][j] = q[i][j] · scale[j]`.
     I8 {
-        /// Quantised values, `inputs × outputs`.
+        /// Quantised values, `inputs × outputs` row-major as given to [`Linear::new`], which
+        /// repacks them into column panels for the kernels.
         q: Vec<i8>,
         /// Per-output-column scale.
         scale: Vec<f32>,
@@ -67,6 +69,13 @@ impl Linear {
         if let Some(b) = bias.as_ref().filter(|b| b.len() != outputs) {
             return Err(format!("{} biases for {outputs} outputs", b.len()));
         }
+        let weights = match weights {
+            Weights::I8 { q, scale } => Weights::I8 {
+                q: int8::pack(&q, inputs, outputs),
+                scale,
+            },
+            w => w,
+        };
         Ok(Linear {
             inputs,
             outputs,
@@ -134,7 +143,36 @@ impl Linear {
 }
 
 /// The int8 chains: `acc[r][j] = fma(x[r][i], q[i][j], acc[r][j])` for `i` in order, from `+0.0`.
+///
+/// Storage: the first `n / PANEL · PANEL` columns in panels of [`PANEL`] columns, each panel
+/// `k × PANEL` contiguous (so a tile streams its weights sequentially), then the remaining
+/// columns as one `k × rest` row-major block.
 mod int8 {
+    /// Columns per panel.
+    pub(super) const PANEL: usize = 32;
+
+    /// Index of `q[i][j]` in the packed layout.
+    #[inline(always)]
+    pub(super) fn at(k: usize, n: usize, i: usize, j: usize) -> usize {
+        let cols = n / PANEL * PANEL;
+        if j < cols {
+            (j / PANEL) * k * PANEL + i * PANEL + j % PANEL
+        } else {
+            cols * k + i * (n - cols) + (j - cols)
+        }
+    }
+
+    /// Repack row-major `[k, n]` into panels.
+    pub(super) fn pack(q: &[i8], k: usize, n: usize) -> Vec<i8> {
+        let mut out = vec![0i8; q.len()];
+        for i in 0..k {
+            for j in 0..n {
+                out[at(k, n, i, j)] = q[i * n + j];
+            }
+        }
+        out
+    }
+
     /// Dispatch to the widest kernel this CPU runs; all of them give the same bits.
     pub(super) fn forward(x: &[f32], rows: usize, k: usize, n: usize, q: &[i8], out: &mut [f32]) {
         debug_assert_eq!(x.len(), rows * k);
@@ -183,23 +221,24 @@ mod int8 {
             for j in from..n {
                 let mut acc = 0.0f32;
                 for (i, &xi) in xr.iter().enumerate() {
-                    acc = xi.mul_add(f32::from(q[i * n + j]), acc);
+                    acc = xi.mul_add(f32::from(q[at(k, n, i, j)]), acc);
                 }
                 out[r * n + j] = acc;
             }
         }
     }
 
-    /// Run `tile::<R>` for every block of rows, `R` up to `MAX`, then the scalar tail columns.
+    /// Run `tile::<R>` (`$width` columns of a panel) for every block of rows, `R` up to `MAX`,
+    /// then the scalar tail columns.
     macro_rules! by_row_blocks {
         ($x:ident, $rows:ident, $k:ident, $n:ident, $q:ident, $out:ident, $width:expr, $tile:ident, $max:expr) => {{
-            let cols = $n / $width * $width;
+            let cols = $n / PANEL * PANEL;
             let mut r0 = 0;
             while r0 < $rows {
                 let rb = ($rows - r0).min($max);
                 for c in (0..cols).step_by($width) {
                     let (xp, op) = ($x.as_ptr().add(r0 * $k), $out.as_mut_ptr().add(r0 * $n + c));
-                    let qp = $q.as_ptr().add(c);
+                    let qp = $q.as_ptr().add((c / PANEL) * $k * PANEL + c % PANEL);
                     match rb {
                         1 => $tile::<1>(xp, qp, op, $k, $n),
                         2 => $tile::<2>(xp, qp, op, $k, $n),
@@ -219,10 +258,10 @@ mod int8 {
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
-        use super::scalar_columns;
+        use super::{scalar_columns, PANEL};
         use std::arch::x86_64::*;
 
-        /// 32 columns × `R` rows: two zmm accumulators per row.
+        /// 32 columns (one panel) × `R` rows: two zmm accumulators per row.
         #[target_feature(enable = "avx512f,fma")]
         unsafe fn tile512<const R: usize>(
             x: *const f32,
@@ -234,7 +273,7 @@ mod int8 {
             let mut a0 = [_mm512_setzero_ps(); R];
             let mut a1 = [_mm512_setzero_ps(); R];
             for i in 0..k {
-                let p = q.add(i * n);
+                let p = q.add(i * PANEL);
                 let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())));
                 let w1 =
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16).cast())));
@@ -250,7 +289,7 @@ mod int8 {
             }
         }
 
-        /// 16 columns × `R` rows: two ymm accumulators per row.
+        /// 16 columns (half a panel) × `R` rows: two ymm accumulators per row.
         #[target_feature(enable = "avx2,fma")]
         unsafe fn tile256<const R: usize>(
             x: *const f32,
@@ -262,10 +301,9 @@ mod int8 {
             let mut a0 = [_mm256_setzero_ps(); R];
             let mut a1 = [_mm256_setzero_ps(); R];
             for i in 0..k {
-                let p = q.add(i * n);
+                let p = q.add(i * PANEL);
                 let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())));
-                let w1 =
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast())));
+                let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast())));
                 for r in 0..R {
                     let xv = _mm256_set1_ps(*x.add(r * k + i));
                     a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]);
@@ -309,10 +347,10 @@ mod int8 {
 
     #[cfg(target_arch = "aarch64")]
     mod neon {
-        use super::scalar_columns;
+        use super::{scalar_columns, PANEL};
         use std::arch::aarch64::*;
 
-        /// 16 columns × `R` rows: four q-register accumulators per row.
+        /// 16 columns (half a panel) × `R` rows: four q-register accumulators per row.
         #[inline(always)]
         unsafe fn tile<const R: usize>(
             x: *const f32,
@@ -323,7 +361,7 @@ mod int8 {
         ) {
             let mut a = [[vdupq_n_f32(0.0); 4]; R];
             for i in 0..k {
-                let b = vld1q_s8(q.add(i * n));
+                let b = vld1q_s8(q.add(i * PANEL));
                 let lo = vmovl_s8(vget_low_s8(b));
                 let hi = vmovl_s8(vget_high_s8(b));
                 let w = [
@@ -384,19 +422,56 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     }
 }
 
-/// GELU as BERT exports it: `x · (1 + erf(x/√2)) · 0.5`, with `libm`'s `erff`.
+/// `eˣ` for `x` in about `[-87, 88]` (clamped there), relative error below 3·10⁻⁷: Cephes'
+/// `expf` (Cody–Waite reduction by ln 2, degree-6 polynomial, exponent set by bits).
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1)
+        * (r * r)
+        + r
+        + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `erf(x)`, absolute error below 10⁻⁶: the odd/even rational approximation on `[-4, 4]` used by
+/// Eigen and tract (±1 beyond, to single precision).
+#[inline]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p + -2.101_024e-6;
+    p = x2 * p + -5.692_506_4e-5;
+    p = x2 * p + -7.349_906_3e-4;
+    p = x2 * p + -2.954_600_1e-3;
+    p = x2 * p + -1.609_603_3e-2;
+    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+    q = x2 * q + -1.682_827e-3;
+    q = x2 * q + -7.373_329_3e-3;
+    q = x2 * q + -1.426_473_9e-2;
+    x * p / q
+}
+
+/// GELU as BERT exports it: `x · (1 + erf(x/√2)) · 0.5`.
 pub fn gelu(x: &mut [f32]) {
     for v in x {
-        *v = *v * (1.0 + libm::erff(*v / std::f32::consts::SQRT_2)) * 0.5;
+        *v = *v * (1.0 + erf(*v / std::f32::consts::SQRT_2)) * 0.5;
     }
 }
 
-/// Softmax of one row in place: max-shifted `libm::expf`, sum in index order.
+/// Softmax of one row in place: max-shifted [`exp`], sum in index order.
 pub fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut s = 0.0f32;
     for v in x.iter_mut() {
-        *v = libm::expf(*v - m);
+        *v = exp(*v - m);
         s += *v;
     }
     for v in x.iter_mut() {
@@ -461,7 +536,9 @@ mod tests {
             for j in 0..48 {
                 let mut s = 0.0f64;
                 for i in 0..64 {
-                    s += f64::from(x[r * 64 + i]) * f64::from(q[i * 48 + j]) * f64::from(scale[j]);
+                    s += f64::from(x[r * 64 + i])
+                        * f64::from(q[int8::at(64, 48, i, j)])
+                        * f64::from(scale[j]);
                 }
                 s += f64::from(l.bias.as_ref().unwrap()[j]);
                 assert!((s - f64::from(got[r * 48 + j])).abs() < 1e-4, "{r} {j}");
@@ -483,6 +560,28 @@ mod tests {
         };
         assert!(Linear::new(2, 3, q, None).is_err());
         assert!(Linear::new(usize::MAX, 3, Weights::F32(vec![]), None).is_err());
+    }
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        let mut worst = (0.0f64, 0.0f64);
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let e = f64::from(x).exp();
+            worst.0 = worst.0.max((f64::from(exp(x)) - e).abs() / e);
+            let x = i as f32 * 0.0007;
+            worst.1 = worst
+                .1
+                .max((f64::from(erf(x)) - libm::erf(f64::from(x))).abs());
+        }
+        println!(
+            "exp max relative error {:e}, erf max absolute error {:e}",
+            worst.0, worst.1
+        );
+        assert!(worst.0 < 3e-7, "exp: {}", worst.0);
+        assert!(worst.1 < 1e-6, "erf: {}", worst.1);
+        assert_eq!(exp(-200.0), exp(-87.3));
+        assert!(exp(0.0) == 1.0 && erf(0.0) == 0.0 && erf(9.0) > 0.999_999);
     }
 
     #[test]

@@ -118,7 +118,10 @@ impl Graph {
             .map(|&i| &self.nodes[i])
             .ok_or_else(|| format!("no tensor called {value}"))?;
         if n.op_type != "Constant" {
-            return Err(format!("{value} is computed by a {} node, not stored", n.op_type));
+            return Err(format!(
+                "{value} is computed by a {} node, not stored",
+                n.op_type
+            ));
         }
         n.attribute
             .iter()
@@ -131,7 +134,10 @@ impl Graph {
     pub fn f32s(&self, value: &str) -> Result<F32Tensor, String> {
         let t = self.tensor(value)?;
         if t.data_type != FLOAT {
-            return Err(format!("{value} has ONNX type {}, expected float", t.data_type));
+            return Err(format!(
+                "{value} has ONNX type {}, expected float",
+                t.data_type
+            ));
         }
         let dims = dims_of(t)?;
         let n = count(&dims, value)?;
@@ -169,7 +175,10 @@ impl Graph {
     fn i8s(&self, value: &str) -> Result<(Vec<usize>, Vec<i8>), String> {
         let t = self.tensor(value)?;
         if t.data_type != INT8 {
-            return Err(format!("{value} has ONNX type {}, expected int8", t.data_type));
+            return Err(format!(
+                "{value} has ONNX type {}, expected int8",
+                t.data_type
+            ));
         }
         let dims = dims_of(t)?;
         let n = count(&dims, value)?;

@@ -257,7 +257,7 @@ mod int8 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    mod x86 {
+    pub(super) mod x86 {
         use super::{scalar_columns, PANEL};
         use std::arch::x86_64::*;
 
@@ -319,7 +319,7 @@ mod int8 {
         /// # Safety
         /// The CPU must have AVX-512F and FMA; slice lengths as in [`super::forward`].
         #[target_feature(enable = "avx512f,fma")]
-        pub(in super::super) unsafe fn forward_avx512(
+        pub(in crate::kernels) unsafe fn forward_avx512(
             x: &[f32],
             rows: usize,
             k: usize,
@@ -333,7 +333,7 @@ mod int8 {
         /// # Safety
         /// The CPU must have AVX2 and FMA; slice lengths as in [`super::forward`].
         #[target_feature(enable = "avx2,fma")]
-        pub(in super::super) unsafe fn forward_avx2(
+        pub(in crate::kernels) unsafe fn forward_avx2(
             x: &[f32],
             rows: usize,
             k: usize,
@@ -509,6 +509,18 @@ mod tests {
             };
             let mut want = vec![0.0f32; rows * n];
             int8::scalar_columns(&x, rows, k, n, q, &mut want, 0);
+            // The narrower x86 kernel too, where this CPU runs it (the dispatcher picks one).
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                let mut avx2 = vec![0.0f32; rows * n];
+                // SAFETY: features detected above.
+                unsafe { int8::x86::forward_avx2(&x, rows, k, n, q, &mut avx2) };
+                for (a, b) in avx2.iter().zip(&want) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "avx2, rows {rows} k {k} n {n}");
+                }
+            }
             for (r, row) in want.chunks_exact_mut(n).enumerate() {
                 for (j, y) in row.iter_mut().enumerate() {
                     *y = *y * scale[j] + l.bias.as_ref().unwrap()[j];

@@ -134,7 +134,7 @@ impl Bert {
             let scale = g.const_operand(g.node(&format!("{p}/attention/self/Mul"), "Mul")?)?;
             // The exported scale is 1/sqrt(head size).
             let head = (1.0 / (f64::from(scale) * f64::from(scale))).round() as usize;
-            if head == 0 || dim % head != 0 {
+            if head == 0 || !dim.is_multiple_of(head) {
                 return Err(format!(
                     "{p}: attention scale {scale} does not fit width {dim}"
                 ));

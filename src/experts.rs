@@ -200,7 +200,7 @@ impl Experts {
             || descriptions.len() != n
             || desc_emb.len() != n * emb_dim
             || mu.len() != var.len()
-            || mu.len() % n != 0
+            || !mu.len().is_multiple_of(n)
         {
             return Err(Error::InvalidOption("inconsistent expert parts".into()));
         }

@@ -338,7 +338,7 @@ fn bundle_damage_matrix() {
             }
         }
         let mut new_header = serde_json::to_vec(&h).unwrap();
-        while new_header.len() % 8 != 0 {
+        while !new_header.len().is_multiple_of(8) {
             new_header.push(b' ');
         }
         let mut out = (new_header.len() as u64).to_le_bytes().to_vec();

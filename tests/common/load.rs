@@ -117,7 +117,7 @@ async fn client(address: String, spec: Spec, index: usize) -> Report {
         } else {
             spec.seed_base + (index as u64) * 1_000_000 + n
         };
-        if spec.abandon_every > 0 && n % spec.abandon_every as u64 == 0 {
+        if spec.abandon_every > 0 && n.is_multiple_of(spec.abandon_every as u64) {
             let c2 = c.clone();
             let t = text.to_string();
             let h = tokio::spawn(async move { call(&c2, &t, seed).await });

@@ -1,5 +1,5 @@
-//! Interleaved A/B of the encoder's in-memory weight precision (fp16 vs fp32) on the default
-//! bundle: `cargo run --release --example ab_weights [REPS]`.
+//! Interleaved A/B of two encoder runtimes on the default bundle, `encoder_weights` A vs B
+//! (default int8 vs fp32): `cargo run --release --example ab_weights [REPS] [A] [B]`.
 use std::time::Instant;
 
 use sglora::bundle::Bundle;
@@ -10,9 +10,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
+    let pick = |i: usize, default: WeightPrecision| match std::env::args().nth(i).as_deref() {
+        Some("int8") => WeightPrecision::I8,
+        Some("fp16") => WeightPrecision::F16,
+        Some("fp32") => WeightPrecision::F32,
+        _ => default,
+    };
+    let (pa, pb) = (pick(2, WeightPrecision::I8), pick(3, WeightPrecision::F32));
     let b = Bundle::open("models/default")?;
-    let h = Encoder::load_with(&b, WeightPrecision::F16)?;
-    let f = Encoder::load_with(&b, WeightPrecision::F32)?;
+    let h = Encoder::load_with(&b, pa)?;
+    let f = Encoder::load_with(&b, pb)?;
     let base = "Given the name of a common household tool, find the larger object or machine that it is usually a part of";
     for words in [5usize, 20, 100] {
         let text: String = base
@@ -35,11 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tf.sort_by(f64::total_cmp);
         let p50 = |v: &[f64]| v[v.len() / 2];
         println!(
-            "{words:>3} words ({} tokens): fp16 {:.2} ms, fp32 {:.2} ms, fp16/fp32 {:.2}",
+            "{words:>3} words ({} tokens): {a} {:.2} ms, {b} {:.2} ms, {a}/{b} {:.2}",
             h.tokenize(&text)?.len(),
             p50(&th),
             p50(&tf),
-            p50(&th) / p50(&tf)
+            p50(&th) / p50(&tf),
+            a = pa.name(),
+            b = pb.name(),
         );
     }
     Ok(())

@@ -214,23 +214,35 @@ impl Bert {
         let (mut q, mut k, mut v, mut a, mut u, mut f) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut ctx = vec![0.0f32; t * d];
+        let mut kt = Vec::new();
         let mut p = vec![0.0f32; t];
         for l in &self.layers {
             l.q.forward(&h, &mut q);
             l.k.forward(&h, &mut k);
             l.v.forward(&h, &mut v);
             ctx.iter_mut().for_each(|c| *c = 0.0);
+            // Keys transposed to [dim, tokens], so one query's scores against all keys are
+            // independent chains side by side (vectorisable); each score is still
+            // Σ_c q[c]·k[c] summed in c order from 0.
+            kt.clear();
+            kt.resize(d * t, 0.0);
+            for (j, row) in k.chunks_exact(d).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    kt[c * t + j] = x;
+                }
+            }
             for head in 0..self.heads {
                 let c0 = head * hd;
                 for i in 0..t {
-                    let qi = &q[i * d + c0..i * d + c0 + hd];
-                    for (j, s) in p.iter_mut().enumerate() {
-                        let kj = &k[j * d + c0..j * d + c0 + hd];
-                        let mut dot = 0.0f32;
-                        for (&x, &y) in qi.iter().zip(kj) {
-                            dot += x * y;
+                    p.iter_mut().for_each(|s| *s = 0.0);
+                    for c in c0..c0 + hd {
+                        let qc = q[i * d + c];
+                        for (s, &kc) in p.iter_mut().zip(&kt[c * t..(c + 1) * t]) {
+                            *s += qc * kc;
                         }
-                        *s = dot * l.scale;
+                    }
+                    for s in p.iter_mut() {
+                        *s *= l.scale;
                     }
                     softmax(&mut p);
                     let ci = &mut ctx[i * d + c0..i * d + c0 + hd];

@@ -130,28 +130,43 @@ impl Graph {
             .ok_or_else(|| format!("constant {value} has no tensor value"))
     }
 
-    /// fp32 values of a stored tensor.
-    pub fn f32s(&self, value: &str) -> Result<F32Tensor, String> {
+    /// Shape and values of a stored tensor of ONNX type `want`, from `raw_data` (little-endian)
+    /// or else the typed field.
+    fn stored<T>(
+        &self,
+        value: &str,
+        want: i32,
+        raw: impl Fn(&[u8]) -> Vec<T>,
+        typed: impl Fn(&TensorProto) -> Vec<T>,
+    ) -> Result<(Vec<usize>, Vec<T>), String> {
         let t = self.tensor(value)?;
-        if t.data_type != FLOAT {
+        if t.data_type != want {
             return Err(format!(
-                "{value} has ONNX type {}, expected float",
+                "{value} has ONNX type {}, expected {want}",
                 t.data_type
             ));
         }
         let dims = dims_of(t)?;
         let n = count(&dims, value)?;
-        let data: Vec<f32> = if !t.raw_data.is_empty() {
-            t.raw_data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+        let data = if t.raw_data.is_empty() {
+            typed(t)
         } else {
-            t.float_data.clone()
+            raw(&t.raw_data)
         };
         if data.len() != n {
             return Err(format!("{value}: {} values for shape {dims:?}", data.len()));
         }
+        Ok((dims, data))
+    }
+
+    /// fp32 values of a stored tensor.
+    pub fn f32s(&self, value: &str) -> Result<F32Tensor, String> {
+        let raw = |b: &[u8]| {
+            b.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        let (dims, data) = self.stored(value, FLOAT, raw, |t| t.float_data.clone())?;
         Ok(F32Tensor { dims, data })
     }
 
@@ -173,24 +188,10 @@ impl Graph {
     }
 
     fn i8s(&self, value: &str) -> Result<(Vec<usize>, Vec<i8>), String> {
-        let t = self.tensor(value)?;
-        if t.data_type != INT8 {
-            return Err(format!(
-                "{value} has ONNX type {}, expected int8",
-                t.data_type
-            ));
-        }
-        let dims = dims_of(t)?;
-        let n = count(&dims, value)?;
-        let data: Vec<i8> = if !t.raw_data.is_empty() {
-            t.raw_data.iter().map(|&b| b as i8).collect()
-        } else {
+        let raw = |b: &[u8]| b.iter().map(|&v| v as i8).collect();
+        self.stored(value, INT8, raw, |t| {
             t.int32_data.iter().map(|&v| v as i8).collect()
-        };
-        if data.len() != n {
-            return Err(format!("{value}: {} values for shape {dims:?}", data.len()));
-        }
-        Ok((dims, data))
+        })
     }
 
     /// The weight matrix `[inputs, outputs]` that `MatMul` node `name` multiplies by, int8 with

@@ -176,22 +176,6 @@ impl Bert {
         self.pos.len() / self.dim
     }
 
-    /// Bytes of weights held in memory.
-    pub fn bytes(&self) -> usize {
-        let l: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.up, &l.down]
-                    .iter()
-                    .map(|m| m.bytes())
-                    .sum::<usize>()
-                    + 16 * self.dim
-            })
-            .sum();
-        l + 4 * (self.pos.len() + self.type0.len() + 2 * self.dim)
-    }
-
     /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`, consumed).
     pub fn forward(&self, mut h: Vec<f32>) -> Result<Vec<f32>, String> {
         let d = self.dim;

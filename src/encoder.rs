@@ -393,14 +393,6 @@ impl Encoder {
         self.dim
     }
 
-    /// Bytes of encoder weights held in process memory by the int8 runtime (`None` for tract).
-    pub fn native_bytes(&self) -> Option<usize> {
-        match &self.model {
-            Model::Native(b) => Some(b.bytes()),
-            Model::Tract(_) => None,
-        }
-    }
-
     /// In-memory precision of the matmul weights.
     pub fn weights(&self) -> WeightPrecision {
         self.weights

@@ -94,29 +94,16 @@ impl Linear {
         self.outputs
     }
 
-    /// Bytes of weights, scales and biases held in memory.
-    pub fn bytes(&self) -> usize {
-        let w = match &self.weights {
-            Weights::I8 { q, scale } => q.len() + 4 * scale.len(),
-            Weights::F32(w) => 4 * w.len(),
-        };
-        w + 4 * self.bias.as_ref().map_or(0, Vec::len)
-    }
-
     /// `out[r] = x[r]·W + b` for the `x.len() / inputs` rows of `x`; `out` is resized.
     pub fn forward(&self, x: &[f32], out: &mut Vec<f32>) {
         let rows = x.len() / self.inputs;
         out.clear();
         out.resize(rows * self.outputs, 0.0);
         let x = &x[..rows * self.inputs];
-        match &self.weights {
+        let scale = match &self.weights {
             Weights::I8 { q, scale } => {
                 int8::forward(x, rows, self.inputs, self.outputs, q, out);
-                for row in out.chunks_exact_mut(self.outputs) {
-                    for (j, y) in row.iter_mut().enumerate() {
-                        *y *= scale[j];
-                    }
-                }
+                Some(scale)
             }
             Weights::F32(w) => {
                 for (xr, yr) in x
@@ -130,12 +117,19 @@ impl Linear {
                         }
                     }
                 }
+                None
             }
-        }
-        if let Some(b) = &self.bias {
+        };
+        // One pass over the outputs: `acc · scale` (int8), then `+ bias`.
+        if scale.is_some() || self.bias.is_some() {
             for row in out.chunks_exact_mut(self.outputs) {
-                for (y, &bv) in row.iter_mut().zip(b) {
-                    *y += bv;
+                for (j, y) in row.iter_mut().enumerate() {
+                    if let Some(s) = scale {
+                        *y *= s[j];
+                    }
+                    if let Some(b) = &self.bias {
+                        *y += b[j];
+                    }
                 }
             }
         }

@@ -37,11 +37,16 @@ def base_model_dir() -> str:
 class Lora:
     """A PEFT-wrapped MiniLM whose LoRA weights can be set from / read into flat vectors."""
 
-    def __init__(self, rank: int, alpha: int, targets=("query", "value"), max_tokens: int = 128):
+    def __init__(self, rank: int, alpha: int, targets=("query", "value"), max_tokens: int = 128,
+                 train_a: bool = False):
+        """`train_a=False` is LoRA-FA (A frozen at the shared seed, the flat vector is B only);
+        `train_a=True` is standard LoRA from the same shared initialisation (A and B trained; the
+        flat vector is every module's B, then every module's A). Only the ablation uses the latter."""
         torch.set_num_threads(int(os.environ.get("SGLORA_THREADS", "2")))
         self.tok = AutoTokenizer.from_pretrained(base_model_dir())
         base = AutoModel.from_pretrained(base_model_dir(), attn_implementation="eager")
         self.rank, self.alpha, self.targets, self.max_tokens = rank, alpha, list(targets), max_tokens
+        self.train_a = train_a
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
         torch.manual_seed(SHARED_A_SEED)
         self.model = get_peft_model(base, cfg)
@@ -55,24 +60,35 @@ class Lora:
         self.shared_A = [a.weight.detach().clone() for _, a, _ in self.modules]
         self.b_shapes = [tuple(b.weight.shape) for _, _, b in self.modules]
         self.dim = sum(int(np.prod(s)) for s in self.b_shapes)
+        if train_a:
+            self.dim += sum(int(a.numel()) for a in self.shared_A)
+
+    def _trained(self) -> list:
+        """The trained weights in flat-vector order (B of every module, then A when trained)."""
+        return [b.weight for _, _, b in self.modules] + ([a.weight for _, a, _ in self.modules] if self.train_a else [])
 
     # ---- flat vector <-> weights -------------------------------------------------------------
     def get_flat(self) -> np.ndarray:
-        return torch.cat([b.weight.detach().reshape(-1) for _, _, b in self.modules]).numpy().copy()
+        return torch.cat([w.detach().reshape(-1) for w in self._trained()]).numpy().copy()
 
     def set_flat(self, vec) -> None:
         v = torch.as_tensor(np.asarray(vec, dtype=np.float32))
         assert v.numel() == self.dim, (v.numel(), self.dim)
         i = 0
         with torch.no_grad():
-            for (_, a, b), a0 in zip(self.modules, self.shared_A):
-                n = b.weight.numel()
-                b.weight.copy_(v[i:i + n].reshape(b.weight.shape))
+            for (_, a, _), a0 in zip(self.modules, self.shared_A):
                 a.weight.copy_(a0)
+            for w in self._trained():
+                n = w.numel()
+                w.copy_(v[i:i + n].reshape(w.shape))
                 i += n
 
     def zero(self) -> None:
-        self.set_flat(np.zeros(self.dim, dtype=np.float32))
+        """The base model (B = 0); A back at the shared initialisation."""
+        z = np.zeros(self.dim, dtype=np.float32)
+        if self.train_a:
+            z[self.dim - sum(int(a.numel()) for a in self.shared_A):] = torch.cat([a.reshape(-1) for a in self.shared_A]).numpy()
+        self.set_flat(z)
 
     def layout(self) -> list[dict]:
         """Tensor names (as PEFT saves them), shapes and offsets of B in the flat vector."""
@@ -152,7 +168,7 @@ class Lora:
               progress=None):
         """InfoNCE on (query, target) pairs; returns the flat B vectors after the last `snapshots` epochs."""
         self.zero()
-        params = [b.weight for _, _, b in self.modules]
+        params = self._trained()
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def retrieve(query_emb: np.ndarray, expert_embs: np.ndarray, k: int, tau: float, exclude: int | None = None):
-    """Indices of the top-k experts by cosine similarity, their similarities and softmax(sim/tau)."""
+def retrieve(query_emb: np.ndarray, expert_embs: np.ndarray, k: int, tau: float, exclude=None):
+    """Indices of the top-k experts by cosine similarity, their similarities and softmax(sim/tau).
+    `exclude`: an expert index or a list of them that may not be retrieved (pipeline only)."""
     sims = expert_embs @ query_emb
     sims = sims.astype(np.float64)
     if exclude is not None:

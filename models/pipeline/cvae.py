@@ -47,6 +47,13 @@ class CVAE(nn.Module):
         h = self.prior(c)
         return h[:, : self.zdim], h[:, self.zdim:].clamp(-8, 4)
 
+    def scale_correction(self, beta: float) -> None:
+        """Multiply the decoder's correction (the U-coefficients) by `beta`, in its weights: the
+        exported graph is unchanged, the adapter becomes gain·mu* + beta·(learned correction)."""
+        with torch.no_grad():
+            self.dec[-1].weight[:-1] *= beta
+            self.dec[-1].bias[:-1] *= beta
+
     def decode(self, z, c, mu_s, std_s):
         h = self.dec(torch.cat([z, c], dim=1))
         coef, g = h[:, :-1], h[:, -1:]
@@ -101,12 +108,13 @@ def pca_basis(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def train_cvae(samples, mu_star, std_star, basis_c, basis_u, epochs, lam, lr, seed, val_mask, zdim=8, hidden=128, log=print, gain=1.0,
-               score=None, every=25):
+               score=None, every=25, states=None):
     """samples/mu_star/std_star: [n, D] normalised; val_mask: bool [n] held-out rows (whole experts).
 
     Every `every` epochs (and before training, as epoch -1) the model is checked: by `score(model)`
     (higher is better) when given, else by the held-out rows' reconstruction error. The best
-    checkpoint is returned with its epoch."""
+    checkpoint is returned with its epoch. `states` (a dict), when given, receives a copy of the
+    weights at every check, keyed by epoch."""
     torch.manual_seed(seed)
     X = torch.tensor(samples, dtype=torch.float32)
     M = torch.tensor(mu_star, dtype=torch.float32)
@@ -127,6 +135,8 @@ def train_cvae(samples, mu_star, std_star, basis_c, basis_u, epochs, lam, lr, se
                 c = model.cond(M[va], S[va])
                 zm, _ = model.prior_params(c)
                 vrec = ((model.decode(zm, c, M[va], S[va]) - X[va]) ** 2).mean().item()
+        if states is not None:
+            states[ep] = {k: v.clone() for k, v in model.state_dict().items()}
         sc = score(model) if score is not None else -vrec
         extra = tuple(sc[1:]) if isinstance(sc, tuple) else ()
         sc = sc[0] if isinstance(sc, tuple) else sc

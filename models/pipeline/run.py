@@ -31,6 +31,7 @@ FULL = dict(
     exclude_relations=["example", "group", "similar", "definition"],  # tasks.FLAT_RELATIONS
     rank=8, alpha=16, epochs=10, snapshots=4, lr=4e-3, batch=32, temp=0.05,
     transfer_per_task=6, multitask_epochs=2, cvae_epochs=600, cvae_lam=1.0, cvae_lr=3e-3, cvae_folds=5, cvae_check_every=50,
+    cvae_correction_scales=(0.1, 0.25, 0.5, 1.0),
     basis_c=16, basis_u=16, zdim=8, sample_seeds=5, tune_steps=600, tune_eval_every=40, tune_lr=1e-3,
     tune_u_lr_scale=0.05,
 )
@@ -408,7 +409,7 @@ class Pipeline:
         # shipped with the validated gain on the mu* term.
         folds = c["cvae_folds"]
         perm = np.random.default_rng(3).permutation(len(mu))
-        curves, hists = {}, []
+        curves, hists, fold_states = {}, [], []
         for f in range(folds):
             held = sorted(perm[f::folds].tolist())
             val = np.isin(owner, held)
@@ -416,7 +417,8 @@ class Pipeline:
             bc = pca_basis((mu[keep] - nm) / ns, c["basis_c"])  # bases from the training folds only
             bu = pca_basis(((X - M) / np.maximum(S, 1e-6))[~val], c["basis_u"])
             _, hist, _ = train_cvae(X, M, S, bc, bu, c["cvae_epochs"], c["cvae_lam"], c["cvae_lr"], 0, val, c["zdim"],
-                                    gain=1.0, score=functional(held), every=c["cvae_check_every"])
+                                    gain=1.0, score=functional(held), every=c["cvae_check_every"], states=(st := {}))
+            fold_states.append((held, bc, bu, st))
             for h in hist:
                 cur = curves.setdefault(h["epoch"], [0.0, 0.0])
                 cur[0] += h["val_score"] / len(mu)
@@ -430,12 +432,34 @@ class Pipeline:
         base_val = curves[-1]
         log(f"cvae: k-fold val MRR gain {curves[best_ep][0]:+.4f} (R@1 {curves[best_ep][1]:+.4f}) at epoch {best_ep}; "
             f"untrained = base {base_val[0]:+.4f} (R@1 {base_val[1]:+.4f})")
-        # refit on all experts for the chosen number of epochs (none: the base itself)
+        # The correction's scale beta (shrinkage of the learned part towards the prior mean) is
+        # chosen the same way: each fold's CVAE at the chosen epoch, its correction scaled by beta,
+        # scored on that fold's held-out experts. (Suite v3: the best trained epoch scored below the
+        # untrained base, so the learned part is shrunk rather than trusted whole.)
+        from .cvae import CVAE
+        betas = {}
+        for held, bc, bu, st in fold_states:
+            for beta in c["cvae_correction_scales"]:
+                m = CVAE(X.shape[1], bc, bu, zdim=c["zdim"], gain=1.0)
+                m.load_state_dict(st[best_ep])
+                m.scale_correction(beta)
+                m.eval()
+                r = functional(held)(m)
+                b = betas.setdefault(beta, [0.0, 0.0])
+                b[0] += r[0] / len(mu)
+                b[1] += r[1] / len(mu)
+        best_beta = max(betas, key=lambda b: (betas[b][0], b))
+        log("cvae: correction scale " + ", ".join(f"{b}: MRR {v[0]:+.4f} R@1 {v[1]:+.4f}" for b, v in betas.items()) + f" -> {best_beta}")
+        del fold_states
+        # refit on all experts for the chosen number of epochs, then scale the correction
         model, _, _ = train_cvae(X, M, S, basis_c, basis_u, best_ep + 1, c["cvae_lam"], c["cvae_lr"], 0, np.zeros(len(X), bool), c["zdim"], gain=1.0)
+        model.scale_correction(best_beta)
         model.gain.fill_(gain)
         torch.save(model.state_dict(), path)
         jdump(self.p("cvae.json"), {"selection": f"{folds}-fold over experts: summed held-out validation MRR gain (z = prior mean)",
-                                    "best_epoch": best_ep, "kfold_val_gain": {str(e): v for e, v in sorted(curves.items())},
+                                    "best_epoch": best_ep, "correction_scale": best_beta,
+                                    "kfold_val_gain_by_correction_scale": {str(b): v for b, v in betas.items()},
+                                    "kfold_val_gain": {str(e): v for e, v in sorted(curves.items())},
                                     "folds": hists, "basis_c": c["basis_c"], "basis_u": c["basis_u"], "zdim": c["zdim"],
                                     "norm_scale": float(ns[0]), "gain": gain})
 

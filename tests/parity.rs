@@ -154,8 +154,14 @@ fn cvae_matches_reference() {
                         .fold(0f64, |m, v| m.max(f64::from(v.abs())))),
             "case {i}: cond {dc}"
         );
-        assert!(dz <= 1e-4, "case {i}: prior net {dz}");
-        assert!(dzs <= 1e-3, "case {i}: sampled z {dzs}");
+        // Relative to the size of what is compared, as for `cond`: with the uncentred
+        // normalisation (suite v3) a small bundle's z can be ~50, where fp32 rounding alone is ~1e-5.
+        let zmax = ["z_mean", "z_logvar", "z"]
+            .iter()
+            .flat_map(|k| t(k))
+            .fold(0f64, |m, v| m.max(f64::from(v.abs())));
+        assert!(dz <= 1e-4 * (1.0 + zmax), "case {i}: prior net {dz}");
+        assert!(dzs <= 1e-3 * (1.0 + zmax), "case {i}: sampled z {dzs}");
         assert!(dx <= 1e-4, "case {i}: decoder {dx}");
     }
 }

@@ -58,8 +58,7 @@ def main() -> None:
     rows = {}
     for kind, lora, folder in (("LoRA-FA (shared frozen A)", pipe.lora, "experts"),
                                ("standard LoRA (shared init seed)", std, "ablate_fa")):
-        snaps = [np.load(os.path.join(pipe.p(folder), safe(t.name) + ".npz"))["snaps"] for t in experts]
-        infos = [json.loads(str(np.load(os.path.join(pipe.p(folder), safe(t.name) + ".npz"))["info"])) for t in experts]
+        snaps, infos = zip(*(pipe.load_trained(folder, t.name) for t in experts))
         mu = np.stack([s.mean(0) for s in snaps])
         var = np.stack([s.var(0) for s in snaps])
         own_test = [inf["test"]["r1"] - zs[t.name]["test"]["r1"] for inf, t in zip(infos, experts)]

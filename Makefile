@@ -23,13 +23,14 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-tiny-parity lint fmt venv models models-tiny deps-apt deps-cross clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
 	@echo "make test              lint + Rust tests + PEFT load check (what CI runs)"
 	@echo "make models            rebuild models/default with the full pipeline (hours, resumable)"
 	@echo "make models-tiny       the pipeline's --tiny smoke run (minutes)"
+	@echo "make ablations-tiny    the analyses of models/README.md (LoRA-FA, prior corrections, headroom) on the tiny run"
 	@echo "make venv              create the pinned Python virtualenv ($(VENV))"
 	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
 	@echo "make soak              32 clients x 60 s, 100 SIGKILL cycles (RELIABILITY.md numbers)"
@@ -91,6 +92,12 @@ models: venv deps-apt
 
 models-tiny: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny
+
+# The analyses of models/README.md on the tiny work folder (after models-tiny), so they cannot rot;
+# on a full run: python -m pipeline.<name> --work <that run's work folder>.
+ablations-tiny: venv
+	cd models && for m in ablate_fa ablate_correction headroom; do \
+	  OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.$$m --tiny --work work/tiny || exit 1; done
 
 # --- benchmarks, soak, fuzz (BENCHMARKS.md, RELIABILITY.md) --------------------------------
 BENCH_DIR := $(abspath $(TARGET_DIR))/bench

@@ -217,18 +217,16 @@ def _module_order(name: str):
     return (layer, parts[-1])
 
 
+def query_ranks(q_emb: torch.Tensor, g_emb: torch.Tensor, positives: list[set[int]]) -> np.ndarray:
+    """Each query's rank (1 = best) of its first correct gallery item."""
+    order = torch.argsort(q_emb @ g_emb.T, dim=1, descending=True).numpy()
+    return np.array([next(k for k, j in enumerate(order[i]) if j in pos) + 1 for i, pos in enumerate(positives)])
+
+
 def retrieval_metrics(q_emb: torch.Tensor, g_emb: torch.Tensor, positives: list[set[int]]) -> dict:
-    """R@1, R@5 and MRR (rank of the first correct gallery item) for each query."""
-    sims = q_emb @ g_emb.T
-    order = torch.argsort(sims, dim=1, descending=True).numpy()
-    r1 = r5 = mrr = 0.0
-    for i, pos in enumerate(positives):
-        rank = next(k for k, j in enumerate(order[i]) if j in pos) + 1
-        r1 += rank == 1
-        r5 += rank <= 5
-        mrr += 1.0 / rank
-    n = len(positives)
-    return {"r1": r1 / n, "r5": r5 / n, "mrr": mrr / n, "n": n}
+    """R@1, R@5 and MRR (rank of the first correct gallery item) over the queries."""
+    ranks = query_ranks(q_emb, g_emb, positives)
+    return {"r1": float(np.mean(ranks == 1)), "r5": float(np.mean(ranks <= 5)), "mrr": float(np.mean(1.0 / ranks)), "n": len(ranks)}
 
 
 def test_set(pairs):
@@ -244,14 +242,21 @@ def test_set(pairs):
 
 def evaluate(lora: Lora, pairs, vec=None) -> dict:
     """Metrics of the adapter given by flat vector `vec` (None = zero-shot) on test pairs."""
+    t = time.time()
+    m = retrieval_metrics(*_embedded(lora, pairs, vec))
+    m["secs"] = time.time() - t
+    return m
+
+
+def ranks(lora: Lora, pairs, vec=None) -> np.ndarray:
+    """Per-query ranks of the adapter given by flat vector `vec` (None = zero-shot) on test pairs."""
+    return query_ranks(*_embedded(lora, pairs, vec))
+
+
+def _embedded(lora: Lora, pairs, vec):
     if vec is None:
         lora.zero()
     else:
         lora.set_flat(vec)
     queries, gallery, pos = test_set(pairs)
-    t = time.time()
-    q = lora.embed_all(queries)
-    g = lora.embed_all(gallery)
-    m = retrieval_metrics(q, g, pos)
-    m["secs"] = time.time() - t
-    return m
+    return lora.embed_all(queries), lora.embed_all(gallery), pos

@@ -329,9 +329,10 @@ class Pipeline:
         itself and every expert sharing a source synset with it. An unseen task shares no source
         with any expert (suite rule), so its prior never comes from an expert that saw its items;
         plain leave-one-out let 1.6 experts per task (on average, suite v2) do exactly that."""
-        if not hasattr(self, "_srcs"):
-            self._srcs = [{p[2] for part in (t.train, t.val, t.test) for p in part} for t in self.suite["experts"]]
-        return [j for j, s in enumerate(self._srcs) if j == i or s & self._srcs[i]]
+        if not hasattr(self, "_held_out"):
+            srcs = [{p[2] for part in (t.train, t.val, t.test) for p in part} for t in self.suite["experts"]]
+            self._held_out = [[j for j, s in enumerate(srcs) if j == i or s & srcs[i]] for i in range(len(srcs))]
+        return list(self._held_out[i])
 
     def loo_priors(self, mu, var, demb, k, tau):
         """Each expert's semantic prior as if its task were unseen (see `held_out_for`)."""

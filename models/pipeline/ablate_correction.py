@@ -88,9 +88,10 @@ def main() -> None:
     score("TIES-style sign-elected merge", np.stack([ties(idx, w) for idx, _, w in ret]), "merge variant")
 
     folds = min(pipe.cfg["cvae_folds"], n)
+    perm = np.random.default_rng(3).permutation(n)  # the cvae stage's folds
     fold_of = np.zeros(n, int)
     for f in range(folds):
-        fold_of[np.random.default_rng(3).permutation(n)[f::folds]] = f  # the cvae stage's folds
+        fold_of[perm[f::folds]] = f
 
     def usable(h):
         return [j for j in range(n) if fold_of[j] != fold_of[h] and j not in excl[h]]

@@ -30,7 +30,7 @@ help:
 	@echo "make test              lint + Rust tests + PEFT load check (what CI runs)"
 	@echo "make models            rebuild models/default with the full pipeline (hours, resumable)"
 	@echo "make models-tiny       the pipeline's --tiny smoke run (minutes)"
-	@echo "make ablations-tiny    the analyses of models/README.md (LoRA-FA, prior corrections, headroom) on the tiny run"
+	@echo "make ablations-tiny    the ablations of models/README.md (LoRA-FA, prior corrections) on the tiny run"
 	@echo "make venv              create the pinned Python virtualenv ($(VENV))"
 	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
 	@echo "make soak              32 clients x 60 s, 100 SIGKILL cycles (RELIABILITY.md numbers)"
@@ -96,7 +96,7 @@ models-tiny: venv deps-apt
 # The analyses of models/README.md on the tiny work folder (after models-tiny), so they cannot rot;
 # on a full run: python -m pipeline.<name> --work <that run's work folder>.
 ablations-tiny: venv
-	cd models && for m in ablate_fa ablate_correction headroom; do \
+	cd models && for m in ablate_fa ablate_correction; do \
 	  OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.$$m --tiny --work work/tiny || exit 1; done
 
 # --- benchmarks, soak, fuzz (BENCHMARKS.md, RELIABILITY.md) --------------------------------

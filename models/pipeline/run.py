@@ -1,6 +1,8 @@
 """Resumable SG-LoRA pipeline: `python -m pipeline.run [--tiny] [--stage S]` (run from models/).
 
-Stages (each caches its results under the work folder and is skipped when they exist):
+Stages (each caches its results under the work folder and is skipped when they exist; the work
+folder's `stages.json` records which version of this code computed each stage, and a stage that
+reuses results of other code says so):
 suite -> zeroshot -> experts -> gate -> oracles -> multitask -> encoder -> prior -> cvae
 -> bundle -> eval -> fixtures (and the `tune` ablation with `--only tune`). Full mode writes models/default/ and tests/fixtures/; tiny mode writes its
 bundle under the work folder (and `--bundle-out` can place it elsewhere).
@@ -944,10 +946,47 @@ def main(argv=None):
     p = Pipeline(args)
     stages = [args.only] if args.only else STAGES[: STAGES.index(args.stage) + 1] if args.stage != "all" else STAGES
     t0 = time.time()
+    version = code_version()
+    records_path = p.p("stages.json")
+    records = jload(records_path) if os.path.exists(records_path) else {}
     for s in stages:
         ts = time.time()
+        outputs = (p.work, p.bundle, p.fixtures)
+        before = work_state(outputs)
         getattr(p, f"stage_{s}")()
+        if work_state(outputs) != before:  # the stage computed something: record the code that did
+            records[s] = {"code": version, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            jdump(records_path, records)
+        elif s in records and records[s]["code"] != version:
+            log(f"note: stage {s} reused results cached by other pipeline code ({records[s]['code']}, "
+                f"{records[s]['finished']}; now {version}). If the change concerns {s}, delete its cached "
+                "files (models/README.md, Stages) or use a fresh --work.")
         log(f"stage {s} done in {time.time() - ts:.1f}s (total {time.time() - t0:.0f}s)")
+
+
+def code_version() -> str:
+    """A hash of the pipeline's source files: which code computed a cached stage."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(HERE) if f.endswith(".py")):
+        with open(os.path.join(HERE, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
+
+
+def work_state(folders) -> dict:
+    """(size, mtime) of every file in the folders (the work folder, bundle and fixtures), one
+    level of subfolders deep: whether a stage wrote anything."""
+    state = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            for e in os.scandir(entry.path) if entry.is_dir() else [entry]:
+                if e.is_file() and e.name != "stages.json":
+                    st = e.stat()
+                    state[e.path] = (st.st_size, st.st_mtime_ns)
+    return state
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ selects by. Candidates:
   ridge regression from the description embedding to the residual. This is "condition the
   generator on the description" at its simplest; the CVAE's learned correction is its non-linear
   version;
+- an expert-count curve: the base with its experts drawn from random subsets of the repository
+  (25, 50, 75 %; 3 draws each), which says whether more experts would help;
 - ceilings: the expert's own adapter (what a perfect correction would reach) and the best single
   leave-out expert chosen *in hindsight* on the validation split (what perfect retrieval of one
   expert would reach; needs every leave-out pair, cached per expert under W/ablate_correction/).
@@ -125,6 +127,22 @@ def main() -> None:
                     vecs[h] = mus[h] + beta * ((dn[h] - c) @ wmat + resid[tr].mean(0))
             score(f"mu* + {beta} x ridge(description embedding -> residual), lambda {lam}", vecs, "description-driven correction")
 
+    # Would more experts help? The base again, with its experts drawn from random subsets of the
+    # repository (3 draws per size; every task is still scored, served by the subset minus the
+    # experts held out for it).
+    curve = []
+    for frac in (0.25, 0.5, 0.75):
+        for draw in range(3):
+            pool = set(np.random.default_rng(100 + draw).permutation(n)[: max(2, round(frac * n))].tolist())
+            vecs = []
+            for i in range(n):
+                idx, _, w = retrieve(demb[i], demb, pr["k"], pr["tau"], exclude=sorted(set(range(n)) - (pool - excl[i])))
+                vecs.append(mixture(mu, var, idx, w)[0])
+            res = score(f"mu* from a random {frac:.0%} of the experts (draw {draw + 1})", np.stack(vecs), "expert count")
+            curve.append({"fraction": frac, "n_experts": len(pool), "val_mrr_gain": float(res[:, 0].mean()),
+                          "val_r1_gain": float(res[:, 1].mean())})
+    curve.append({"fraction": 1.0, "n_experts": n, "val_mrr_gain": float(base[:, 0].mean()), "val_r1_gain": float(base[:, 1].mean())})
+
     score("ceiling: the expert's own adapter", mu, "ceiling")
     # every leave-out (expert, task) pair on validation, cached per task (resumable)
     best = np.zeros(n, int)
@@ -151,6 +169,7 @@ def main() -> None:
         log(f"test split, {name}: MRR {on_test[-1]['test_mrr_gain']:+.4f}, R@1 {on_test[-1]['test_r1_gain']:+.4f}")
 
     summary = {"n_experts": n, "k": pr["k"], "tau": pr["tau"], "folds": folds, "rows": rows, "test_split": on_test,
+               "expert_count_curve": curve,
                "hindsight_best_is_same_relation": int(sum(same_rel)),
                "base_beats_zs_mrr": int((base[:, 0] > 0).sum()),
                "note": "expert tasks only, leave-out priors, validation splits; gains over zero-shot, mean over experts"}
@@ -164,6 +183,13 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in on_test:
         print(f"| {r['candidate']} | {r['test_mrr_gain']:+.4f} | {r['test_r1_gain']:+.4f} | {r['beats_zs_r1']}/{n} |")
+    print()
+    print("| experts in the repository | val MRR gain (mean of draws) | val R@1 gain |")
+    print("|---|---|---|")
+    for frac in sorted({c["fraction"] for c in curve}):
+        cs = [c for c in curve if c["fraction"] == frac]
+        print(f"| {cs[0]['n_experts']} ({frac:.0%}) | {np.mean([c['val_mrr_gain'] for c in cs]):+.4f} | "
+              f"{np.mean([c['val_r1_gain'] for c in cs]):+.4f} |")
     log("ablation written to " + os.path.join(out, "summary.json"))
 
 

@@ -31,21 +31,16 @@ Writes `W/ablate_correction/summary.json` and prints a Markdown table for models
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 from tqdm import tqdm
 
-from .run import Pipeline, jdump, jload, log, safe
+from .run import analysis_pipeline, jdump, jload, log, safe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", required=True, help="work folder of a full run (after its `prior` stage)")
-    ap.add_argument("--tiny", action="store_true", help="the tiny recipe (smoke test on a --tiny work folder)")
-    args = ap.parse_args()
-    pipe = Pipeline(argparse.Namespace(tiny=args.tiny, work=args.work, bundle_out=None, fixtures_out=None))
+    pipe = analysis_pipeline(__doc__, after="prior")
     from .lora import evaluate
     from .prior import mixture, retrieve
 

@@ -225,7 +225,11 @@ def query_ranks(q_emb: torch.Tensor, g_emb: torch.Tensor, positives: list[set[in
 
 def retrieval_metrics(q_emb: torch.Tensor, g_emb: torch.Tensor, positives: list[set[int]]) -> dict:
     """R@1, R@5 and MRR (rank of the first correct gallery item) over the queries."""
-    ranks = query_ranks(q_emb, g_emb, positives)
+    return rank_metrics(query_ranks(q_emb, g_emb, positives))
+
+
+def rank_metrics(ranks: np.ndarray) -> dict:
+    """R@1, R@5 and MRR of per-query ranks."""
     return {"r1": float(np.mean(ranks == 1)), "r5": float(np.mean(ranks <= 5)), "mrr": float(np.mean(1.0 / ranks)), "n": len(ranks)}
 
 

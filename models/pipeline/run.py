@@ -701,6 +701,9 @@ class Pipeline:
             g = float(pr.get("gain", 1.0))
             vecs = {"soup": soup, "top1": mu[top1], "topk_merge": mstar, "topk_merge_gain": g * mstar, "multitask": mt,
                     "sglora_mean": gen_mean, "oracle": oracle}
+            # the adapters tested against noise are embedded once: their ranks give both
+            if "paired" not in res:
+                res["paired"] = self.paired_gains(t, {m: vecs[m] for m in PAIRED_METHODS}, res)
             for name, v in vecs.items():
                 if name not in res:
                     res[name] = evaluate(self.lora, t.test, v)
@@ -709,23 +712,25 @@ class Pipeline:
                         for s in range(1, c["sample_seeds"] + 1)]
                 res["sglora_seeds"] = {m: float(np.mean([r[m] for r in runs])) for m in ("r1", "r5", "mrr")}
             res["zero_shot"] = zs[t.name]["test"]
-            if "paired" not in res:
-                res["paired"] = self.paired_gains(t, {m: vecs[m] for m in PAIRED_METHODS})
             res["retrieved"] = [{"expert": experts[i].name, "weight": float(a), "sim": float(demb[i] @ q)} for i, a in zip(idx, w)]
             cache[t.name] = res
             jdump(path, cache)
         self.write_eval(cache)
 
-    def paired_gains(self, task, vecs):
+    def paired_gains(self, task, vecs, metrics):
         """Each adapter's R@1 and MRR gain over zero-shot on the task's test queries, with a 95 %
         bootstrap interval over the queries (paired: one resample serves both adapters). A gain is
-        *significant* when its interval excludes 0."""
-        from .lora import ranks
+        *significant* when its interval excludes 0. Adapters missing from `metrics` get their
+        metrics there too, from the same ranks."""
+        from .lora import rank_metrics, ranks
         from .stats import named_rng, paired_interval
         r0 = ranks(self.lora, task.test, None)
         out = {}
         for name, v in vecs.items():
+            ts = time.time()
             r = ranks(self.lora, task.test, v)
+            if name not in metrics:
+                metrics[name] = dict(rank_metrics(r), secs=time.time() - ts)
             out[name] = {}
             for metric, f in (("r1", lambda x: (x == 1).astype(float)), ("mrr", lambda x: 1.0 / x)):
                 gain, lo, hi = paired_interval(f(r), f(r0), named_rng(f"{task.name}/{name}/{metric}"))
@@ -899,6 +904,16 @@ PAIRED_METHODS = ("topk_merge", "sglora_mean", "oracle")
 STAGES = ["suite", "zeroshot", "experts", "gate", "oracles", "multitask", "encoder", "prior", "cvae", "bundle", "eval", "fixtures"]
 # `tune` (functional fine-tuning of the CVAE) is an ablation, run with `--only tune`; it never
 # helped on held-out experts beyond noise, and its output is not shipped (models/README.md).
+
+
+def analysis_pipeline(doc: str, after: str) -> Pipeline:
+    """The command line of an analysis module (`python -m pipeline.<name> --work W [--tiny]`): the
+    Pipeline of the run in W, which must have finished its `after` stage."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", required=True, help=f"work folder of a full run (after its `{after}` stage)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny recipe (smoke test on a --tiny work folder)")
+    args = ap.parse_args()
+    return Pipeline(argparse.Namespace(tiny=args.tiny, work=args.work, bundle_out=None, fixtures_out=None))
 
 
 def eval_adapter(argv):

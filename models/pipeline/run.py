@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -412,6 +413,12 @@ class Pipeline:
         # shipped with the validated gain on the mu* term.
         folds = c["cvae_folds"]
         perm = np.random.default_rng(3).permutation(len(mu))
+        # Each fold's checkpoints and history are kept on disk under W/cvae_folds/ until the stage
+        # ends, so an interrupted stage resumes at the first unfinished fold. A resumed fold repeats
+        # the same seeded computation, but not bit for bit: BLAS rounding depends on what ran before
+        # in the process (tiny run, fold 2's untrained reconstruction error: 2.08057 resumed vs
+        # 2.08064 uninterrupted), and 150+ epochs of training amplify it. An uninterrupted run is
+        # reproducible (checked: identical cvae.pt and cvae.json twice in a row).
         curves, hists, fold_states = {}, [], []
         for f in range(folds):
             held = sorted(perm[f::folds].tolist())
@@ -419,9 +426,18 @@ class Pipeline:
             keep = np.setdiff1d(np.arange(len(mu)), held)
             bc = pca_basis((mu[keep] - nm) / ns, c["basis_c"])  # bases from the training folds only
             bu = pca_basis(((X - M) / np.maximum(S, 1e-6))[~val], c["basis_u"])
-            _, hist, _ = train_cvae(X, M, S, bc, bu, c["cvae_epochs"], c["cvae_lam"], c["cvae_lr"], 0, val, c["zdim"],
-                                    gain=1.0, score=functional(held), every=c["cvae_check_every"], states=(st := {}))
-            fold_states.append((held, bc, bu, st))
+            fold_dir = self.p("cvae_folds", f"{f}-of-{folds}")
+            done = os.path.join(fold_dir, "history.json")
+            if os.path.exists(done):
+                hist = jload(done)
+                log(f"cvae fold {f + 1}/{folds}: cached")
+            else:
+                shutil.rmtree(fold_dir, ignore_errors=True)
+                os.makedirs(fold_dir)
+                _, hist, _ = train_cvae(X, M, S, bc, bu, c["cvae_epochs"], c["cvae_lam"], c["cvae_lr"], 0, val, c["zdim"],
+                                        gain=1.0, score=functional(held), every=c["cvae_check_every"], keep=fold_dir)
+                jdump(done, hist)
+            fold_states.append((held, bc, bu, fold_dir))
             for h in hist:
                 cur = curves.setdefault(h["epoch"], [0.0, 0.0])
                 cur[0] += h["val_score"] / len(mu)
@@ -441,10 +457,10 @@ class Pipeline:
         # untrained base, so the learned part is shrunk rather than trusted whole.)
         from .cvae import CVAE
         betas = {}
-        for held, bc, bu, st in fold_states:
+        for held, bc, bu, fold_dir in fold_states:
             for beta in c["cvae_correction_scales"]:
                 m = CVAE(X.shape[1], bc, bu, zdim=c["zdim"], gain=1.0)
-                m.load_state_dict(st[best_ep])
+                m.load_state_dict(torch.load(os.path.join(fold_dir, f"{best_ep}.pt")))
                 m.scale_correction(beta)
                 m.eval()
                 r = functional(held)(m)
@@ -453,7 +469,6 @@ class Pipeline:
                 b[1] += r[1] / len(mu)
         best_beta = max(betas, key=lambda b: (betas[b][0], b))
         log("cvae: correction scale " + ", ".join(f"{b}: MRR {v[0]:+.4f} R@1 {v[1]:+.4f}" for b, v in betas.items()) + f" -> {best_beta}")
-        del fold_states
         # refit on all experts for the chosen number of epochs, then scale the correction
         model, _, _ = train_cvae(X, M, S, basis_c, basis_u, best_ep + 1, c["cvae_lam"], c["cvae_lr"], 0, np.zeros(len(X), bool), c["zdim"], gain=1.0)
         model.scale_correction(best_beta)
@@ -465,6 +480,7 @@ class Pipeline:
                                     "kfold_val_gain": {str(e): v for e, v in sorted(curves.items())},
                                     "folds": hists, "basis_c": c["basis_c"], "basis_u": c["basis_u"], "zdim": c["zdim"],
                                     "norm_scale": float(ns[0]), "gain": gain})
+        shutil.rmtree(self.p("cvae_folds"), ignore_errors=True)  # ~300 MB on a full run; cvae.json keeps the curves
 
     def load_cvae(self, tuned: bool = False):
         """The CVAE as shipped (the `cvae` stage's), or with `tuned` the `tune` ablation's when it ran."""

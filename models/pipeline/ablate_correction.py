@@ -9,7 +9,8 @@ selects by. Candidates:
 
 - the base: the top-K mixture mean mu* (the pipeline's K and tau), and merge variants: other
   gains, a per-task gain that restores the mixture's lost norm (sqrt(sum a_k |mu_k|^2) / |mu*|, and
-  its square root), a TIES-style sign-elected merge;
+  its square root), a TIES-style sign-elected merge, a precision-weighted (Fisher-style) merge that
+  weights each expert's coordinates by 1 / its variance over snapshots;
 - corrections of mu* by the *residuals* r_j = mu_j - mu*_j of training experts (5 folds, as the
   `cvae` stage; an expert is never corrected by itself or an expert sharing its sources): the
   residuals of the experts with the most similar descriptions (a kernel), of the experts of the
@@ -83,6 +84,15 @@ def main() -> None:
         return (ww * m).sum(0) / np.maximum(ww.sum(0), 1e-12)
 
     score("TIES-style sign-elected merge", np.stack([ties(idx, w) for idx, _, w in ret]), "merge variant")
+    # Fisher-style: each expert's coordinates weighted by their precision over its snapshots
+    # (1 / (sigma^2_k + lambda * median sigma^2)), so an expert counts where it settled
+    floor = float(np.median(var))
+    for lam in (0.1, 1.0):
+        vecs = []
+        for idx, _, w in ret:
+            prec = w[:, None] / (var[idx].astype(np.float64) + lam * floor)
+            vecs.append((prec * mu[idx]).sum(0) / prec.sum(0))
+        score(f"precision-weighted merge (variance floor {lam} x median)", np.stack(vecs), "merge variant")
 
     folds = min(pipe.cfg["cvae_folds"], n)
     perm = np.random.default_rng(3).permutation(n)  # the cvae stage's folds

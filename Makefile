@@ -30,7 +30,7 @@ help:
 	@echo "make test              lint + Rust tests + PEFT load check (what CI runs)"
 	@echo "make models            rebuild models/default with the full pipeline (hours, resumable)"
 	@echo "make models-tiny       the pipeline's --tiny smoke run (minutes)"
-	@echo "make ablations-tiny    the ablations of models/README.md (LoRA-FA, prior corrections) on the tiny run"
+	@echo "make ablations-tiny    the ablations of models/README.md (LoRA-FA, prior corrections, recipe) on the tiny run"
 	@echo "make venv              create the pinned Python virtualenv ($(VENV))"
 	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
 	@echo "make soak              32 clients x 60 s, 100 SIGKILL cycles (RELIABILITY.md numbers)"
@@ -94,9 +94,10 @@ models-tiny: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny
 
 # The analyses of models/README.md on the tiny work folder (after models-tiny), so they cannot rot;
-# on a full run: python -m pipeline.<name> --work <that run's work folder>.
+# on a full run: python -m pipeline.<name> --work <that run's work folder>. (ablate_pooled needs two
+# experts of one relation, which the tiny suite does not have; it refuses with a message.)
 ablations-tiny: venv
-	cd models && for m in ablate_fa ablate_correction; do \
+	cd models && for m in ablate_fa ablate_correction "ablate_recipe --epochs 1 --snapshots 1"; do \
 	  OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.$$m --tiny --work work/tiny || exit 1; done
 
 # --- benchmarks, soak, fuzz (BENCHMARKS.md, RELIABILITY.md) --------------------------------

@@ -922,14 +922,19 @@ STAGES = ["suite", "zeroshot", "experts", "gate", "oracles", "multitask", "encod
 # helped on held-out experts beyond noise, and its output is not shipped (models/README.md).
 
 
-def analysis_pipeline(doc: str, after: str) -> Pipeline:
+def analysis_pipeline(doc: str, after: str, add_args=None) -> Pipeline:
     """The command line of an analysis module (`python -m pipeline.<name> --work W [--tiny]`): the
-    Pipeline of the run in W, which must have finished its `after` stage."""
+    Pipeline of the run in W, which must have finished its `after` stage. `add_args(parser)` adds
+    the module's own options; the parsed options are the pipeline's `cli` attribute."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--work", required=True, help=f"work folder of a full run (after its `{after}` stage)")
     ap.add_argument("--tiny", action="store_true", help="the tiny recipe (smoke test on a --tiny work folder)")
+    if add_args is not None:
+        add_args(ap)
     args = ap.parse_args()
-    return Pipeline(argparse.Namespace(tiny=args.tiny, work=args.work, bundle_out=None, fixtures_out=None))
+    pipe = Pipeline(argparse.Namespace(tiny=args.tiny, work=args.work, bundle_out=None, fixtures_out=None))
+    pipe.cli = args
+    return pipe
 
 
 def eval_adapter(argv):

@@ -47,12 +47,9 @@ def main() -> None:
 
     out = pipe.p("ablate_correction")
     os.makedirs(out, exist_ok=True)
-    experts = pipe.suite["experts"]
+    run = pipe.analysis_inputs()
+    experts, pr, demb, mu, var, zs = run.experts, run.prior, run.demb, run.mu, run.var, run.zs
     n = len(experts)
-    pr = jload(pipe.p("prior.json"))["best"]
-    demb = np.load(pipe.p("desc_emb.npy"))
-    _, mu, var = pipe.expert_arrays()
-    zs = jload(pipe.p("zeroshot.json"))
     zv = np.array([[zs[t.name]["val"]["mrr"], zs[t.name]["val"]["r1"]] for t in experts])
     excl = [set(pipe.held_out_for(i)) for i in range(n)]
     ret = [retrieve(demb[i], demb, pr["k"], pr["tau"], exclude=sorted(excl[i])) for i in range(n)]

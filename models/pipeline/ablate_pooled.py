@@ -29,22 +29,19 @@ import os
 
 import numpy as np
 
-from .run import analysis_pipeline, jdump, jload, log, safe
+from .run import analysis_pipeline, jdump, log, safe
 
 
 def main() -> None:
     pipe = analysis_pipeline(__doc__, after="prior")
     from .lora import evaluate
-    from .prior import mixture, retrieve
 
     out = pipe.p("ablate_pooled")
     os.makedirs(out, exist_ok=True)
-    experts = pipe.suite["experts"]
+    run = pipe.analysis_inputs()
+    experts, pr, demb, mu, var, zs = run.experts, run.prior, run.demb, run.mu, run.var, run.zs
     n = len(experts)
-    pr = jload(pipe.p("prior.json"))["best"]
-    demb = np.load(pipe.p("desc_emb.npy"))
-    _, mu, var = pipe.expert_arrays()
-    zs = jload(pipe.p("zeroshot.json"))
+    mus = pipe.loo_priors(mu, var, demb, pr["k"], pr["tau"])[0]
     excl = [set(pipe.held_out_for(i)) for i in range(n)]
 
     relations = sorted({t.relation for t in experts})
@@ -82,8 +79,7 @@ def main() -> None:
                            "scored": [experts[i].name for i in scored]})
         same_data = mu[trained].astype(np.float64).mean(0)
         for i in scored:
-            idx, _, w = retrieve(demb[i], demb, pr["k"], pr["tau"], exclude=sorted(excl[i]))
-            mstar = mixture(mu, var, idx, w)[0]
+            mstar = mus[i]
             cands = {
                 "mu* (the base)": mstar,
                 "joint LoRA of the relation's other half": joint,

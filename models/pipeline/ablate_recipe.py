@@ -26,7 +26,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .run import analysis_pipeline, jdump, jload, log, safe
+from .run import analysis_pipeline, jdump, log, safe
 
 
 def main() -> None:
@@ -39,17 +39,13 @@ def main() -> None:
     if not 1 <= extra.snapshots <= extra.epochs:
         raise SystemExit(f"--snapshots must be between 1 and --epochs ({extra.epochs}), got {extra.snapshots}")
     from .lora import evaluate
-    from .prior import mixture, retrieve
 
     shipped = (pipe.cfg["epochs"], pipe.cfg["snapshots"])
     out = pipe.p("ablate_recipe", f"e{extra.epochs}s{extra.snapshots}")
     os.makedirs(out, exist_ok=True)
-    experts = pipe.suite["experts"]
+    run = pipe.analysis_inputs()
+    experts, pr, demb, zs, mu_ship, var_ship = run.experts, run.prior, run.demb, run.zs, run.mu, run.var
     n = len(experts)
-    pr = jload(pipe.p("prior.json"))["best"]
-    demb = np.load(pipe.p("desc_emb.npy"))
-    zs = jload(pipe.p("zeroshot.json"))
-    _, mu_ship, var_ship = pipe.expert_arrays()
 
     pipe.cfg["epochs"], pipe.cfg["snapshots"] = extra.epochs, extra.snapshots
     mu_alt, var_alt = [], []
@@ -69,10 +65,9 @@ def main() -> None:
     for label, mu, var in ((f"shipped: {shipped[0]} epochs, {shipped[1]} snapshots", mu_ship, var_ship),
                            (f"{extra.epochs} epochs, {extra.snapshots} snapshots", mu_alt, var_alt)):
         gains = {"own": [], "mu*": []}
+        mus = pipe.loo_priors(mu, var, demb, pr["k"], pr["tau"])[0]
         for i, t in enumerate(experts):
-            idx, _, w = retrieve(demb[i], demb, pr["k"], pr["tau"], exclude=pipe.held_out_for(i))
-            mstar = mixture(mu, var, idx, w)[0]
-            for name, v in (("own", mu[i]), ("mu*", mstar)):
+            for name, v in (("own", mu[i]), ("mu*", mus[i])):
                 row = []
                 for split in ("val", "test"):
                     m = evaluate(pipe.lora, getattr(t, split), v)

@@ -337,6 +337,14 @@ class Pipeline:
             self._held_out = [[j for j, s in enumerate(srcs) if j == i or s & srcs[i]] for i in range(len(srcs))]
         return list(self._held_out[i])
 
+    def analysis_inputs(self) -> argparse.Namespace:
+        """What the analysis modules (`pipeline.ablate_*`) read from a run after its `prior` stage:
+        the expert tasks, the validated prior settings (`prior`: k, tau, gain), the description
+        embeddings, the experts' mu and var, and the zero-shot metrics by task name."""
+        _, mu, var = self.expert_arrays()
+        return argparse.Namespace(experts=self.suite["experts"], prior=jload(self.p("prior.json"))["best"],
+                                  demb=np.load(self.p("desc_emb.npy")), mu=mu, var=var, zs=jload(self.p("zeroshot.json")))
+
     def loo_priors(self, mu, var, demb, k, tau):
         """Each expert's semantic prior as if its task were unseen (see `held_out_for`)."""
         from .prior import mixture, retrieve

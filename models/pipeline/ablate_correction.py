@@ -2,7 +2,7 @@
 
 `python -m pipeline.ablate_correction --work W` (run from models/, after the `prior` stage of a full
 run in the same work folder). Expert tasks only: unseen tasks are never used. Every expert task
-stands in for an unseen task: it is served by its *leave-out* prior (`Pipeline.held_out_for`: not
+stands in for an unseen task: it is served by its *leave-out* prior (`Work.held_out_for`: not
 itself, no expert sharing a source synset), and every candidate adapter is scored by its
 validation MRR and R@1 gain over zero-shot, mean over experts -- the score the `cvae` stage
 selects by. Candidates:
@@ -37,11 +37,11 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .run import analysis_pipeline, jdump, jload, log, safe
+from .work import analysis_work, jdump, jload, log, safe
 
 
 def main() -> None:
-    pipe = analysis_pipeline(__doc__, after="prior")
+    pipe = analysis_work(__doc__, after="prior")
     from .lora import evaluate
     from .prior import mixture, retrieve
 

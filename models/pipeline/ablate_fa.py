@@ -23,11 +23,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .run import analysis_pipeline, jdump, jload, log, safe
+from .work import analysis_work, jdump, jload, log, safe
 
 
 def main() -> None:
-    pipe = analysis_pipeline(__doc__, after="prior")
+    pipe = analysis_work(__doc__, after="prior")
     c = pipe.cfg
     from .lora import Lora, evaluate
     from .prior import mixture, retrieve

@@ -29,11 +29,11 @@ import os
 
 import numpy as np
 
-from .run import analysis_pipeline, jdump, log, safe
+from .work import analysis_work, jdump, log, safe
 
 
 def main() -> None:
-    pipe = analysis_pipeline(__doc__, after="prior")
+    pipe = analysis_work(__doc__, after="prior")
     from .lora import evaluate
 
     out = pipe.p("ablate_pooled")
@@ -70,7 +70,7 @@ def main() -> None:
         if not os.path.exists(path):
             pairs = [p for j in trained for p in experts[j].train]
             log(f"joint LoRA for {r} (half {h}): {len(trained)} tasks, {len(pairs)} pairs")
-            snaps, losses = pipe._train(pairs, seed=7000 + 10 * relations.index(r) + h, desc=f"joint {r}/{h}")
+            snaps, losses = pipe.train(pairs, seed=7000 + 10 * relations.index(r) + h, desc=f"joint {r}/{h}")
             tmp = path + ".tmp.npz"
             np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps({"losses": losses, "trained": [experts[j].name for j in trained]}))
             os.replace(tmp, path)

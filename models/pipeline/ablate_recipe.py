@@ -11,7 +11,7 @@ data; cached under W/ablate_recipe/e<E>s<S>/) and scored on its validation and t
 the shipped recipe's experts:
 
 - the task's own adapter (what the oracle recipe reaches on it),
-- its leave-out prior mean mu* (the pipeline's K and tau, `Pipeline.held_out_for`), built from the
+- its leave-out prior mean mu* (the pipeline's K and tau, `Work.held_out_for`), built from the
   experts of the same recipe,
 - the share of the own adapter's gain that mu* recovers (the expert-side version of "gap closed").
 
@@ -26,7 +26,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .run import analysis_pipeline, jdump, log, safe
+from .work import analysis_work, jdump, log, safe
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
         ap.add_argument("--epochs", type=int, default=4, help="epochs of the shorter recipe (shipped: 10)")
         ap.add_argument("--snapshots", type=int, default=2, help="last epochs averaged into mu_k (shipped: 4)")
 
-    pipe = analysis_pipeline(__doc__, after="prior", add_args=options)
+    pipe = analysis_work(__doc__, after="prior", add_args=options)
     extra = pipe.cli
     if not 1 <= extra.snapshots <= extra.epochs:
         raise SystemExit(f"--snapshots must be between 1 and --epochs ({extra.epochs}), got {extra.snapshots}")
@@ -52,7 +52,7 @@ def main() -> None:
     for i, t in enumerate(tqdm(experts, desc=f"experts, {extra.epochs} epochs")):
         path = os.path.join(out, safe(t.name) + ".npz")
         if not os.path.exists(path):
-            snaps, losses = pipe._train(t.train, seed=1000 + i, desc=t.name)  # the experts stage's seed
+            snaps, losses = pipe.train(t.train, seed=1000 + i, desc=t.name)  # the experts stage's seed
             np.savez(path + ".tmp.npz", snaps=snaps.astype(np.float32), info=json.dumps({"losses": losses}))
             os.replace(path + ".tmp.npz", path)
         s = np.load(path)["snaps"]

@@ -115,8 +115,7 @@ def main(argv=None):
 
     from . import lora as lora_mod
     from .export import OnnxEmbedder
-    from .prior import mixture, retrieve
-    from .rng import Rng
+    from .prior import denormalise, mixture, noise, normalise, normalise_spread, retrieve
 
     torch.set_num_threads(1)
     with open(os.path.join(REPO, "benches/descriptions.json")) as f:
@@ -204,14 +203,11 @@ def main(argv=None):
                 idx, sims, w = retrieve(q, demb, k, tau)
                 t3 = time.perf_counter()
                 m, v = mixture(mu, var, idx, w)
-                M = torch.tensor(((m - nm) / ns)[None], dtype=torch.float32)
-                S = torch.tensor((np.sqrt(v) / ns)[None], dtype=torch.float32)
+                M = torch.from_numpy(normalise(m, nm, ns)[None])
+                S = torch.from_numpy(normalise_spread(v, ns)[None])
                 t4 = time.perf_counter()
-                cnd = model.cond(M, S)
-                zm, zlv = model.prior_params(cnd)
-                eps = torch.tensor([Rng(0).normals(model.zdim)], dtype=torch.float32)
-                x = model.decode(zm + torch.exp(0.5 * zlv) * eps, cnd, M, S)[0].numpy()
-                flat = (x * ns + nm).astype(np.float32)
+                x = model.generate(M, S, torch.from_numpy(noise(0, model.zdim)))[0].numpy()
+                flat = denormalise(x, nm, ns).astype(np.float32)
                 t5 = time.perf_counter()
                 write_adapter(flat, os.path.join(tmp, f"a{n}"), {"description": desc, "experts": [int(i) for i in idx],
                                                                   "weights": [float(x) for x in w], "seed": 0})

@@ -65,6 +65,15 @@ class CVAE(nn.Module):
         # output towards zero (first full run: SG-LoRA below zero-shot).
         return self.gain * (1.0 + 0.5 * torch.tanh(g)) * mu_s + std_s * (coef @ self.U.T)
 
+    def generate(self, mu_s, std_s, eps=None):
+        """A normalised adapter for a normalised prior (mu*, sigma*), as the device computes it
+        (`PriorNet`, then `DecoderNet`): z is the prior mean, or with `eps` the sample
+        z_mean + exp(z_logvar / 2) * eps."""
+        c = self.cond(mu_s, std_s)
+        zm, zlv = self.prior_params(c)
+        z = zm if eps is None else zm + torch.exp(0.5 * zlv) * eps
+        return self.decode(z, c, mu_s, std_s)
+
     def forward(self, x, mu_s, std_s):
         c = self.cond(mu_s, std_s)
         pm, plv = self.prior_params(c)

@@ -165,43 +165,67 @@ class Lora:
 
     # ---- training ----------------------------------------------------------------------------
     def train(self, pairs, epochs: int, lr: float, batch: int, temp: float, snapshots: int, seed: int,
-              progress=None):
-        """InfoNCE on (query, target) pairs; returns the flat B vectors after the last `snapshots` epochs."""
+              progress=None, batches=None):
+        """InfoNCE on (query, target) pairs; returns the flat vectors after the last `snapshots`
+        epochs ([snapshots, dim] float32) and each epoch's mean loss. Each epoch shuffles the pairs
+        (seeded) into batches; the learning rate warms up over the first 10 % of the steps.
+
+        With `batches` (a pre-arranged list of pair batches, and `pairs` None) it is instead one
+        pass over those batches in their order, with no warm-up and each batch's positives taken
+        from the batch itself (the `multitask` stage: every batch from one task, so in-batch
+        negatives are of the same kind); `epochs`, `batch`, `snapshots` and `seed` are then unused,
+        the one snapshot is the final adapter and the loss is the mean over batches."""
         self.zero()
         params = self._trained()
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        rng = random.Random(seed)
-        pos = {}
-        for q, t, _ in pairs:
-            pos.setdefault(q, set()).add(t)
-        steps_per_epoch = math.ceil(len(pairs) / batch)
-        total = steps_per_epoch * epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)))
+
+        def step(bp, pos):
+            loss = self.info_nce(bp, pos, temp)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress.update(1)
+            return loss.item()
+
         snaps, losses = [], []
         self.model.train()
-        for ep in range(epochs):
-            order = list(range(len(pairs)))
-            rng.shuffle(order)
-            ep_loss = 0.0
-            for s in range(0, len(order), batch):
-                bp = [pairs[i] for i in order[s:s + batch]]
-                loss = self.info_nce(bp, pos, temp)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                ep_loss += loss.item() * len(bp)
-                if progress is not None:
-                    progress.update(1)
-            losses.append(ep_loss / len(pairs))
-            if ep >= epochs - snapshots:
-                snaps.append(self.get_flat())
+        if batches is not None:
+            for bp in batches:
+                losses.append(step(bp, positives(bp)))
+            snaps.append(self.get_flat())
+            losses = [float(np.mean(losses))]
+        else:
+            rng = random.Random(seed)
+            pos = positives(pairs)
+            steps_per_epoch = math.ceil(len(pairs) / batch)
+            total = steps_per_epoch * epochs
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)))
+            for ep in range(epochs):
+                order = list(range(len(pairs)))
+                rng.shuffle(order)
+                ep_loss = 0.0
+                for s in range(0, len(order), batch):
+                    bp = [pairs[i] for i in order[s:s + batch]]
+                    ep_loss += step(bp, pos) * len(bp)
+                    sched.step()
+                losses.append(ep_loss / len(pairs))
+                if ep >= epochs - snapshots:
+                    snaps.append(self.get_flat())
         for p in params:
             p.requires_grad_(False)
         self.model.eval()
         return np.stack(snaps), losses
+
+
+def positives(pairs) -> dict[str, set[str]]:
+    """query -> all its targets among the (query, target, _) pairs."""
+    pos = {}
+    for q, t, _ in pairs:
+        pos.setdefault(q, set()).add(t)
+    return pos
 
 
 def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,16 @@
-"""Semantic prior: top-K retrieval by description similarity and the moment-matched mixture.
+"""The method's reference maths: the semantic prior and the generator's normalised space.
 
-This is the reference implementation the Rust `prior` module must match (parity fixtures).
+Top-K retrieval by description similarity, the moment-matched mixture (mu*, sigma*^2), the
+parameter normalisation the CVAE works in, and the generator's noise. This is the reference the
+Rust side must match (parity fixtures, BUNDLE.md); the evaluation, the fixtures, the benchmark
+and the `cvae` and `tune` stages all go through these functions.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .rng import Rng
 
 
 def retrieve(query_emb: np.ndarray, expert_embs: np.ndarray, k: int, tau: float, exclude=None):
@@ -35,3 +40,56 @@ def mixture(mu: np.ndarray, var: np.ndarray, idx, w) -> tuple[np.ndarray, np.nda
         d = mu[i].astype(np.float64) - m
         v += a * (var[i].astype(np.float64) + d * d)
     return m, v
+
+
+def semantic_prior(query_emb, expert_embs, mu, var, k: int, tau: float, exclude=None):
+    """`retrieve` then `mixture`: (idx, sims, weights, mu*, var*) for one description embedding."""
+    idx, sims, w = retrieve(query_emb, expert_embs, k, tau, exclude=exclude)
+    m, v = mixture(mu, var, idx, w)
+    return idx, sims, w, m, v
+
+
+def norm_stats(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Parameter normalisation (norm_mean, norm_std) from the experts' mu: one scale and *no
+    centring*. The decoder's base is gain x (normalised mu*); uncentred, that is exactly the
+    validated merge gain x mu* of the `prior` stage. (Centred on the experts' mean, as until suite
+    v2, the base was mean + gain (mu* - mean): not what was validated.)"""
+    mean = np.zeros(mu.shape[1], dtype=np.float32)
+    # one scale: per-coordinate stats of 48 samples are noise
+    std = np.full_like(mean, max(float(np.sqrt((mu.astype(np.float64) ** 2).mean())), 1e-8))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def normalise(x, nm, ns) -> np.ndarray:
+    """Parameter vector(s) into the CVAE's space: (x - norm_mean) / norm_std, float32."""
+    return ((x - nm) / ns).astype(np.float32)
+
+
+def normalise_spread(var, ns) -> np.ndarray:
+    """The prior's spread into the CVAE's space: sqrt(var) / norm_std, float32."""
+    return (np.sqrt(var) / ns).astype(np.float32)
+
+
+def denormalise(x, nm, ns):
+    """A normalised vector (numpy or torch) back to LoRA parameters: x * norm_std + norm_mean."""
+    return x * ns + nm
+
+
+def noise(seed: int, zdim: int) -> np.ndarray:
+    """The generator's eps for a seed ([1, zdim] float32): the portable normals of `rng.Rng`."""
+    return np.array([Rng(seed).normals(zdim)], dtype=np.float32)
+
+
+def generate(model, query_emb, expert_embs, mu, var, k: int, tau: float, nm, ns, seed=None):
+    """Description embedding -> flat adapter with the PyTorch CVAE (`cvae.CVAE`): the semantic
+    prior, normalised, through the generator with z = the prior mean, or with `seed` a sample
+    with the portable noise. Returns (adapter, mu*, retrieved indices, their weights)."""
+    import torch
+
+    idx, _, w, m, v = semantic_prior(query_emb, expert_embs, mu, var, k, tau)
+    M = torch.from_numpy(normalise(m, nm, ns)[None])
+    S = torch.from_numpy(normalise_spread(v, ns)[None])
+    eps = None if seed is None else torch.from_numpy(noise(seed, model.zdim))
+    with torch.no_grad():
+        x = model.generate(M, S, eps)[0].numpy()
+    return denormalise(x, nm, ns), m, idx, w

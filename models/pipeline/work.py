@@ -1,0 +1,244 @@
+"""A run's work folder and what every stage shares: the recipe, paths, cached results, helpers.
+
+`Work` is the state of one pipeline run (`python -m pipeline.run`, models/README.md): which recipe
+(`FULL` or `TINY`), where the work folder, the bundle and the fixtures go, the base model with its
+LoRA layout (loaded once), and readers of what earlier stages cached (the task suite, trained
+adapters, the experts' moments, the CVAE). The stages (`stages`, `evaluate`, `fixtures`, `tune`)
+are functions of a `Work`; the analysis modules (`pipeline.ablate_*`) get theirs from
+`analysis_work`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = os.path.dirname(HERE)
+REPO = os.path.dirname(MODELS)
+
+FULL = dict(
+    # suite v3: 24 unseen tasks (v2: 14; the first 14 are v2's) and up to 16 experts per relation
+    # (v2: 48 experts, at most 10 per relation) -> 67 experts
+    min_sources=200,
+    min_targets=50,
+    min_sources_after_exclusion=150,
+    n_experts=80,
+    n_unseen=24,
+    max_experts_per_relation=16,
+    max_sources=400,
+    max_pairs_per_source=3,
+    exclude_relations=["example", "group", "similar", "definition"],  # tasks.FLAT_RELATIONS
+    rank=8,
+    alpha=16,
+    epochs=10,
+    snapshots=4,
+    lr=4e-3,
+    batch=32,
+    temp=0.05,
+    transfer_per_task=6,
+    multitask_epochs=2,
+    cvae_epochs=600,
+    cvae_lam=1.0,
+    cvae_lr=3e-3,
+    cvae_folds=5,
+    cvae_check_every=50,
+    cvae_correction_scales=(0.1, 0.25, 0.5, 1.0),
+    basis_c=16,
+    basis_u=16,
+    zdim=8,
+    sample_seeds=5,
+    tune_steps=600,
+    tune_eval_every=40,
+    tune_lr=1e-3,
+    tune_u_lr_scale=0.05,
+)
+TINY = dict(
+    FULL,
+    n_experts=6,
+    n_unseen=2,
+    max_sources=40,
+    epochs=2,
+    snapshots=2,
+    transfer_per_task=2,
+    multitask_epochs=1,
+    cvae_epochs=150,
+    max_experts_per_relation=2,
+    cvae_folds=2,
+    tune_steps=12,
+    tune_eval_every=6,
+)
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
+    sys.stdout.flush()
+
+
+def jdump(path, obj):
+    """Write JSON atomically (a temporary file renamed over `path`)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def jload(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def safe(name: str) -> str:
+    """A task name as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class Work:
+    """One run: recipe `cfg`, the work folder (`p()`), the bundle and fixtures folders, the base
+    model (`lora`) and readers of the results earlier stages cached there."""
+
+    def __init__(self, tiny: bool, work=None, bundle_out=None, fixtures_out=None):
+        self.tiny = tiny
+        self.cfg = TINY if tiny else FULL
+        self.work = work or os.path.join(MODELS, "work", "tiny" if tiny else "full")
+        self.bundle = bundle_out or (os.path.join(self.work, "bundle") if tiny else os.path.join(MODELS, "default"))
+        self.fixtures = fixtures_out or (
+            os.path.join(self.work, "fixtures") if tiny else os.path.join(REPO, "tests", "fixtures")
+        )
+        os.makedirs(self.work, exist_ok=True)
+        self._lora = None
+        self._suite = None
+
+    @property
+    def lora(self):
+        """The base model with the shared LoRA-FA layout (`lora.Lora`), loaded on first use."""
+        if self._lora is None:
+            from .lora import Lora
+
+            self._lora = Lora(self.cfg["rank"], self.cfg["alpha"])
+        return self._lora
+
+    def p(self, *parts):
+        """A path in the work folder."""
+        return os.path.join(self.work, *parts)
+
+    @property
+    def suite(self):
+        """The `suite` stage's tasks: experts, unseen tasks and each unseen task's novelty."""
+        if self._suite is None:
+            from .tasks import Task
+
+            s = jload(self.p("suite.json"))
+            self._suite = {
+                "experts": [Task.from_json(t) for t in s["experts"]],
+                "unseen": [Task.from_json({k: v for k, v in t.items() if k != "novelty"}) for t in s["unseen"]],
+                "novelty": {t["name"]: t["novelty"] for t in s["unseen"]},
+            }
+        return self._suite
+
+    def train(self, task_pairs, seed, desc):
+        """A LoRA-FA adapter trained on the pairs with the recipe's settings (snapshots, losses)."""
+        c = self.cfg
+        steps = math.ceil(len(task_pairs) / c["batch"]) * c["epochs"]
+        with tqdm(total=steps, desc=desc, leave=False, mininterval=5) as bar:
+            return self.lora.train(task_pairs, c["epochs"], c["lr"], c["batch"], c["temp"], c["snapshots"], seed, bar)
+
+    def load_trained(self, folder, name):
+        """A cached adapter (`experts/` or `oracles/`): its snapshots and info."""
+        d = np.load(self.p(folder, safe(name) + ".npz"))
+        return d["snaps"], json.loads(str(d["info"]))
+
+    def expert_arrays(self):
+        """Every expert's snapshots, and their mean mu_k and variance sigma^2_k (float32)."""
+        experts = self.suite["experts"]
+        snaps = [self.load_trained("experts", t.name)[0] for t in experts]
+        mu = np.stack([s.mean(0) for s in snaps]).astype(np.float32)
+        var = np.stack([s.var(0) for s in snaps]).astype(np.float32)
+        return snaps, mu, var
+
+    def held_out_for(self, i: int) -> list[int]:
+        """The experts that may not serve expert task i when it stands in for an unseen task:
+        itself and every expert sharing a source synset with it. An unseen task shares no source
+        with any expert (suite rule), so its prior never comes from an expert that saw its items;
+        plain leave-one-out let 1.6 experts per task (on average, suite v2) do exactly that."""
+        if not hasattr(self, "_held_out"):
+            srcs = [{p[2] for part in (t.train, t.val, t.test) for p in part} for t in self.suite["experts"]]
+            self._held_out = [[j for j, s in enumerate(srcs) if j == i or s & srcs[i]] for i in range(len(srcs))]
+        return list(self._held_out[i])
+
+    def loo_priors(self, mu, var, demb, k, tau):
+        """Each expert's semantic prior as if its task were unseen (see `held_out_for`)."""
+        from .prior import semantic_prior
+
+        out_m, out_v = [], []
+        for i in range(len(mu)):
+            _, _, _, m, v = semantic_prior(demb[i], demb, mu, var, k, tau, exclude=self.held_out_for(i))
+            out_m.append(m)
+            out_v.append(v)
+        return np.stack(out_m), np.stack(out_v)
+
+    def analysis_inputs(self) -> argparse.Namespace:
+        """What the analysis modules (`pipeline.ablate_*`) read from a run after its `prior` stage:
+        the expert tasks, the validated prior settings (`prior`: k, tau, gain), the description
+        embeddings, the experts' mu and var, and the zero-shot metrics by task name."""
+        _, mu, var = self.expert_arrays()
+        return argparse.Namespace(
+            experts=self.suite["experts"],
+            prior=jload(self.p("prior.json"))["best"],
+            demb=np.load(self.p("desc_emb.npy")),
+            mu=mu,
+            var=var,
+            zs=jload(self.p("zeroshot.json")),
+        )
+
+    def torch_desc_embs(self, texts):
+        """Description embeddings by the PyTorch base model (float64): the encoder's reference."""
+        self.lora.zero()
+        return self.lora.embed_all(texts).numpy().astype(np.float64)
+
+    def embedder(self):
+        """The bundle's int8 ONNX encoder, as the device runs it (`export.OnnxEmbedder`)."""
+        from .export import OnnxEmbedder
+
+        return OnnxEmbedder(os.path.join(self.bundle, "encoder.onnx"), os.path.join(self.bundle, "tokenizer.json"))
+
+    def load_cvae(self, tuned: bool = False):
+        """The CVAE as shipped (the `cvae` stage's), or with `tuned` the `tune` ablation's when it ran."""
+        import torch
+
+        from .cvae import CVAE
+
+        c = self.cfg
+        _, mu, _ = self.expert_arrays()
+        d = mu.shape[1]
+        gain = float(jload(self.p("prior.json"))["best"].get("gain", 1.0))
+        m = CVAE(
+            d, np.zeros((d, c["basis_c"]), np.float32), np.zeros((d, c["basis_u"]), np.float32), zdim=c["zdim"], gain=gain
+        )
+        path = self.p("cvae_tuned.pt") if tuned and os.path.exists(self.p("cvae_tuned.pt")) else self.p("cvae.pt")
+        m.load_state_dict(torch.load(path))
+        m.eval()
+        return m
+
+
+def analysis_work(doc: str, after: str, add_args=None) -> Work:
+    """The command line of an analysis module (`python -m pipeline.<name> --work W [--tiny]`): the
+    Work of the run in W, which must have finished its `after` stage. `add_args(parser)` adds
+    the module's own options; the parsed options are the Work's `cli` attribute."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", required=True, help=f"work folder of a full run (after its `{after}` stage)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny recipe (smoke test on a --tiny work folder)")
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args()
+    w = Work(args.tiny, args.work)
+    w.cli = args
+    return w

@@ -59,9 +59,17 @@ def main() -> None:
     rows = []
 
     def score(name, vecs, group):
-        res = np.array([[m["mrr"], m["r1"]] for m in (evaluate(pipe.lora, experts[i].val, vecs[i]) for i in range(n))]) - zv
-        row = {"candidate": name, "group": group, "val_mrr_gain": float(res[:, 0].mean()), "val_r1_gain": float(res[:, 1].mean()),
-               "beats_zs_mrr": int((res[:, 0] > 0).sum())}
+        res = (
+            np.array([[m["mrr"], m["r1"]] for m in (evaluate(pipe.lora, experts[i].val, vecs[i]) for i in range(n))])
+            - zv
+        )
+        row = {
+            "candidate": name,
+            "group": group,
+            "val_mrr_gain": float(res[:, 0].mean()),
+            "val_r1_gain": float(res[:, 1].mean()),
+            "beats_zs_mrr": int((res[:, 0] > 0).sum()),
+        }
         rows.append(row)
         log(f"{name}: val MRR {row['val_mrr_gain']:+.4f}, R@1 {row['val_r1_gain']:+.4f}")
         return res
@@ -69,10 +77,19 @@ def main() -> None:
     base = score("mu* (gain 1): the base", mus, "base")
     for g in (0.75, 1.25):
         score(f"{g} x mu*", g * mus, "merge variant")
-    restore = np.array([np.sqrt(sum(a * float((mu[j].astype(np.float64) ** 2).sum()) for j, a in zip(idx, w))) / np.linalg.norm(mus[i])
-                        for i, (idx, _, w) in enumerate(ret)])
+    restore = np.array(
+        [
+            np.sqrt(sum(a * float((mu[j].astype(np.float64) ** 2).sum()) for j, a in zip(idx, w)))
+            / np.linalg.norm(mus[i])
+            for i, (idx, _, w) in enumerate(ret)
+        ]
+    )
     for p in (0.5, 1.0):
-        score(f"norm-restoring gain^{p} x mu* (gain {np.mean(restore ** p):.2f} on average)", mus * (restore[:, None] ** p), "merge variant")
+        score(
+            f"norm-restoring gain^{p} x mu* (gain {np.mean(restore**p):.2f} on average)",
+            mus * (restore[:, None] ** p),
+            "merge variant",
+        )
 
     def ties(idx, w):
         m = mu[idx].astype(np.float64)
@@ -110,13 +127,21 @@ def main() -> None:
                 top = np.argsort(-s)[:k]
                 w = np.exp((s[top] - s[top].max()) / tau)
                 vecs.append(mus[h] + beta * (w / w.sum()) @ resid[tr[top]])
-            score(f"mu* + {beta} x residuals of the {k} most similar experts (tau {tau})", np.stack(vecs), "description-driven correction")
+            score(
+                f"mu* + {beta} x residuals of the {k} most similar experts (tau {tau})",
+                np.stack(vecs),
+                "description-driven correction",
+            )
     for beta in (0.5, 1.0):
         vecs = []
         for h in range(n):
             tr = [j for j in usable(h) if experts[j].domain == experts[h].domain]
             vecs.append(mus[h] + (beta * resid[tr].mean(0) if tr else 0.0))
-        score(f"mu* + {beta} x mean residual of same-domain experts (labels)", np.stack(vecs), "description-driven correction")
+        score(
+            f"mu* + {beta} x mean residual of same-domain experts (labels)",
+            np.stack(vecs),
+            "description-driven correction",
+        )
     for lam in (1.0, 10.0):
         for beta in (0.5, 1.0):
             vecs = np.zeros_like(mus)
@@ -127,7 +152,11 @@ def main() -> None:
                 wmat = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ resid[tr])
                 for h in np.flatnonzero(fold_of == f):
                     vecs[h] = mus[h] + beta * ((dn[h] - c) @ wmat + resid[tr].mean(0))
-            score(f"mu* + {beta} x ridge(description embedding -> residual), lambda {lam}", vecs, "description-driven correction")
+            score(
+                f"mu* + {beta} x ridge(description embedding -> residual), lambda {lam}",
+                vecs,
+                "description-driven correction",
+            )
 
     # Would more experts help? The base again, with its experts drawn from random subsets of the
     # repository (3 draws per size; every task is still scored, served by the subset minus the
@@ -138,12 +167,29 @@ def main() -> None:
             pool = set(np.random.default_rng(100 + draw).permutation(n)[: max(2, round(frac * n))].tolist())
             vecs = []
             for i in range(n):
-                idx, _, w = retrieve(demb[i], demb, pr["k"], pr["tau"], exclude=sorted(set(range(n)) - (pool - excl[i])))
+                idx, _, w = retrieve(
+                    demb[i], demb, pr["k"], pr["tau"], exclude=sorted(set(range(n)) - (pool - excl[i]))
+                )
                 vecs.append(mixture(mu, var, idx, w)[0])
-            res = score(f"mu* from a random {frac:.0%} of the experts (draw {draw + 1})", np.stack(vecs), "expert count")
-            curve.append({"fraction": frac, "n_experts": len(pool), "val_mrr_gain": float(res[:, 0].mean()),
-                          "val_r1_gain": float(res[:, 1].mean())})
-    curve.append({"fraction": 1.0, "n_experts": n, "val_mrr_gain": float(base[:, 0].mean()), "val_r1_gain": float(base[:, 1].mean())})
+            res = score(
+                f"mu* from a random {frac:.0%} of the experts (draw {draw + 1})", np.stack(vecs), "expert count"
+            )
+            curve.append(
+                {
+                    "fraction": frac,
+                    "n_experts": len(pool),
+                    "val_mrr_gain": float(res[:, 0].mean()),
+                    "val_r1_gain": float(res[:, 1].mean()),
+                }
+            )
+    curve.append(
+        {
+            "fraction": 1.0,
+            "n_experts": n,
+            "val_mrr_gain": float(base[:, 0].mean()),
+            "val_r1_gain": float(base[:, 1].mean()),
+        }
+    )
 
     score("ceiling: the expert's own adapter", mu, "ceiling")
     # every leave-out (expert, task) pair on validation, cached per task (resumable)
@@ -151,7 +197,9 @@ def main() -> None:
     for i in tqdm(range(n), desc="leave-out pairs"):
         path = os.path.join(out, safe(experts[i].name) + ".json")
         if not os.path.exists(path):
-            pairs = {experts[j].name: evaluate(pipe.lora, experts[i].val, mu[j])["mrr"] for j in range(n) if j not in excl[i]}
+            pairs = {
+                experts[j].name: evaluate(pipe.lora, experts[i].val, mu[j])["mrr"] for j in range(n) if j not in excl[i]
+            }
             jdump(path, pairs)
         pairs = jload(path)
         best[i] = max((j for j in range(n) if experts[j].name in pairs), key=lambda j: pairs[experts[j].name])
@@ -163,23 +211,45 @@ def main() -> None:
     # is optimistic; on the *test* split, which chose nothing, it is an honest estimate.
     zt = np.array([[zs[t.name]["test"]["mrr"], zs[t.name]["test"]["r1"]] for t in experts])
     on_test = []
-    for name, vecs in (("mu* (gain 1): the base", mus), ("top-1 retrieved expert", mu[top1]),
-                       ("the expert's own adapter", mu), ("best single leave-out expert, chosen on validation", mu[best])):
-        res = np.array([[m["mrr"], m["r1"]] for m in (evaluate(pipe.lora, experts[i].test, vecs[i]) for i in range(n))]) - zt
-        on_test.append({"candidate": name, "test_mrr_gain": float(res[:, 0].mean()), "test_r1_gain": float(res[:, 1].mean()),
-                        "beats_zs_r1": int((res[:, 1] > 0).sum())})
+    for name, vecs in (
+        ("mu* (gain 1): the base", mus),
+        ("top-1 retrieved expert", mu[top1]),
+        ("the expert's own adapter", mu),
+        ("best single leave-out expert, chosen on validation", mu[best]),
+    ):
+        res = (
+            np.array([[m["mrr"], m["r1"]] for m in (evaluate(pipe.lora, experts[i].test, vecs[i]) for i in range(n))])
+            - zt
+        )
+        on_test.append(
+            {
+                "candidate": name,
+                "test_mrr_gain": float(res[:, 0].mean()),
+                "test_r1_gain": float(res[:, 1].mean()),
+                "beats_zs_r1": int((res[:, 1] > 0).sum()),
+            }
+        )
         log(f"test split, {name}: MRR {on_test[-1]['test_mrr_gain']:+.4f}, R@1 {on_test[-1]['test_r1_gain']:+.4f}")
 
-    summary = {"n_experts": n, "k": pr["k"], "tau": pr["tau"], "folds": folds, "rows": rows, "test_split": on_test,
-               "expert_count_curve": curve,
-               "hindsight_best_is_same_relation": int(sum(same_rel)),
-               "base_beats_zs_mrr": int((base[:, 0] > 0).sum()),
-               "note": "expert tasks only, leave-out priors, validation splits; gains over zero-shot, mean over experts"}
+    summary = {
+        "n_experts": n,
+        "k": pr["k"],
+        "tau": pr["tau"],
+        "folds": folds,
+        "rows": rows,
+        "test_split": on_test,
+        "expert_count_curve": curve,
+        "hindsight_best_is_same_relation": int(sum(same_rel)),
+        "base_beats_zs_mrr": int((base[:, 0] > 0).sum()),
+        "note": "expert tasks only, leave-out priors, validation splits; gains over zero-shot, mean over experts",
+    }
     jdump(os.path.join(out, "summary.json"), summary)
     print("| candidate | kind | val MRR gain | val R@1 gain | tasks above ZS (MRR) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['candidate']} | {r['group']} | {r['val_mrr_gain']:+.4f} | {r['val_r1_gain']:+.4f} | {r['beats_zs_mrr']}/{n} |")
+        print(
+            f"| {r['candidate']} | {r['group']} | {r['val_mrr_gain']:+.4f} | {r['val_r1_gain']:+.4f} | {r['beats_zs_mrr']}/{n} |"
+        )
     print()
     print("| on the expert test splits | test MRR gain | test R@1 gain | tasks above ZS (R@1) |")
     print("|---|---|---|---|")
@@ -190,8 +260,10 @@ def main() -> None:
     print("|---|---|---|")
     for frac in sorted({c["fraction"] for c in curve}):
         cs = [c for c in curve if c["fraction"] == frac]
-        print(f"| {cs[0]['n_experts']} ({frac:.0%}) | {np.mean([c['val_mrr_gain'] for c in cs]):+.4f} | "
-              f"{np.mean([c['val_r1_gain'] for c in cs]):+.4f} |")
+        print(
+            f"| {cs[0]['n_experts']} ({frac:.0%}) | {np.mean([c['val_mrr_gain'] for c in cs]):+.4f} | "
+            f"{np.mean([c['val_r1_gain'] for c in cs]):+.4f} |"
+        )
     log("ablation written to " + os.path.join(out, "summary.json"))
 
 

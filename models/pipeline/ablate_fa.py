@@ -43,7 +43,12 @@ def main() -> None:
         t0 = time.time()
         snaps, losses = std.train(t.train, c["epochs"], c["lr"], c["batch"], c["temp"], c["snapshots"], seed=1000 + i)
         mu = snaps.mean(0)
-        info = {"losses": losses, "test": evaluate(std, t.test, mu), "val": evaluate(std, t.val, mu), "secs": time.time() - t0}
+        info = {
+            "losses": losses,
+            "test": evaluate(std, t.test, mu),
+            "val": evaluate(std, t.val, mu),
+            "secs": time.time() - t0,
+        }
         np.savez(path + ".tmp.npz", snaps=snaps.astype(np.float32), info=json.dumps(info))
         os.replace(path + ".tmp.npz", path)
 
@@ -51,8 +56,10 @@ def main() -> None:
     pr = jload(pipe.p("prior.json"))["best"]
     demb = np.load(pipe.p("desc_emb.npy"))
     rows = {}
-    for kind, lora, folder in (("LoRA-FA (shared frozen A)", pipe.lora, "experts"),
-                               ("standard LoRA (shared init seed)", std, "ablate_fa")):
+    for kind, lora, folder in (
+        ("LoRA-FA (shared frozen A)", pipe.lora, "experts"),
+        ("standard LoRA (shared init seed)", std, "ablate_fa"),
+    ):
         snaps, infos = zip(*(pipe.load_trained(folder, t.name) for t in experts))
         mu = np.stack([s.mean(0) for s in snaps])
         var = np.stack([s.var(0) for s in snaps])
@@ -79,7 +86,8 @@ def main() -> None:
         off = cos[~np.eye(len(mu), dtype=bool)]
         rows[kind] = {
             "dim": int(mu.shape[1]),
-            "own_test_r1_gain": float(np.mean(own_test)), "own_val_r1_gain": float(np.mean(own_val)),
+            "own_test_r1_gain": float(np.mean(own_test)),
+            "own_val_r1_gain": float(np.mean(own_val)),
             "experts_gaining_1pt_test": int(sum(g > 0.01 for g in own_test)),
             "loo_prior_val_r1_gain": {str(g): float(np.mean(v)) for g, v in loo.items()},
             "loo_prior_val_mrr_gain": {str(g): float(np.mean(v)) for g, v in loo_mrr.items()},
@@ -87,18 +95,29 @@ def main() -> None:
             "mean_pairwise_cosine_of_mu": float(off.mean()),
             "train_secs_mean": float(np.mean([inf.get("secs", 0.0) for inf in infos])),
         }
-    summary = {"n_experts": len(experts), "k": pr["k"], "tau": pr["tau"], "validated_gain": pr["gain"],
-               "rows": rows, "note": "expert tasks only; LOO = each task served by the other experts' prior"}
+    summary = {
+        "n_experts": len(experts),
+        "k": pr["k"],
+        "tau": pr["tau"],
+        "validated_gain": pr["gain"],
+        "rows": rows,
+        "note": "expert tasks only; LOO = each task served by the other experts' prior",
+    }
     jdump(os.path.join(out, "summary.json"), summary)
     g = str(float(pr["gain"]))
-    print("| variant | flat dim | own test R@1 gain | experts +1 pt | LOO prior val R@1 gain (gain 1 / %s) | LOO beats ZS | LOO val MRR gain | mean cos(B_a, B_b) | s / expert |" % g)
+    print(
+        f"| variant | flat dim | own test R@1 gain | experts +1 pt | LOO prior val R@1 gain (gain 1 / {g}) | LOO beats ZS | "
+        "LOO val MRR gain | mean cos(B_a, B_b) | s / expert |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, r in rows.items():
-        print(f"| {kind} | {r['dim']} | {r['own_test_r1_gain']:+.4f} | {r['experts_gaining_1pt_test']}/{len(experts)} | "
-              f"{r['loo_prior_val_r1_gain']['1.0']:+.4f} / {r['loo_prior_val_r1_gain'][g]:+.4f} | "
-              f"{r['loo_prior_beats_zs']['1.0']} / {r['loo_prior_beats_zs'][g]} | "
-              f"{r['loo_prior_val_mrr_gain']['1.0']:+.4f} / {r['loo_prior_val_mrr_gain'][g]:+.4f} | "
-              f"{r['mean_pairwise_cosine_of_mu']:.3f} | {r['train_secs_mean']:.0f} |")
+        print(
+            f"| {kind} | {r['dim']} | {r['own_test_r1_gain']:+.4f} | {r['experts_gaining_1pt_test']}/{len(experts)} | "
+            f"{r['loo_prior_val_r1_gain']['1.0']:+.4f} / {r['loo_prior_val_r1_gain'][g]:+.4f} | "
+            f"{r['loo_prior_beats_zs']['1.0']} / {r['loo_prior_beats_zs'][g]} | "
+            f"{r['loo_prior_val_mrr_gain']['1.0']:+.4f} / {r['loo_prior_val_mrr_gain'][g]:+.4f} | "
+            f"{r['mean_pairwise_cosine_of_mu']:.3f} | {r['train_secs_mean']:.0f} |"
+        )
     log("ablation written to " + os.path.join(out, "summary.json"))
 
 

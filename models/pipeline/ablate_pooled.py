@@ -61,8 +61,10 @@ def main() -> None:
                 plan.append((r, h, trained, scored))
 
     if not plan:
-        raise SystemExit("no relation has two expert tasks that share no source synsets, so there is nothing to "
-                         "score; run this on a full run's work folder (the tiny suite has one expert per relation)")
+        raise SystemExit(
+            "no relation has two expert tasks that share no source synsets, so there is nothing to "
+            "score; run this on a full run's work folder (the tiny suite has one expert per relation)"
+        )
     rows = {}  # task index -> candidate -> (mrr gain, r1 gain)
     joint_info = []
     for r, h, trained, scored in plan:
@@ -72,11 +74,21 @@ def main() -> None:
             log(f"joint LoRA for {r} (half {h}): {len(trained)} tasks, {len(pairs)} pairs")
             snaps, losses = pipe.train(pairs, seed=7000 + 10 * relations.index(r) + h, desc=f"joint {r}/{h}")
             tmp = path + ".tmp.npz"
-            np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps({"losses": losses, "trained": [experts[j].name for j in trained]}))
+            np.savez(
+                tmp,
+                snaps=snaps.astype(np.float32),
+                info=json.dumps({"losses": losses, "trained": [experts[j].name for j in trained]}),
+            )
             os.replace(tmp, path)
         joint = np.load(path)["snaps"].mean(0)
-        joint_info.append({"relation": r, "half": h, "trained_on": [experts[j].name for j in trained],
-                           "scored": [experts[i].name for i in scored]})
+        joint_info.append(
+            {
+                "relation": r,
+                "half": h,
+                "trained_on": [experts[j].name for j in trained],
+                "scored": [experts[i].name for i in scored],
+            }
+        )
         same_data = mu[trained].astype(np.float64).mean(0)
         for i in scored:
             mstar = mus[i]
@@ -115,16 +127,26 @@ def main() -> None:
         if ii:
             per_relation[r] = {name: float(np.mean([rows[i][name]["val"][0] for i in ii])) for name in names}
             per_relation[r]["n"] = len(ii)
-    summary = {"n_scored": len(scored), "k": pr["k"], "tau": pr["tau"], "rows": table, "per_relation_val_mrr_gain": per_relation,
-               "joint_loras": joint_info,
-               "per_task": {experts[i].name: rows[i] for i in scored},
-               "note": "expert tasks only; gains over zero-shot, mean over the scored expert tasks"}
+    summary = {
+        "n_scored": len(scored),
+        "k": pr["k"],
+        "tau": pr["tau"],
+        "rows": table,
+        "per_relation_val_mrr_gain": per_relation,
+        "joint_loras": joint_info,
+        "per_task": {experts[i].name: rows[i] for i in scored},
+        "note": "expert tasks only; gains over zero-shot, mean over the scored expert tasks",
+    }
     jdump(os.path.join(out, "summary.json"), summary)
-    print(f"| candidate ({len(scored)} expert tasks) | val MRR gain | val R@1 gain | test MRR gain | test R@1 gain | above ZS (test R@1) |")
+    print(
+        f"| candidate ({len(scored)} expert tasks) | val MRR gain | val R@1 gain | test MRR gain | test R@1 gain | above ZS (test R@1) |"
+    )
     print("|---|---|---|---|---|---|")
     for e in table:
-        print(f"| {e['candidate']} | {e['val_mrr_gain']:+.4f} | {e['val_r1_gain']:+.4f} | {e['test_mrr_gain']:+.4f} | "
-              f"{e['test_r1_gain']:+.4f} | {e['test_above_zs_r1']}/{len(scored)} |")
+        print(
+            f"| {e['candidate']} | {e['val_mrr_gain']:+.4f} | {e['val_r1_gain']:+.4f} | {e['test_mrr_gain']:+.4f} | "
+            f"{e['test_r1_gain']:+.4f} | {e['test_above_zs_r1']}/{len(scored)} |"
+        )
     print()
     print("| relation | n | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))

@@ -62,8 +62,10 @@ def main() -> None:
     mu_alt, var_alt = np.stack(mu_alt), np.stack(var_alt)
 
     results = {}
-    for label, mu, var in ((f"shipped: {shipped[0]} epochs, {shipped[1]} snapshots", mu_ship, var_ship),
-                           (f"{extra.epochs} epochs, {extra.snapshots} snapshots", mu_alt, var_alt)):
+    for label, mu, var in (
+        (f"shipped: {shipped[0]} epochs, {shipped[1]} snapshots", mu_ship, var_ship),
+        (f"{extra.epochs} epochs, {extra.snapshots} snapshots", mu_alt, var_alt),
+    ):
         gains = {"own": [], "mu*": []}
         mus = pipe.loo_priors(mu, var, demb, pr["k"], pr["tau"])[0]
         for i, t in enumerate(experts):
@@ -78,19 +80,32 @@ def main() -> None:
             "own": dict(zip(("val_mrr", "val_r1", "test_mrr", "test_r1"), own.mean(0).tolist())),
             "mu*": dict(zip(("val_mrr", "val_r1", "test_mrr", "test_r1"), ms.mean(0).tolist())),
             "mu*_above_zs_test_r1": int((ms[:, 3] > 0).sum()),
-            "share_recovered": dict(zip(("val_mrr", "val_r1", "test_mrr", "test_r1"), (ms.mean(0) / own.mean(0)).tolist())),
+            "share_recovered": dict(
+                zip(("val_mrr", "val_r1", "test_mrr", "test_r1"), (ms.mean(0) / own.mean(0)).tolist())
+            ),
             "mean_norm": float(np.linalg.norm(mu, axis=1).mean()),
         }
         log(f"{label}: {json.dumps(results[label])}")
-    jdump(os.path.join(out, "summary.json"), {"n_experts": n, "k": pr["k"], "tau": pr["tau"], "recipes": results,
-                                              "note": "expert tasks only; gains over zero-shot, mean over experts; "
-                                                      "share = mu* gain / own-adapter gain"})
-    print("| recipe | own adapter: val MRR / test R@1 gain | leave-out mu*: val MRR / test R@1 gain | share recovered (val MRR / test R@1) | mu* above ZS (test R@1) |")
+    jdump(
+        os.path.join(out, "summary.json"),
+        {
+            "n_experts": n,
+            "k": pr["k"],
+            "tau": pr["tau"],
+            "recipes": results,
+            "note": "expert tasks only; gains over zero-shot, mean over experts; share = mu* gain / own-adapter gain",
+        },
+    )
+    print(
+        "| recipe | own adapter: val MRR / test R@1 gain | leave-out mu*: val MRR / test R@1 gain | share recovered (val MRR / test R@1) | mu* above ZS (test R@1) |"
+    )
     print("|---|---|---|---|---|")
     for label, r in results.items():
-        print(f"| {label} | {r['own']['val_mrr']:+.4f} / {r['own']['test_r1']:+.4f} | {r['mu*']['val_mrr']:+.4f} / "
-              f"{r['mu*']['test_r1']:+.4f} | {r['share_recovered']['val_mrr']:.2f} / {r['share_recovered']['test_r1']:.2f} | "
-              f"{r['mu*_above_zs_test_r1']}/{n} |")
+        print(
+            f"| {label} | {r['own']['val_mrr']:+.4f} / {r['own']['test_r1']:+.4f} | {r['mu*']['val_mrr']:+.4f} / "
+            f"{r['mu*']['test_r1']:+.4f} | {r['share_recovered']['val_mrr']:.2f} / {r['share_recovered']['test_r1']:.2f} | "
+            f"{r['mu*_above_zs_test_r1']}/{n} |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def timed(fn, reps, warm=3):
 def fp32_bundle(bundle: str, out: str) -> str:
     """Copy of the bundle whose encoder.onnx is the fp32 export (manifest re-hashed)."""
     from .export import export_fp32_encoder, write_manifest
+
     dst = os.path.join(out, "fp32-bundle")
     if os.path.exists(os.path.join(dst, "manifest.json")):
         return dst
@@ -69,6 +70,7 @@ def load_cvae(bundle: str, manifest: dict):
     import onnx
     import torch
     from onnx import numpy_helper
+
     from .cvae import CVAE
 
     inits = {}
@@ -85,8 +87,14 @@ def load_cvae(bundle: str, manifest: dict):
             sd_names[k.removeprefix("m.")] = v
     ku = sd_names["U"].shape[1]
     hidden = sd_names["prior.0.weight"].shape[0]
-    model = CVAE(d, np.zeros((d, kc), np.float32), np.zeros((d, ku), np.float32),
-                 zdim=manifest["cvae"]["z_dim"], hidden=hidden, gain=float(manifest["prior"].get("decoder_gain", 1.0)))
+    model = CVAE(
+        d,
+        np.zeros((d, kc), np.float32),
+        np.zeros((d, ku), np.float32),
+        zdim=manifest["cvae"]["z_dim"],
+        hidden=hidden,
+        gain=float(manifest["prior"].get("decoder_gain", 1.0)),
+    )
     state = model.state_dict()
     loaded = 0
     for k in state:
@@ -134,13 +142,16 @@ def main(argv=None):
     for words, text in texts["encoder_by_words"].items():
         reps = 10 if a.quick else (60 if words == "100" else 150)
         with torch.no_grad():
-            enc["st_torch"][words] = dist(timed(lambda: st.encode(text, normalize_embeddings=True), reps))
-        enc["ort_int8"][words] = dist(timed(lambda: ort8(text), reps))
-        enc["ort_fp32"][words] = dist(timed(lambda: ort32(text), reps))
+            enc["st_torch"][words] = dist(timed(lambda t=text: st.encode(t, normalize_embeddings=True), reps))
+        enc["ort_int8"][words] = dist(timed(lambda t=text: ort8(t), reps))
+        enc["ort_fp32"][words] = dist(timed(lambda t=text: ort32(t), reps))
         ref = st.encode(text, normalize_embeddings=True)
         fidelity[words] = {"ort_int8_vs_torch": float(ort8(text) @ ref), "ort_fp32_vs_torch": float(ort32(text) @ ref)}
-        print(f"  encoder {words:>3} words: st {enc['st_torch'][words]['p50']:.2f} ms, "
-              f"ort int8 {enc['ort_int8'][words]['p50']:.2f} ms, ort fp32 {enc['ort_fp32'][words]['p50']:.2f} ms", flush=True)
+        print(
+            f"  encoder {words:>3} words: st {enc['st_torch'][words]['p50']:.2f} ms, "
+            f"ort int8 {enc['ort_int8'][words]['p50']:.2f} ms, ort fp32 {enc['ort_fp32'][words]['p50']:.2f} ms",
+            flush=True,
+        )
 
     # ---- generation with the pipeline's PyTorch stack ----------------------------------------
     ex = load_file(os.path.join(a.bundle, manifest["experts"]["file"]))
@@ -149,6 +160,7 @@ def main(argv=None):
     model, wl = load_cvae(a.bundle, manifest)
     # The reference must compute what the bundle computes: compare with onnxruntime once.
     import onnxruntime as ort
+
     rng = np.random.default_rng(0)
     M0 = rng.normal(size=(1, mu.shape[1])).astype(np.float32)
     S0 = np.abs(rng.normal(size=(1, mu.shape[1]))).astype(np.float32)
@@ -156,7 +168,9 @@ def main(argv=None):
         c0 = model.cond(torch.tensor(M0), torch.tensor(S0))
         z0 = torch.tensor(rng.normal(size=(1, model.zdim)).astype(np.float32))
         x_t = model.decode(z0, c0, torch.tensor(M0), torch.tensor(S0)).numpy()
-    sess = ort.InferenceSession(os.path.join(a.bundle, manifest["cvae"]["decoder_file"]), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        os.path.join(a.bundle, manifest["cvae"]["decoder_file"]), providers=["CPUExecutionProvider"]
+    )
     x_o = sess.run(None, {"z": z0.numpy(), "cond": c0.numpy(), "mu_star": M0, "std_star": S0})[0]
     wl["torch_vs_onnx_decoder_max_abs"] = float(np.abs(x_t - x_o).max())
     print(f"  PyTorch CVAE vs the bundle's decoder ONNX: max abs diff {wl['torch_vs_onnx_decoder_max_abs']:.2e}")
@@ -174,7 +188,7 @@ def main(argv=None):
         tensors = {}
         for i, e in enumerate(layout):
             tensors[e["lora_A"]] = lora_a[i]
-            tensors[e["lora_B"]] = flat[e["offset"]: e["offset"] + e["len"]].reshape(e["lora_B_shape"])
+            tensors[e["lora_B"]] = flat[e["offset"] : e["offset"] + e["len"]].reshape(e["lora_B_shape"])
         save_file(tensors, os.path.join(part, "adapter_model.safetensors"))
         with open(os.path.join(part, "adapter_config.json"), "wb") as f:
             f.write(cfg)
@@ -209,8 +223,16 @@ def main(argv=None):
                 x = model.generate(M, S, torch.from_numpy(noise(0, model.zdim)))[0].numpy()
                 flat = denormalise(x, nm, ns).astype(np.float32)
                 t5 = time.perf_counter()
-                write_adapter(flat, os.path.join(tmp, f"a{n}"), {"description": desc, "experts": [int(i) for i in idx],
-                                                                  "weights": [float(x) for x in w], "seed": 0})
+                write_adapter(
+                    flat,
+                    os.path.join(tmp, f"a{n}"),
+                    {
+                        "description": desc,
+                        "experts": [int(i) for i in idx],
+                        "weights": [float(x) for x in w],
+                        "seed": 0,
+                    },
+                )
                 t6 = time.perf_counter()
                 if n > len(texts["generation"]):
                     for s, (ta, tb) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6)]):
@@ -224,9 +246,13 @@ def main(argv=None):
         "encoder_fidelity_cosine": fidelity,
         "generation": gen,
         "fp32_bundle": fp32_dir,
-        "versions": {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": torch.__version__,
-                     "onnxruntime": onnxruntime.__version__, "sentence-transformers": sentence_transformers.__version__,
-                     "torch_threads": torch.get_num_threads()},
+        "versions": {
+            "python": ".".join(map(str, __import__("sys").version_info[:3])),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "sentence-transformers": sentence_transformers.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
     }
     with open(os.path.join(a.out, "python.json"), "w") as f:
         json.dump(out, f, indent=1)

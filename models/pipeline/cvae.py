@@ -17,7 +17,9 @@ import torch.nn as nn
 
 
 class CVAE(nn.Module):
-    def __init__(self, dim: int, basis_c: np.ndarray, basis_u: np.ndarray, zdim: int = 8, hidden: int = 128, gain: float = 1.0):
+    def __init__(
+        self, dim: int, basis_c: np.ndarray, basis_u: np.ndarray, zdim: int = 8, hidden: int = 128, gain: float = 1.0
+    ):
         super().__init__()
         self.register_buffer("gain", torch.tensor(float(gain)))
         kc, ku = basis_c.shape[1], basis_u.shape[1]
@@ -47,7 +49,7 @@ class CVAE(nn.Module):
 
     def prior_params(self, c):
         h = self.prior(c)
-        return h[:, : self.zdim], h[:, self.zdim:].clamp(-8, 4)
+        return h[:, : self.zdim], h[:, self.zdim :].clamp(-8, 4)
 
     def scale_correction(self, beta: float) -> None:
         """Multiply the decoder's correction (the U-coefficients) by `beta`, in its weights: the
@@ -78,7 +80,7 @@ class CVAE(nn.Module):
         c = self.cond(mu_s, std_s)
         pm, plv = self.prior_params(c)
         h = self.post(torch.cat([c, x @ self.Pc], dim=1))
-        qm, qlv = h[:, : self.zdim], h[:, self.zdim:].clamp(-8, 4)
+        qm, qlv = h[:, : self.zdim], h[:, self.zdim :].clamp(-8, 4)
         z = qm + torch.randn_like(qm) * torch.exp(0.5 * qlv)
         xh = self.decode(z, c, mu_s, std_s)
         kl = 0.5 * (plv - qlv + (torch.exp(qlv) + (qm - pm) ** 2) / torch.exp(plv) - 1).sum(1)
@@ -118,8 +120,25 @@ def pca_basis(x: np.ndarray, k: int) -> np.ndarray:
     return basis
 
 
-def train_cvae(samples, mu_star, std_star, basis_c, basis_u, epochs, lam, lr, seed, val_mask, zdim=8, hidden=128, log=print, gain=1.0,
-               score=None, every=25, keep=None):
+def train_cvae(
+    samples,
+    mu_star,
+    std_star,
+    basis_c,
+    basis_u,
+    epochs,
+    lam,
+    lr,
+    seed,
+    val_mask,
+    zdim=8,
+    hidden=128,
+    log=print,
+    gain=1.0,
+    score=None,
+    every=25,
+    keep=None,
+):
     """samples/mu_star/std_star: [n, D] normalised; val_mask: bool [n] held-out rows (whole experts).
 
     Every `every` epochs (and before training, as epoch -1) the model is checked: by `score(model)`

@@ -22,10 +22,12 @@ from .prior import generate, norm_stats
 from .report import PAIRED_METHODS
 from .work import Work, jdump, jload
 
+
 def stage(w: Work):
     """The `eval` stage: every method's adapter for each unseen task, scored on its test split
     (cached per task in eval_cache.json), then the report (`report.write`)."""
     from .lora import evaluate
+
     path = w.p("eval_cache.json")
     cache = jload(path) if os.path.exists(path) else {}
     c = w.cfg
@@ -46,8 +48,15 @@ def stage(w: Work):
         top1 = int(np.argmax(demb @ q))
         oracle = w.load_trained("oracles", t.name)[0][-1]
         g = float(pr.get("gain", 1.0))
-        vecs = {"soup": soup, "top1": mu[top1], "topk_merge": mstar, "topk_merge_gain": g * mstar, "multitask": mt,
-                "sglora_mean": gen_mean, "oracle": oracle}
+        vecs = {
+            "soup": soup,
+            "top1": mu[top1],
+            "topk_merge": mstar,
+            "topk_merge_gain": g * mstar,
+            "multitask": mt,
+            "sglora_mean": gen_mean,
+            "oracle": oracle,
+        }
         # the adapters tested against noise are embedded once: their ranks give both
         if "paired" not in res:
             res["paired"] = paired_gains(w, t, {m: vecs[m] for m in PAIRED_METHODS}, res)
@@ -55,11 +64,15 @@ def stage(w: Work):
             if name not in res:
                 res[name] = evaluate(w.lora, t.test, v)
         if "sglora_seeds" not in res:
-            runs = [evaluate(w.lora, t.test, generate(model, q, demb, mu, var, pr["k"], pr["tau"], nm, ns, seed=s)[0])
-                    for s in range(1, c["sample_seeds"] + 1)]
+            runs = [
+                evaluate(w.lora, t.test, generate(model, q, demb, mu, var, pr["k"], pr["tau"], nm, ns, seed=s)[0])
+                for s in range(1, c["sample_seeds"] + 1)
+            ]
             res["sglora_seeds"] = {m: float(np.mean([r[m] for r in runs])) for m in ("r1", "r5", "mrr")}
         res["zero_shot"] = zs[t.name]["test"]
-        res["retrieved"] = [{"expert": experts[i].name, "weight": float(a), "sim": float(demb[i] @ q)} for i, a in zip(idx, wts)]
+        res["retrieved"] = [
+            {"expert": experts[i].name, "weight": float(a), "sim": float(demb[i] @ q)} for i, a in zip(idx, wts)
+        ]
         cache[t.name] = res
         jdump(path, cache)
     report.write(w, cache)
@@ -72,6 +85,7 @@ def paired_gains(w: Work, task, vecs, metrics):
     metrics there too, from the same ranks."""
     from .lora import rank_metrics, ranks
     from .stats import named_rng, paired_interval
+
     r0 = ranks(w.lora, task.test, None)
     out = {}
     for name, v in vecs.items():
@@ -90,14 +104,18 @@ def eval_adapter(argv):
     """Evaluate adapter directories written by the Rust CLI (loaded with PeftModel.from_pretrained)."""
     ap = argparse.ArgumentParser(prog="pipeline.run eval-adapter")
     ap.add_argument("adapters", nargs="+", help="adapter directories (adapter_model.safetensors + adapter_config.json)")
-    ap.add_argument("--task", action="append", required=True, help="task name from the suite, e.g. antonym/adj.all (repeatable)")
+    ap.add_argument(
+        "--task", action="append", required=True, help="task name from the suite, e.g. antonym/adj.all (repeatable)"
+    )
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--work", default=None)
     a = ap.parse_args(argv)
     import torch
     from peft import PeftModel
     from transformers import AutoModel
+
     from .lora import base_model_dir, retrieval_metrics, test_set
+
     p = Work(a.tiny, a.work)
     tasks = {t.name: t for t in p.suite["experts"] + p.suite["unseen"]}
     lo = p.lora  # tokenizer + pooling helpers

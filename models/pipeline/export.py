@@ -27,8 +27,9 @@ class _EncoderWrapper(torch.nn.Module):
         self.model = model
 
     def forward(self, inputs_embeds, attention_mask):
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          token_type_ids=torch.zeros_like(attention_mask)).last_hidden_state
+        return self.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, token_type_ids=torch.zeros_like(attention_mask)
+        ).last_hidden_state
 
 
 def export_fp32_encoder(path: str) -> np.ndarray:
@@ -43,11 +44,18 @@ def export_fp32_encoder(path: str) -> np.ndarray:
     # table was dequantised whole on every call (+50 ms).
     table = base.embeddings.word_embeddings.weight.detach().numpy().astype(np.float32)
     torch.onnx.export(
-        _EncoderWrapper(base), (torch.tensor(table[ids.numpy()]), torch.ones_like(ids)), path,
-        input_names=["inputs_embeds", "attention_mask"], output_names=["last_hidden_state"],
-        dynamic_axes={"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                      "last_hidden_state": {0: "batch", 1: "seq"}},
-        opset_version=17, dynamo=False,
+        _EncoderWrapper(base),
+        (torch.tensor(table[ids.numpy()]), torch.ones_like(ids)),
+        path,
+        input_names=["inputs_embeds", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={
+            "inputs_embeds": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "last_hidden_state": {0: "batch", 1: "seq"},
+        },
+        opset_version=17,
+        dynamo=False,
     )
     return table
 
@@ -59,6 +67,7 @@ def export_encoder(out_dir: str, work_dir: str) -> dict:
     table = export_fp32_encoder(fp32)
     np.save(os.path.join(work_dir, "word_embeddings_fp32.npy"), table)
     from safetensors.numpy import save_file
+
     scale = (np.abs(table).max(axis=1) / 127.0).astype(np.float32)
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
@@ -97,12 +106,16 @@ def quantize_weights_int8(src: str, dst: str) -> dict:
         shape = [1, -1] if axis == 1 else [-1, 1]
         q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
         g.initializer.remove(inits[name])
-        g.initializer.extend([
-            numpy_helper.from_array(q, name + "_int8"),
-            numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int8), name + "_zero"),
-        ])
-        deq.append(helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale", name + "_zero"], [name], axis=axis))
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(q, name + "_int8"),
+                numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int8), name + "_zero"),
+            ]
+        )
+        deq.append(
+            helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale", name + "_zero"], [name], axis=axis)
+        )
     for node in reversed(deq):
         g.node.insert(0, node)
     onnx.checker.check_model(m)
@@ -118,8 +131,10 @@ class OnnxEmbedder:
         dequantised int8 table next to the ONNX file (embeddings.safetensors)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
+
         if table is None:
             from safetensors.numpy import load_file
+
             t = load_file(os.path.join(os.path.dirname(onnx_path), "embeddings.safetensors"))
             table = t["word_embeddings"].astype(np.float32) * t["word_embeddings_scale"][:, None]
         self.table = table
@@ -151,13 +166,26 @@ def export_cvae(model, out_dir: str) -> dict:
     prior_path = os.path.join(out_dir, "cvae_prior.onnx")
     dec_path = os.path.join(out_dir, "cvae_decoder.onnx")
     with torch.no_grad():
-        torch.onnx.export(PriorNet(model).eval(), (mu, sd), prior_path, input_names=["mu_star", "std_star"],
-                          output_names=["cond", "z_mean", "z_logvar"], opset_version=17, dynamo=False)
+        torch.onnx.export(
+            PriorNet(model).eval(),
+            (mu, sd),
+            prior_path,
+            input_names=["mu_star", "std_star"],
+            output_names=["cond", "z_mean", "z_logvar"],
+            opset_version=17,
+            dynamo=False,
+        )
         c = model.cond(mu, sd)
         z = torch.zeros(1, model.zdim)
-        torch.onnx.export(DecoderNet(model).eval(), (z, c, mu, sd), dec_path,
-                          input_names=["z", "cond", "mu_star", "std_star"], output_names=["x"],
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            DecoderNet(model).eval(),
+            (z, c, mu, sd),
+            dec_path,
+            input_names=["z", "cond", "mu_star", "std_star"],
+            output_names=["x"],
+            opset_version=17,
+            dynamo=False,
+        )
     return {"prior": prior_path, "decoder": dec_path}
 
 

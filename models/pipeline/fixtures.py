@@ -32,6 +32,7 @@ def stage(w: Work):
     and the portable normals for a few seeds."""
     import onnxruntime as ort
     from safetensors.numpy import save_file
+
     os.makedirs(w.fixtures, exist_ok=True)
     man = jload(os.path.join(w.bundle, "manifest.json"))
     _, mu, var = w.expert_arrays()
@@ -52,14 +53,33 @@ def stage(w: Work):
         eps = noise(seed, zm.shape[1])
         z = (zm + np.exp(0.5 * zlv) * eps).astype(np.float32)
         x = ds.run(None, {"z": z, "cond": cnd, "mu_star": M, "std_star": S})[0]
-        for name, arr in {"emb_int8": e, "emb_fp32": ref[i].astype(np.float32), "mu_star": m.astype(np.float32),
-                          "var_star": v.astype(np.float32), "cond": cnd[0], "z_mean": zm[0], "z_logvar": zlv[0],
-                          "z": z[0], "x_norm": x[0], "x": denormalise(x[0], nm, ns)}.items():
+        for name, arr in {
+            "emb_int8": e,
+            "emb_fp32": ref[i].astype(np.float32),
+            "mu_star": m.astype(np.float32),
+            "var_star": v.astype(np.float32),
+            "cond": cnd[0],
+            "z_mean": zm[0],
+            "z_logvar": zlv[0],
+            "z": z[0],
+            "x_norm": x[0],
+            "x": denormalise(x[0], nm, ns),
+        }.items():
             tensors[f"{i}.{name}"] = np.ascontiguousarray(arr, dtype=np.float32)
-        cases.append({"description": text, "token_ids": E.ids(text), "experts": [int(j) for j in idx],
-                      "similarities": [float(s) for s in sims], "weights": [float(a) for a in wts], "seed": seed})
+        cases.append(
+            {
+                "description": text,
+                "token_ids": E.ids(text),
+                "experts": [int(j) for j in idx],
+                "similarities": [float(s) for s in sims],
+                "weights": [float(a) for a in wts],
+                "seed": seed,
+            }
+        )
     rng_ref = {str(s): Rng(s).normals(16) for s in (0, 1, 42, 2**63 + 5)}
     save_file(tensors, os.path.join(w.fixtures, "golden.safetensors"))
-    jdump(os.path.join(w.fixtures, "golden.json"), {"bundle_id": man["bundle_id"], "top_k": k, "temperature": tau,
-                                                      "cases": cases, "rng_normals": rng_ref})
+    jdump(
+        os.path.join(w.fixtures, "golden.json"),
+        {"bundle_id": man["bundle_id"], "top_k": k, "temperature": tau, "cases": cases, "rng_normals": rng_ref},
+    )
     log(f"fixtures written to {w.fixtures}")

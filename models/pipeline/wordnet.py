@@ -14,14 +14,51 @@ WORDNET_DIRS = ("/usr/share/wordnet", "/usr/share/wordnet/dict")
 
 # lexnames(5): lexicographer file number -> name
 LEXNAMES = [
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
-    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
-    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
-    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
-    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 ]
 
 POS_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv"}
@@ -53,8 +90,7 @@ def find_dict_dir() -> str:
         if os.path.exists(os.path.join(d, "data.noun")):
             return d
     raise FileNotFoundError(
-        "WordNet 3.0 data files not found; install Debian's `wordnet-base` package "
-        "(apt-get install wordnet-base)"
+        "WordNet 3.0 data files not found; install Debian's `wordnet-base` package (apt-get install wordnet-base)"
     )
 
 
@@ -102,7 +138,5 @@ def load(dict_dir: str | None = None) -> dict[tuple[str, int], Synset]:
                     ppos = "a" if ppos == "s" else ppos
                     ptrs.append(Pointer(sym, (ppos, off), int(st[:2], 16), int(st[2:], 16)))
                 definition, examples = _split_gloss(gloss.strip())
-                synsets[(pos, offset)] = Synset(
-                    (pos, offset), LEXNAMES[lexnum], words, ptrs, definition, examples
-                )
+                synsets[(pos, offset)] = Synset((pos, offset), LEXNAMES[lexnum], words, ptrs, definition, examples)
     return synsets

@@ -221,7 +221,11 @@ class Work:
         d = mu.shape[1]
         gain = float(jload(self.p("prior.json"))["best"].get("gain", 1.0))
         m = CVAE(
-            d, np.zeros((d, c["basis_c"]), np.float32), np.zeros((d, c["basis_u"]), np.float32), zdim=c["zdim"], gain=gain
+            d,
+            np.zeros((d, c["basis_c"]), np.float32),
+            np.zeros((d, c["basis_u"]), np.float32),
+            zdim=c["zdim"],
+            gain=gain,
         )
         path = self.p("cvae_tuned.pt") if tuned and os.path.exists(self.p("cvae_tuned.pt")) else self.p("cvae.pt")
         m.load_state_dict(torch.load(path))

@@ -16,14 +16,13 @@ Writes `W/ablate_fa/summary.json` and prints a Markdown table for models/README.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from .work import analysis_work, jdump, jload, log, safe
+from .work import analysis_work, jdump, jload, log, safe, save_trained
 
 
 def main() -> None:
@@ -49,8 +48,7 @@ def main() -> None:
             "val": evaluate(std, t.val, mu),
             "secs": time.time() - t0,
         }
-        np.savez(path + ".tmp.npz", snaps=snaps.astype(np.float32), info=json.dumps(info))
-        os.replace(path + ".tmp.npz", path)
+        save_trained(path, snaps, info)
 
     zs = jload(pipe.p("zeroshot.json"))
     pr = jload(pipe.p("prior.json"))["best"]

@@ -24,12 +24,11 @@ and prints a Markdown table for models/README.md.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from .work import analysis_work, jdump, log, safe
+from .work import analysis_work, jdump, log, safe, save_trained
 
 
 def main() -> None:
@@ -73,13 +72,7 @@ def main() -> None:
             pairs = [p for j in trained for p in experts[j].train]
             log(f"joint LoRA for {r} (half {h}): {len(trained)} tasks, {len(pairs)} pairs")
             snaps, losses = pipe.train(pairs, seed=7000 + 10 * relations.index(r) + h, desc=f"joint {r}/{h}")
-            tmp = path + ".tmp.npz"
-            np.savez(
-                tmp,
-                snaps=snaps.astype(np.float32),
-                info=json.dumps({"losses": losses, "trained": [experts[j].name for j in trained]}),
-            )
-            os.replace(tmp, path)
+            save_trained(path, snaps, {"losses": losses, "trained": [experts[j].name for j in trained]})
         joint = np.load(path)["snaps"].mean(0)
         joint_info.append(
             {

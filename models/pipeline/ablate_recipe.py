@@ -26,7 +26,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .work import analysis_work, jdump, log, safe
+from .work import analysis_work, jdump, log, safe, save_trained
 
 
 def main() -> None:
@@ -53,8 +53,7 @@ def main() -> None:
         path = os.path.join(out, safe(t.name) + ".npz")
         if not os.path.exists(path):
             snaps, losses = pipe.train(t.train, seed=1000 + i, desc=t.name)  # the experts stage's seed
-            np.savez(path + ".tmp.npz", snaps=snaps.astype(np.float32), info=json.dumps({"losses": losses}))
-            os.replace(path + ".tmp.npz", path)
+            save_trained(path, snaps, {"losses": losses})
         s = np.load(path)["snaps"]
         mu_alt.append(s.mean(0))
         var_alt.append(s.var(0))

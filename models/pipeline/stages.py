@@ -7,7 +7,6 @@ it computes in the work folder and returns at once when that is there (models/RE
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from .fixtures import FIXTURE_DESCRIPTIONS
 from .prior import denormalise, norm_stats, normalise, normalise_spread, semantic_prior
-from .work import Work, jdump, jload, log, safe
+from .work import Work, jdump, jload, log, safe, save_trained
 
 # off-topic descriptions: where the bundle's out-of-scope threshold (`ood_threshold`) must fall
 OFF_TOPIC = [
@@ -29,6 +28,7 @@ OFF_TOPIC = [
 
 
 def suite(w: Work):
+    """The task suite from WordNet: expert and unseen tasks with descriptions and splits."""
     if os.path.exists(w.p("suite.json")):
         return
     from .tasks import build_suite
@@ -55,6 +55,7 @@ def suite(w: Work):
 
 
 def zeroshot(w: Work):
+    """The base model's metrics on every task's test and validation split."""
     path = w.p("zeroshot.json")
     zs = jload(path) if os.path.exists(path) else {}
     from .lora import evaluate
@@ -67,6 +68,7 @@ def zeroshot(w: Work):
 
 
 def _train_cached(w: Work, task, folder, seed):
+    """Train and score one task's adapter into `folder` unless it is cached there."""
     from .lora import evaluate
 
     os.makedirs(w.p(folder), exist_ok=True)
@@ -87,12 +89,11 @@ def _train_cached(w: Work, task, folder, seed):
         "secs": time.time() - t0,
         "n_train_pairs": len(task.train),
     }
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps(info))
-    os.replace(tmp, path)
+    save_trained(path, snaps, info)
 
 
 def experts(w: Work):
+    """One LoRA-FA adapter per expert task (snapshots of the last epochs)."""
     experts = w.suite["experts"]
     todo = [i for i, t in enumerate(experts) if not os.path.exists(w.p("experts", safe(t.name) + ".npz"))]
     log(f"experts: {len(experts) - len(todo)} cached, {len(todo)} to train")
@@ -151,11 +152,13 @@ def gate(w: Work):
 
 
 def oracles(w: Work):
+    """One adapter per unseen task on its own train split: the upper bound of the evaluation."""
     for i, t in enumerate(tqdm(w.suite["unseen"], desc="oracles")):
         _train_cached(w, t, "oracles", seed=5000 + i)
 
 
 def multitask(w: Work):
+    """One LoRA on all expert data, batches drawn from one task at a time."""
     path = w.p("multitask.npz")
     if os.path.exists(path):
         return
@@ -186,11 +189,11 @@ def multitask(w: Work):
             progress=bar,
             batches=batches,
         )
-    np.savez(path + ".tmp.npz", snaps=snaps, info=json.dumps({"losses": losses}))
-    os.replace(path + ".tmp.npz", path)
+    save_trained(path, snaps, {"losses": losses})
 
 
 def encoder(w: Work):
+    """The int8 ONNX encoder in the bundle, checked against PyTorch on every description."""
     from .export import export_encoder
 
     os.makedirs(w.bundle, exist_ok=True)
@@ -269,6 +272,8 @@ def prior(w: Work):
 
 
 def cvae(w: Work):
+    """The CVAE on leave-out priors, its epoch count and correction scale chosen by k-fold
+    functional validation over the experts, then refitted on all of them."""
     path = w.p("cvae.pt")
     if os.path.exists(path):
         return
@@ -441,6 +446,7 @@ def cvae(w: Work):
 
 
 def bundle(w: Work):
+    """The bundle: experts file, CVAE graphs, split, manifest (with the hashes of every file)."""
     from safetensors.numpy import save_file
 
     from .export import export_cvae, write_manifest

@@ -91,6 +91,13 @@ def jdump(path, obj):
     os.replace(tmp, path)
 
 
+def save_trained(path, snaps, info: dict) -> None:
+    """Write an adapter's snapshots (float32) and its info atomically: what `Work.load_trained` reads."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps(info))
+    os.replace(tmp, path)
+
+
 def jload(path):
     with open(path) as f:
         return json.load(f)

@@ -42,17 +42,20 @@ build:
 
 run: build
 	rm -rf $(TARGET_DIR)/example-adapter
-	$(CARGO) run --quiet -- --bundle $(BUNDLE) generate "$(DESC)" -o $(TARGET_DIR)/example-adapter
+	$(CARGO) run --quiet --bin sglora -- --bundle $(BUNDLE) generate "$(DESC)" -o $(TARGET_DIR)/example-adapter
 
 # The test command (README, .ci/run).
 test: lint test-rust test-peft verify-units
 
-lint:
+lint: venv
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(VENV)/bin/ruff check models
+	$(VENV)/bin/ruff format --check models
 
-fmt:
+fmt: venv
 	$(CARGO) fmt
+	$(VENV)/bin/ruff format models
 
 test-rust:
 	$(CARGO) test
@@ -68,7 +71,7 @@ test-peft: venv test-build
 
 # Parity of the Rust side with a freshly built tiny bundle (CI runs it after models-tiny).
 test-tiny-parity:
-	SGLORA_TEST_BUNDLE=models/work/tiny/bundle SGLORA_TEST_FIXTURES=models/work/tiny/fixtures $(CARGO) test --test parity
+	SGLORA_TEST_BUNDLE=models/work/tiny/bundle SGLORA_TEST_FIXTURES=models/work/tiny/fixtures $(CARGO) test -p sglora-cli --test parity
 
 venv: $(VENV)/.ok
 
@@ -106,19 +109,19 @@ BENCH_DIR := $(abspath $(TARGET_DIR))/bench
 bench: venv
 	mkdir -p $(BENCH_DIR)
 	cd models && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.bench --bundle $(abspath $(BUNDLE)) --out $(BENCH_DIR) $(if $(QUICK),--quick)
-	$(CARGO) bench --bench bench -- --bundle $(abspath $(BUNDLE)) --fp32-bundle $(BENCH_DIR)/fp32-bundle --python $(BENCH_DIR)/python.json --json $(BENCH_DIR)/rust.json $(if $(QUICK),--quick)
+	$(CARGO) bench -p sglora-cli --bench bench -- --bundle $(abspath $(BUNDLE)) --fp32-bundle $(BENCH_DIR)/fp32-bundle --python $(BENCH_DIR)/python.json --json $(BENCH_DIR)/rust.json $(if $(QUICK),--quick)
 	cat benches/notes.md >> BENCHMARKS.md
 
 soak:
 	SGLORA_SOAK_CLIENTS=32 SGLORA_SOAK_SECS=60 SGLORA_SOAK_JSON=$(abspath $(TARGET_DIR))/soak.json \
-	  $(CARGO) test --test soak -- --nocapture
+	  $(CARGO) test -p sglora-cli --test soak -- --nocapture
 	SGLORA_CRASH_CYCLES=100 SGLORA_CRASH_JSON=$(abspath $(TARGET_DIR))/crash.json \
-	  $(CARGO) test --test crash -- --nocapture
+	  $(CARGO) test -p sglora-cli --test crash -- --nocapture
 
 FUZZ_CASES ?= 4000
 FUZZ_SECONDS ?= 900
 fuzz:
-	PROPTEST_CASES=$(FUZZ_CASES) timeout $(FUZZ_SECONDS) $(CARGO) test --test fuzz -- --nocapture
+	PROPTEST_CASES=$(FUZZ_CASES) timeout $(FUZZ_SECONDS) $(CARGO) test -p sglora-cli --test fuzz -- --nocapture
 
 # --- install on a board (or into DESTDIR for packaging) -------------------------------------
 $(BIN):
@@ -153,10 +156,12 @@ armv7:
 	$(CARGO) build --profile board --target armv7-unknown-linux-gnueabihf --bin sglora
 	@ls -l $(TARGET_DIR)/armv7-unknown-linux-gnueabihf/board/sglora
 
-# The library's unit tests and the parity tests on the real bundle (Rust vs the Python golden
-# fixtures), run under qemu-aarch64 (cortex-a72) through the runner in .cargo/config.toml.
+# The libraries' unit tests (core and daemon) and the parity tests on the real bundle (Rust vs
+# the Python golden fixtures), run under qemu-aarch64 (cortex-a72) through the runner in
+# .cargo/config.toml.
 test-aarch64: deps-cross
-	$(CARGO) test --target aarch64-unknown-linux-gnu --lib --test parity
+	$(CARGO) test --target aarch64-unknown-linux-gnu -p sglora -p sglora-daemon --lib
+	$(CARGO) test --target aarch64-unknown-linux-gnu -p sglora-cli --test parity
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: test-build

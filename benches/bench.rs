@@ -9,9 +9,8 @@
 //! sentence-transformers and the PyTorch generation stack on the same descriptions and writes
 //! the JSON given by `--python`; it also exports the fp32 encoder bundle given by `--fp32-bundle`.
 
-#[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
-mod common;
+use sglora_testkit as common;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use rusqlite::params;
 use serde_json::{json, Value};
-use sglora::adapter::{CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE};
-use sglora::bundle::sha256_hex;
-use sglora::cache::Cache;
-use sglora::encoder::{Encoder, WeightPrecision};
+use sglora::sha256_hex;
+use sglora::{Encoder, Runtime};
 use sglora::{GenerateOptions, Generator};
+use sglora::{CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE};
+use sglora_daemon::Cache;
 
 use common::bus::{Bus, Daemon};
 use common::load;
@@ -120,8 +119,8 @@ fn texts() -> Res<(BTreeMap<String, String>, Vec<String>)> {
         common::root().join("benches/descriptions.json"),
     )?)?;
     let enc = serde_json::from_value(v["encoder_by_words"].clone())?;
-    let gen = serde_json::from_value(v["generation"].clone())?;
-    Ok((enc, gen))
+    let generation = serde_json::from_value(v["generation"].clone())?;
+    Ok((enc, generation))
 }
 
 fn cpu_info() -> (String, Vec<String>, f64) {
@@ -191,7 +190,10 @@ fn bench_generation(g: &Generator, descs: &[String], quick: bool) -> Res<Value> 
             n += 1;
             let dest = tmp.path().join(format!("a{n}"));
             let t = Instant::now();
-            let r = g.generate_to(d, &opts, &dest, false)?;
+            let r = g.generate_text(d, &opts)?;
+            let tw = Instant::now();
+            sglora::write_atomic(&dest, &g.adapter_files(&r)?, false)?;
+            let write_ms = ms(tw);
             total.push(ms(t));
             let tm = &r.explanation.timings;
             for (k, v) in [
@@ -200,7 +202,7 @@ fn bench_generation(g: &Generator, descs: &[String], quick: bool) -> Res<Value> 
                 ("retrieve", tm.retrieve_ms),
                 ("prior", tm.prior_ms),
                 ("cvae", tm.cvae_ms),
-                ("write", tm.write_ms),
+                ("write", write_ms),
             ] {
                 stages.entry(k).or_default().push(v);
             }
@@ -218,7 +220,7 @@ fn unit(v: Vec<f32>) -> Vec<f32> {
     v.into_iter().map(|x| x / n).collect()
 }
 
-fn random_unit(rng: &mut sglora::rng::Rng, dim: usize) -> Vec<f32> {
+fn random_unit(rng: &mut sglora::Rng, dim: usize) -> Vec<f32> {
     unit(rng.normals(dim).into_iter().map(|x| x as f32).collect())
 }
 
@@ -266,32 +268,41 @@ fn bench_cache(g: &Generator, descs: &[String], quick: bool) -> Res<Value> {
     };
     let mut embs = Vec::new();
     for d in descs {
-        let gen = g.generate(d, &opts)?;
-        let files = g.adapter_files(&gen, Value::Null)?;
-        cache.insert(d, "real", &gen.explanation.embedding, &files)?;
-        embs.push(gen.explanation.embedding.clone());
+        let generation = g.generate_text(d, &opts)?;
+        let files = g.adapter_files(&generation)?;
+        cache.insert(
+            &generation.description,
+            "real",
+            &generation.embedding,
+            &files,
+        )?;
+        embs.push(generation.embedding.clone());
     }
     let reps = if quick { 50 } else { 500 };
     let mut i = 0;
     let exact = time_n(reps, || {
         i += 1;
         let d = &descs[i % descs.len()];
-        cache.lookup(d, "real", None)?.ok_or("exact hit expected")?;
+        // Validating and hashing the text is part of an exact lookup's cost.
+        cache
+            .lookup(&sglora::Description::new(d)?, "real", None)?
+            .ok_or("exact hit expected")?;
         Ok(())
     })?;
     let mut i = 0;
+    let not_cached = sglora::Description::new("not cached text")?;
     let similar = time_n(reps, || {
         i += 1;
         let k = i % descs.len();
         let (_, m) = cache
-            .lookup("not cached text", "real", Some(&embs[k]))?
+            .lookup(&not_cached, "real", Some(&embs[k]))?
             .ok_or("similar hit expected")?;
-        assert_eq!(m, sglora::cache::Match::Similar);
+        assert_eq!(m, sglora_daemon::Match::Similar);
         Ok(())
     })?;
     let weights_bytes = std::fs::metadata(
         cache
-            .lookup(&descs[0], "real", None)?
+            .lookup(&sglora::Description::new(&descs[0])?, "real", None)?
             .ok_or("hit")?
             .0
             .dir
@@ -311,7 +322,7 @@ fn bench_cache(g: &Generator, descs: &[String], quick: bool) -> Res<Value> {
     let db = tmp.path().join("cache.db");
     let dir = tmp.path().join("adapters");
     drop(Cache::open(&db, &dir, u64::MAX, 0.97)?);
-    let mut rng = sglora::rng::Rng::new(42);
+    let mut rng = sglora::Rng::new(42);
     let mut rows: Vec<(String, Vec<f32>)> = Vec::new();
     let mut growth = Vec::new();
     let wsha = sha256_hex(b"w");
@@ -349,16 +360,21 @@ fn bench_cache(g: &Generator, descs: &[String], quick: bool) -> Res<Value> {
             i += 7919;
             let k = i % n;
             cache
-                .lookup(&format!("bench text {k}"), "bench", None)?
+                .lookup(
+                    &sglora::Description::new(&format!("bench text {k}"))?,
+                    "bench",
+                    None,
+                )?
                 .ok_or("exact")?;
             Ok(())
         })?;
+        let absent = sglora::Description::new("absent")?;
         let mut i = 0;
         let similar = time_n(reps, || {
             i += 7919;
             let k = i % n;
             cache
-                .lookup("absent", "bench", Some(&rows[k].1))?
+                .lookup(&absent, "bench", Some(&rows[k].1))?
                 .ok_or("similar")?;
             Ok(())
         })?;
@@ -367,7 +383,7 @@ fn bench_cache(g: &Generator, descs: &[String], quick: bool) -> Res<Value> {
         let miss = time_n(reps, || {
             i += 1;
             if cache
-                .lookup("absent", "bench", Some(&queries[i - 1]))?
+                .lookup(&absent, "bench", Some(&queries[i - 1]))?
                 .is_some()
             {
                 return Err("a random vector matched".into());
@@ -532,7 +548,7 @@ fn read_bandwidth() -> f64 {
     (n * 8) as f64 / best / 1e9
 }
 
-fn floor(g: &Generator, enc: &BTreeMap<String, Value>, gen: &Value) -> Value {
+fn floor(g: &Generator, enc: &BTreeMap<String, Value>, generation: &Value) -> Value {
     let (_, flags, mhz) = cpu_info();
     let lanes = if flags.iter().any(|f| f == "avx512f") {
         16.0
@@ -551,11 +567,11 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, gen: &Value) -> Value {
     let layers = 6.0;
     let weights_per_layer = 4.0 * h * h + 2.0 * h * ffn;
     let enc_weight_f32_bytes = layers * weights_per_layer * 4.0;
-    let weights = g.encoder().weights().name();
-    let weight_bytes = match g.encoder().weights() {
-        WeightPrecision::I8 => 1.0,
-        WeightPrecision::F16 => 2.0,
-        WeightPrecision::F32 => 4.0,
+    let weights = g.encoder().runtime().name();
+    let weight_bytes = match g.encoder().runtime() {
+        Runtime::Int8 => 1.0,
+        Runtime::Fp16 => 2.0,
+        Runtime::Fp32 | Runtime::Auto => 4.0,
     };
     let tokens20 = enc
         .get("20")
@@ -574,7 +590,7 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, gen: &Value) -> Value {
         json!({"stage": name, "bytes": bytes, "macs": macs, "floor_bw_ms": t_bw, "floor_compute_ms": t_c,
                "floor_ms": fl, "measured_ms": measured, "x_floor": if fl > 0.0 { measured / fl } else { 0.0 }})
     };
-    let st = |k: &str| gen["stages"][k]["p50"].as_f64().unwrap_or(f64::NAN);
+    let st = |k: &str| generation["stages"][k]["p50"].as_f64().unwrap_or(f64::NAN);
     let enc20 = enc
         .get("20")
         .and_then(|v| v["ms"]["p50"].as_f64())
@@ -833,10 +849,10 @@ fn main() -> Res<()> {
     encoder.insert("int8", bench_encoder(g.encoder(), &enc_texts, a.quick)?);
     {
         // The same file run by tract, weights dequantised to fp16 / fp32 at load, same run.
-        let f16w = Encoder::load_with(g.bundle(), WeightPrecision::F16)?;
+        let f16w = Encoder::load_with(g.bundle(), Runtime::Fp16)?;
         encoder.insert("int8_f16w", bench_encoder(&f16w, &enc_texts, a.quick)?);
         drop(f16w);
-        let f32w = Encoder::load_with(g.bundle(), WeightPrecision::F32)?;
+        let f32w = Encoder::load_with(g.bundle(), Runtime::Fp32)?;
         encoder.insert("int8_f32w", bench_encoder(&f32w, &enc_texts, a.quick)?);
     }
     if let Some(fp) = &a.fp32_bundle {
@@ -880,7 +896,7 @@ fn main() -> Res<()> {
         "date": date, "commit": commit, "cpu": cpu,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "quick": a.quick, "encoder": encoder, "generation": generation, "cache": cache,
-        "encoder_weights": g.encoder().weights().name(),
+        "encoder_weights": g.encoder().runtime().name(),
         "daemon": daemon, "footprint": footprint, "floor": fl,
     });
     let py: Value = match &a.python {

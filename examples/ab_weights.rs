@@ -2,21 +2,21 @@
 //! (default int8 vs fp32): `cargo run --release --example ab_weights [REPS] [A] [B]`.
 use std::time::Instant;
 
-use sglora::bundle::Bundle;
-use sglora::encoder::{Encoder, WeightPrecision};
+use sglora::Bundle;
+use sglora::{Encoder, Runtime};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reps: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
-    let pick = |i: usize, default: WeightPrecision| match std::env::args().nth(i).as_deref() {
-        Some("int8") => WeightPrecision::I8,
-        Some("fp16") => WeightPrecision::F16,
-        Some("fp32") => WeightPrecision::F32,
+    let pick = |i: usize, default: Runtime| match std::env::args().nth(i).as_deref() {
+        Some("int8") => Runtime::Int8,
+        Some("fp16") => Runtime::Fp16,
+        Some("fp32") => Runtime::Fp32,
         _ => default,
     };
-    let (pa, pb) = (pick(2, WeightPrecision::I8), pick(3, WeightPrecision::F32));
+    let (pa, pb) = (pick(2, Runtime::Int8), pick(3, Runtime::Fp32));
     let b = Bundle::open("models/default")?;
     let h = Encoder::load_with(&b, pa)?;
     let f = Encoder::load_with(&b, pb)?;

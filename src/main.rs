@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sglora::bundle::Bundle;
-use sglora::generator::{Explanation, GenerateOptions, Generator};
+use sglora::{Bundle, Explanation, GenerateOptions, Generator};
 
 /// Turn a text description of a task into a PEFT LoRA adapter (SG-LoRA), offline.
 #[derive(Parser)]
@@ -121,57 +120,32 @@ struct DaemonArgs {
 }
 
 fn daemon(cli_bundle: Option<&Path>, a: DaemonArgs) -> anyhow::Result<()> {
-    use sglora::config::{BusKind, Config, DEFAULT_CONFIG};
-    let mut cfg = match &a.config {
+    use sglora_daemon::{BusKind, Config, Overrides, DEFAULT_CONFIG};
+    let cfg = match &a.config {
         Some(p) => Config::load(p, true)?,
         None => Config::load(Path::new(DEFAULT_CONFIG), false)?,
     };
-    if a.session {
-        cfg.bus = BusKind::Session;
-    }
-    if a.system {
-        cfg.bus = BusKind::System;
-    }
-    if let Some(x) = a.bus_address {
-        cfg.bus_address = Some(x);
-    }
-    if let Some(x) = a.state_dir {
-        cfg.state_dir = x;
-    }
-    if let Some(x) = a.cache_dir {
-        cfg.cache_dir = x;
-    }
-    if let Some(x) = a.dropbox_dir {
-        cfg.dropbox.dir = Some(x);
-    }
-    if a.no_dropbox {
-        cfg.dropbox.enabled = false;
-    }
-    if let Some(x) = a.cache_max_bytes {
-        cfg.cache.max_bytes = x;
-    }
-    if let Some(x) = a.cache_threshold {
-        cfg.cache.similarity_threshold = x;
-    }
-    if let Some(x) = a.max_concurrent {
-        cfg.service.max_concurrent = x;
-    }
-    if let Some(x) = a.max_queue {
-        cfg.service.max_queue = x;
-    }
-    cfg.check()?;
+    let cfg = cfg.apply(Overrides {
+        bus: match (a.session, a.system) {
+            (true, _) => Some(BusKind::Session),
+            (_, true) => Some(BusKind::System),
+            _ => None,
+        },
+        bus_address: a.bus_address,
+        state_dir: a.state_dir,
+        cache_dir: a.cache_dir,
+        dropbox_dir: a.dropbox_dir,
+        no_dropbox: a.no_dropbox,
+        cache_max_bytes: a.cache_max_bytes,
+        cache_threshold: a.cache_threshold,
+        max_concurrent: a.max_concurrent,
+        max_queue: a.max_queue,
+    })?;
     let bundle = cli_bundle
         .map(Path::to_path_buf)
         .or_else(|| cfg.bundle.clone())
         .unwrap_or_else(|| bundle_dir(None));
-    // Model work runs on blocking threads, at most `max_concurrent` at a time (the service's
-    // permits); a small pool keeps per-thread allocator arenas and scratch buffers few.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(cfg.service.max_concurrent + 2)
-        .enable_all()
-        .build()?;
-    rt.block_on(sglora::daemon::run(cfg, bundle))
+    Ok(sglora_daemon::run_blocking(cfg, bundle)?)
 }
 
 #[derive(Subcommand)]
@@ -320,7 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain { args } => {
             let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
             let text = read_description(&args.description)?;
-            let ex = g.explain(&text, &options(&args, 0, None))?;
+            let ex = g.explain_text(&text, &options(&args, 0, None))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&ex)?);
             } else {
@@ -340,15 +314,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let load_ms = t0.elapsed().as_secs_f64() * 1e3;
             let text = read_description(&args.description)?;
             let opts = options(&args, seed, noise_scale);
-            let mut gen = g.generate(&text, &opts)?;
+            let generation = g.generate_text(&text, &opts)?;
             let dest = output.unwrap_or_else(|| {
-                let h = sglora::bundle::sha256_hex(gen.explanation.description.as_bytes());
+                let h = generation.description.sha256();
                 PathBuf::from(format!("sglora-adapter-{}-s{seed}", &h[..12]))
             });
-            g.write(&mut gen, &dest, force)?;
-            let ex = &gen.explanation;
+            let t1 = std::time::Instant::now();
+            sglora::write_atomic(&dest, &g.adapter_files(&generation)?, force)?;
+            let write_ms = t1.elapsed().as_secs_f64() * 1e3;
+            let ex = &generation.explanation;
             if args.json {
-                let out = serde_json::json!({"adapter_dir": dest, "explanation": ex, "timings_ms": ex.timings, "load_ms": load_ms});
+                let out = serde_json::json!({"adapter_dir": dest, "explanation": ex, "timings_ms": ex.timings, "write_ms": write_ms, "load_ms": load_ms});
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_explanation(ex);
@@ -356,8 +332,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("adapter: {}", dest.display());
                 println!(
                     "time (ms): tokenize {:.2}  encode {:.2}  retrieve {:.2}  prior {:.2}  cvae {:.2}  write {:.2}  | total {:.2} (model load {:.0})",
-                    t.tokenize_ms, t.encode_ms, t.retrieve_ms, t.prior_ms, t.cvae_ms, t.write_ms,
-                    t.tokenize_ms + t.encode_ms + t.retrieve_ms + t.prior_ms + t.cvae_ms + t.write_ms, load_ms
+                    t.tokenize_ms, t.encode_ms, t.retrieve_ms, t.prior_ms, t.cvae_ms, write_ms,
+                    t.tokenize_ms + t.encode_ms + t.retrieve_ms + t.prior_ms + t.cvae_ms + write_ms, load_ms
                 );
             }
             Ok(())
@@ -382,7 +358,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(match e.downcast_ref::<sglora::Error>() {
+            let core = e.downcast_ref::<sglora::Error>().or_else(|| {
+                e.downcast_ref::<sglora_daemon::Error>()
+                    .and_then(sglora_daemon::Error::generation)
+            });
+            ExitCode::from(match core {
                 Some(sglora::Error::InvalidDescription(_) | sglora::Error::InvalidOption(_)) => 2,
                 Some(sglora::Error::OutOfDistribution { .. }) => 3,
                 Some(sglora::Error::Bundle { .. }) => 4,

@@ -2,7 +2,7 @@
 //! tests/policy.rs): nothing is world-accessible whatever umask it was started with, only the
 //! inbox is group-writable, and links planted in its folders are never followed out of them.
 
-mod common;
+use sglora_testkit as common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! tests/daemon.rs hold the first cases of each; this file completes the matrix of
 //! RELIABILITY.md.)
 
-mod common;
+use sglora_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -314,7 +314,7 @@ fn repin(bundle: &Path, file: &str) {
     let mp = bundle.join("manifest.json");
     let mut m = read_json(&mp);
     let bytes = std::fs::read(bundle.join(file)).unwrap();
-    m["files"][file]["sha256"] = sglora::bundle::sha256_hex(&bytes).into();
+    m["files"][file]["sha256"] = sglora::sha256_hex(&bytes).into();
     m["files"][file]["bytes"] = (bytes.len() as u64).into();
     std::fs::write(&mp, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
@@ -387,7 +387,7 @@ fn bundle_damage_matrix() {
 // ---- the cache database -----------------------------------------------------------------------
 
 fn sha_file(p: &Path) -> String {
-    sglora::bundle::sha256_hex(&std::fs::read(p).unwrap())
+    sglora::sha256_hex(&std::fs::read(p).unwrap())
 }
 
 /// Start the daemon expecting it to fail; returns its stderr.

@@ -1,6 +1,6 @@
 //! The real `sglora` binary on the real bundle and the real filesystem.
 
-mod common;
+use sglora_testkit as common;
 
 use common::cli::*;
 use common::*;
@@ -104,7 +104,7 @@ fn generate_writes_a_valid_peft_adapter() {
     );
     let wsum: f64 = experts.iter().map(|e| e["weight"].as_f64().unwrap()).sum();
     assert!((wsum - 1.0).abs() < 1e-6);
-    assert_eq!(prov["weights_sha256"], sglora::bundle::sha256_hex(&bytes));
+    assert_eq!(prov["weights_sha256"], sglora::sha256_hex(&bytes));
     // nothing else (no temp dirs) next to the output
     let names: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()

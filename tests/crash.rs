@@ -13,7 +13,7 @@
 //! `cargo test` runs 20 cycles; `make soak` runs 100 (`SGLORA_CRASH_CYCLES`) and writes
 //! `SGLORA_CRASH_JSON`.
 
-mod common;
+use sglora_testkit as common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ fn adapter_problem(dir: &Path, want_sha: Option<&str>) -> Option<String> {
             Err(e) => return Some(e),
         }
     }
-    let sha = sglora::bundle::sha256_hex(&w);
+    let sha = sglora::sha256_hex(&w);
     if let Some(want) = want_sha {
         if sha != want {
             return Some(format!("weights sha {sha} != row's {want}"));
@@ -166,7 +166,7 @@ async fn sigkill_at_random_moments_loses_and_corrupts_nothing() {
     let inbox = st.join("dropbox/inbox");
     let mut c = Counts::default();
     let mut names = Vec::new();
-    let mut rng = sglora::rng::Rng::new(2026);
+    let mut rng = sglora::Rng::new(2026);
     let t0 = Instant::now();
     let mut leftovers: Vec<PathBuf> = Vec::new();
     for cycle in 0..cycles {

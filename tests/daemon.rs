@@ -1,7 +1,7 @@
 //! The real daemon on a real (private) dbus-daemon, with real SQLite and real files. Calls go
 //! through zbus and through the stock `busctl` and `gdbus` tools.
 
-mod common;
+use sglora_testkit as common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,13 +35,13 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
     // with the same encoder first so the test states its premise.
     let paraphrase = "Given the name of an animal, find the broader category that it is a kind of.";
     let g = sglora::Generator::load(bundle_dir()).unwrap();
-    let cos = sglora::prior::similarities(
-        &g.embed(paraphrase).unwrap().0.vector,
-        &sglora::experts::Experts::from_parts(
+    let cos = sglora::similarities(
+        &g.encoder().embed(paraphrase).unwrap().vector,
+        &sglora::Experts::from_parts(
             vec!["q".into()],
             vec!["q".into()],
             384,
-            g.embed(ANIMAL).unwrap().0.vector,
+            g.encoder().embed(ANIMAL).unwrap().vector,
             vec![0.0],
             vec![0.0],
         )

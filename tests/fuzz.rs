@@ -8,7 +8,7 @@
 //! 4000) within a time bound. A failing case is saved under `tests/fuzz.proptest-regressions`
 //! and replayed first from then on (commit it with the fix).
 
-mod common;
+use sglora_testkit as common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,9 +17,9 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use serde_json::Value;
-use sglora::bundle::{sha256_hex, Bundle, Manifest};
-use sglora::dropbox::parse_request;
-use sglora::experts::Experts;
+use sglora::Experts;
+use sglora::{sha256_hex, Bundle, Manifest};
+use sglora_daemon::parse_request;
 use zbus::{OwnedVariant as OwnedValue, Variant as ZValue};
 
 fn config() -> Config {
@@ -67,7 +67,7 @@ fn check_request(ext: &str, bytes: &[u8]) {
             assert_eq!(desc.as_bytes(), bytes);
         }
         // Whatever parsed must resolve or be refused, never panic.
-        let _ = sglora::generator::validate_description(&desc);
+        let _ = sglora::validate_description(&desc);
         let _ = generator().resolve(&o);
     }
 }
@@ -134,7 +134,7 @@ proptest! {
     /// Output names derived from any file name stay a plain name inside outbox/.
     #[test]
     fn output_names_cannot_escape(stem in "\\PC{0,150}") {
-        let s = sglora::dropbox::sanitize(&stem);
+        let s = sglora_daemon::sanitize(&stem);
         prop_assert!(!s.is_empty() && s.len() <= 100);
         prop_assert!(!s.starts_with('.') && s != "..");
         prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
@@ -170,7 +170,7 @@ proptest! {
             Just("noise_scale".to_string()), Just("min_similarity".to_string()),
             Just("allow_ood".to_string()), "[a-z_]{0,10}"], option_value()), 0..6)) {
         let map: HashMap<String, OwnedValue> = kv.into_iter().collect();
-        if let Ok(o) = sglora::dbus::parse_options(&map) {
+        if let Ok(o) = sglora_daemon::parse_options(&map) {
             if let Ok(r) = generator().resolve(&o) {
                 prop_assert!(r.top_k >= 1);
                 prop_assert!(r.temperature.is_finite() && r.temperature > 0.0);
@@ -287,9 +287,9 @@ fn check_manifest(bytes: &[u8]) {
         manifest: b.manifest.clone(),
         hash: b.hash.clone(),
     };
-    if let Ok(ex) = Experts::load(&real) {
+    if let Ok((ex, _)) = Experts::load(&real) {
         let flat = vec![0f32; real.manifest.lora.flat_dim];
-        let _ = sglora::adapter::weights_bytes(&real.manifest, &flat, &ex.lora_a);
+        let _ = sglora::weights_bytes(&real.manifest, &flat, &ex.lora_a);
     }
 }
 
@@ -337,9 +337,9 @@ fn check_experts(bytes: &[u8], dir: &Path) {
         manifest,
         hash: bundle.hash,
     };
-    if let Ok(ex) = Experts::load(&b) {
+    if let Ok((ex, norm)) = Experts::load(&b) {
         assert_eq!(ex.len(), b.manifest.experts.count);
-        assert!(ex.norm_std.iter().all(|s| s.is_finite() && *s > 0.0));
+        assert!(norm.std().iter().all(|s| s.is_finite() && *s > 0.0));
     }
 }
 
@@ -381,14 +381,13 @@ proptest! {
 // Tokenizer: sglora's own WordPiece must give exactly the ids of Hugging Face `tokenizers` on the
 // bundle's tokenizer.json (what the Python pipeline used), on any text.
 
-fn tokenizers_pair() -> &'static (sglora::tokenizer::Tokenizer, tokenizers::Tokenizer, usize) {
-    static T: OnceLock<(sglora::tokenizer::Tokenizer, tokenizers::Tokenizer, usize)> =
-        OnceLock::new();
+fn tokenizers_pair() -> &'static (sglora::Tokenizer, tokenizers::Tokenizer, usize) {
+    static T: OnceLock<(sglora::Tokenizer, tokenizers::Tokenizer, usize)> = OnceLock::new();
     T.get_or_init(|| {
         let b = Bundle::open(common::bundle_dir()).unwrap();
         let bytes = b.read(&b.manifest.encoder.tokenizer).unwrap();
         let max = b.manifest.encoder.max_tokens;
-        let ours = sglora::tokenizer::Tokenizer::from_json(&bytes, max).unwrap();
+        let ours = sglora::Tokenizer::from_json(&bytes, max).unwrap();
         let mut hf = tokenizers::Tokenizer::from_bytes(&bytes).unwrap();
         hf.with_padding(None);
         hf.with_truncation(Some(tokenizers::TruncationParams {

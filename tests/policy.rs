@@ -2,7 +2,7 @@
 //! only user `sglora` may own the name; root and members of group `sglora` may call; any other
 //! uid is refused. Needs root (CI runs as root) to create the test users and switch uids.
 
-mod common;
+use sglora_testkit as common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! `cargo test` runs a short version (8 clients, 5 s); `make soak` runs the version
 //! (`SGLORA_SOAK_CLIENTS=32 SGLORA_SOAK_SECS=60`) and writes `target/soak.json`.
 
-mod common;
+use sglora_testkit as common;
 
 use std::time::{Duration, Instant};
 

@@ -39,7 +39,7 @@ def export_fp32_encoder(path: str) -> np.ndarray:
 
     base = AutoModel.from_pretrained(lora_mod.base_model_dir(), attn_implementation="eager").eval()
     ids = torch.tensor([[101, 7592, 2088, 102]])
-    # The word-embedding lookup happens outside the graph (Rust: src/encoder.rs) from an int8
+    # The word-embedding lookup happens outside the graph (Rust: crates/sglora/src/encoder.rs) from an int8
     # table: tract does not constant-fold a dequantisation feeding Gather, so an in-graph int8
     # table was dequantised whole on every call (+50 ms).
     table = base.embeddings.word_embeddings.weight.detach().numpy().astype(np.float32)

@@ -1,4 +1,4 @@
-"""The portable noise generator shared with the Rust side (src/rng.rs); see models/BUNDLE.md.
+"""The portable noise generator shared with the Rust side (crates/sglora/src/rng.rs); see models/BUNDLE.md.
 
 SplitMix64 seeds xoshiro256**; uniforms are the top 53 bits; normals come from Box-Muller pairs
 (u1 = 1 - uniform, r = sqrt(-2 ln u1), n0 = r cos(2 pi u2), n1 = r sin(2 pi u2)).

@@ -1,15 +1,43 @@
-//! Shared helpers of the integration tests.
-#![allow(dead_code)]
+//! The harness shared by sglora's integration tests (`tests/`) and benchmarks (`benches/`): where
+//! the bundle and fixtures under test are, the `sglora` binary under test ([`cli`]), a private
+//! `dbus-daemon` with the daemon under test on it ([`bus`]), and the concurrent load generator of
+//! the soak test and the benchmarks ([`load`]). A dev-dependency only; nothing ships it.
+#![deny(missing_docs)]
 
 pub mod bus;
 pub mod cli;
 pub mod load;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// Repository root.
+/// Repository root (the workspace root, two levels above this crate).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/sglora-testkit sits two levels below the repository root")
+        .to_path_buf()
+}
+
+/// The `sglora` binary under test: `$SGLORA_BIN` if set, else the one Cargo built next to the
+/// running test or benchmark (`target/<profile>/deps/<test>` → `target/<profile>/sglora`; Cargo
+/// builds a package's binaries before its integration tests and benchmarks).
+pub fn sglora_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SGLORA_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("path of the running test");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let bin = profile_dir.join("sglora");
+    assert!(
+        bin.exists(),
+        "{} does not exist: run the tests with cargo, which builds it",
+        bin.display()
+    );
+    bin
 }
 
 /// The bundle under test: `$SGLORA_TEST_BUNDLE` (relative to the repository root unless
@@ -37,10 +65,7 @@ pub fn tensor(bytes: &[u8], name: &str) -> Vec<f32> {
     let t = st
         .tensor(name)
         .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    sglora::f32s_from_le(t.data()).collect()
 }
 
 /// Cosine similarity.

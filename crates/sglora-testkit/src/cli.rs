@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use super::bundle_dir;
+use crate::bundle_dir;
 
 /// Run the binary under test on the bundle under test.
 pub fn sglora(args: &[&str]) -> Output {
@@ -13,7 +13,7 @@ pub fn sglora(args: &[&str]) -> Output {
 
 /// Run the binary under test on `bundle`.
 pub fn sglora_with(bundle: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sglora"))
+    Command::new(crate::sglora_bin())
         .arg("--bundle")
         .arg(bundle)
         .args(args)
@@ -23,7 +23,7 @@ pub fn sglora_with(bundle: &Path, args: &[&str]) -> Output {
 
 /// Run it with `input` on stdin (a child that exits early is fine).
 pub fn sglora_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sglora"))
+    let mut child = Command::new(crate::sglora_bin())
         .arg("--bundle")
         .arg(bundle_dir())
         .args(args)

@@ -7,51 +7,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::cache::{Cache, Entry, Match};
-use crate::error::Error;
-use crate::generator::{validate_description, GenerateOptions, Generator, ResolvedOptions};
+use sglora::{AdapterFiles, Description, Explanation, GenerateOptions, Generator, ResolvedOptions};
 
-/// Why a request failed, as the daemon reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServiceError {
-    /// Bad description.
-    InvalidDescription(String),
-    /// Bad option.
-    InvalidOption(String),
-    /// No expert close enough.
-    OutOfDistribution(String),
-    /// Queue full.
-    Busy(String),
-    /// Unknown adapter id.
-    NotFound(String),
-    /// Anything else (I/O, model).
-    Internal(String),
-}
-
-impl std::fmt::Display for ServiceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (k, m) = match self {
-            ServiceError::InvalidDescription(m) => ("invalid description", m),
-            ServiceError::InvalidOption(m) => ("invalid option", m),
-            ServiceError::OutOfDistribution(m) => ("out of distribution", m),
-            ServiceError::Busy(m) => ("busy", m),
-            ServiceError::NotFound(m) => ("not found", m),
-            ServiceError::Internal(m) => ("internal error", m),
-        };
-        write!(f, "{k}: {m}")
-    }
-}
-
-impl From<Error> for ServiceError {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::InvalidDescription(m) => ServiceError::InvalidDescription(m),
-            Error::InvalidOption(m) => ServiceError::InvalidOption(m),
-            e @ Error::OutOfDistribution { .. } => ServiceError::OutOfDistribution(e.to_string()),
-            e => ServiceError::Internal(e.to_string()),
-        }
-    }
-}
+use crate::cache::{Cache, Entry, Match, Stats};
+use crate::error::{Error, Result};
 
 /// A served adapter.
 #[derive(Debug, Clone)]
@@ -60,6 +19,9 @@ pub struct Served {
     pub entry: Entry,
     /// Whether it came from the cache.
     pub cache_hit: bool,
+    /// The files of a fresh generation (a miss), so a caller that delivers them elsewhere (the
+    /// drop folder) need not read the cached copy back; `None` for a cache hit.
+    pub files: Option<Arc<AdapterFiles>>,
 }
 
 /// Counters exposed as D-Bus properties.
@@ -75,7 +37,7 @@ pub struct Counters {
     pub generated: AtomicU64,
 }
 
-type Shared = Arc<OnceCell<Result<Served, ServiceError>>>;
+type Shared = Arc<OnceCell<Result<Served>>>;
 
 struct Leave<'a>(&'a AtomicUsize);
 
@@ -106,9 +68,10 @@ struct Slot<'a> {
     _leave: Leave<'a>,
 }
 
-/// The service.
+/// The request path shared by D-Bus and the drop folder: cache first, coalescing of identical
+/// requests, a bounded compute stage, statistics.
 pub struct Service {
-    gen: RwLock<Arc<Generator>>,
+    generator: RwLock<Arc<Generator>>,
     cache: Mutex<Cache>,
     permits: Semaphore,
     in_stage: AtomicUsize,
@@ -131,15 +94,16 @@ fn scope(bundle_hash: &str, o: &ResolvedOptions) -> String {
     )
 }
 
-fn internal<E: std::fmt::Display>(e: E) -> ServiceError {
-    ServiceError::Internal(e.to_string())
-}
-
 impl Service {
     /// A service around a loaded generator and an opened cache.
-    pub fn new(gen: Generator, cache: Cache, max_concurrent: usize, max_queue: usize) -> Service {
+    pub fn new(
+        generator: Generator,
+        cache: Cache,
+        max_concurrent: usize,
+        max_queue: usize,
+    ) -> Service {
         Service {
-            gen: RwLock::new(Arc::new(gen)),
+            generator: RwLock::new(Arc::new(generator)),
             cache: Mutex::new(cache),
             permits: Semaphore::new(max_concurrent.max(1)),
             in_stage: AtomicUsize::new(0),
@@ -151,19 +115,31 @@ impl Service {
 
     /// The current generator.
     pub fn generator(&self) -> Arc<Generator> {
-        self.gen
+        self.generator
             .read()
             .map(|g| g.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    /// Replace the generator (after reloading the bundle); cached adapters of the old bundle are
-    /// no longer served because the bundle hash is part of every cache key.
-    pub fn replace_generator(&self, g: Generator) {
-        match self.gen.write() {
+    /// Re-read the bundle (expert repository and models) from disk on the same runtime and put
+    /// it in service; returns the number of experts. A bundle that fails verification leaves the
+    /// old one in service. Cached adapters of the old bundle are no longer served because the
+    /// bundle hash is part of every cache key.
+    pub async fn reload(&self) -> Result<usize> {
+        let old = self.generator();
+        let g = tokio::task::spawn_blocking(move || old.reload())
+            .await?
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "reload failed, the previous bundle stays in service: {e}"
+                ))
+            })?;
+        let n = g.experts().len();
+        match self.generator.write() {
             Ok(mut w) => *w = Arc::new(g),
             Err(p) => *p.into_inner() = Arc::new(g),
         }
+        Ok(n)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -186,30 +162,25 @@ impl Service {
     }
 
     /// Cache statistics.
-    pub fn cache_stats(&self) -> crate::cache::Stats {
+    pub fn cache_stats(&self) -> Stats {
         self.cache().stats().unwrap_or_default()
     }
 
     /// Look up an adapter by id.
-    pub fn get(&self, id: &str) -> Result<Entry, ServiceError> {
+    pub fn get(&self, id: &str) -> Result<Entry> {
         self.cache()
-            .get(id)
-            .map_err(internal)?
-            .ok_or_else(|| ServiceError::NotFound(format!("no cached adapter with id {id:?}")))
+            .get(id)?
+            .ok_or_else(|| Error::NotFound { id: id.to_string() })
     }
 
     /// Evict an adapter; false if there was none.
-    pub fn evict(&self, id: &str) -> Result<bool, ServiceError> {
-        self.cache().remove(id).map_err(internal)
+    pub fn evict(&self, id: &str) -> Result<bool> {
+        self.cache().remove(id)
     }
 
     /// Serve an adapter for a description: exact-text cache hit, else embed and try a near
     /// duplicate, else generate (one generation for concurrent identical requests).
-    pub async fn generate(
-        &self,
-        description: &str,
-        options: &GenerateOptions,
-    ) -> Result<Served, ServiceError> {
+    pub async fn generate(&self, description: &str, options: &GenerateOptions) -> Result<Served> {
         let r = self.generate_inner(description, options).await;
         match &r {
             Ok(s) => {
@@ -225,22 +196,19 @@ impl Service {
         r
     }
 
-    async fn generate_inner(
-        &self,
-        description: &str,
-        options: &GenerateOptions,
-    ) -> Result<Served, ServiceError> {
-        let gen = self.generator();
-        let text = validate_description(description)?.to_string();
-        let opts = gen.resolve(options)?;
-        let scope = scope(&gen.bundle().hash, &opts);
-        if let Some((entry, _)) = self.cache().lookup(&text, &scope, None).map_err(internal)? {
+    async fn generate_inner(&self, description: &str, options: &GenerateOptions) -> Result<Served> {
+        let generator = self.generator();
+        let description = Description::new(description)?;
+        let opts = generator.resolve(options)?;
+        let scope = scope(&generator.bundle().hash, &opts);
+        if let Some((entry, _)) = self.cache().lookup(&description, &scope, None)? {
             return Ok(Served {
                 entry,
                 cache_hit: true,
+                files: None,
             });
         }
-        let key = format!("{scope}\u{0}{text}");
+        let key = format!("{scope}\u{0}{}", description.sha256());
         let (slot, created) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match inflight.get(&key) {
@@ -258,25 +226,26 @@ impl Service {
             map: &self.inflight,
             key,
         });
-        slot.get_or_init(|| {
-            self.embed_lookup_generate(gen.clone(), text.clone(), scope.clone(), opts)
-        })
-        .await
-        .clone()
+        slot.get_or_init(|| self.embed_lookup_generate(generator, description, scope, opts))
+            .await
+            .clone()
     }
 
     /// Take a place in the bounded compute stage: past `max_concurrent + max_queue` requests,
     /// refuse with `Busy` instead of queueing without bound; then wait for a compute permit.
-    async fn enter(&self) -> Result<Slot<'_>, ServiceError> {
+    async fn enter(&self) -> Result<Slot<'_>> {
         if self.in_stage.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.in_stage.fetch_sub(1, Ordering::SeqCst);
-            return Err(ServiceError::Busy(format!(
-                "{} requests are already queued or running; retry later",
-                self.capacity
-            )));
+            return Err(Error::Busy {
+                capacity: self.capacity,
+            });
         }
         let leave = Leave(&self.in_stage);
-        let permit = self.permits.acquire().await.map_err(internal)?;
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(Slot {
             _permit: permit,
             _leave: leave,
@@ -286,61 +255,59 @@ impl Service {
     /// Retrieval only (no generation), under the same concurrency bound as generation.
     pub async fn explain(
         &self,
-        description: String,
-        options: GenerateOptions,
-    ) -> Result<crate::generator::Explanation, ServiceError> {
+        description: &str,
+        options: &GenerateOptions,
+    ) -> Result<Explanation> {
+        let generator = self.generator();
+        let description = Description::new(description)?;
+        let opts = generator.resolve(options)?;
         let _slot = self.enter().await?;
-        let g = self.generator();
-        Ok(
-            tokio::task::spawn_blocking(move || g.explain(&description, &options))
-                .await
-                .map_err(internal)??,
-        )
+        Ok(tokio::task::spawn_blocking(move || {
+            let e = generator.embed(description)?;
+            Ok::<_, sglora::Error>(generator.explain(&e, opts))
+        })
+        .await??)
     }
 
     async fn embed_lookup_generate(
         &self,
-        gen: Arc<Generator>,
-        text: String,
+        generator: Arc<Generator>,
+        description: Description,
         scope: String,
         opts: ResolvedOptions,
-    ) -> Result<Served, ServiceError> {
+    ) -> Result<Served> {
         let _slot = self.enter().await?;
-        let g = gen.clone();
-        let t = text.clone();
-        let (emb, timings) = tokio::task::spawn_blocking(move || g.embed(&t))
-            .await
-            .map_err(internal)??;
-        if let Some((entry, m)) = self
-            .cache()
-            .lookup(&text, &scope, Some(&emb.vector))
-            .map_err(internal)?
-        {
+        let g = generator.clone();
+        let embedded = tokio::task::spawn_blocking(move || g.embed(description)).await??;
+        if let Some((entry, m)) = self.cache().lookup(
+            &embedded.description,
+            &scope,
+            Some(&embedded.embedding.vector),
+        )? {
             debug_assert!(m == Match::Similar || m == Match::Exact);
             return Ok(Served {
                 entry,
                 cache_hit: true,
+                files: None,
             });
         }
-        let g = gen.clone();
-        let t = text.clone();
-        let generation = tokio::task::spawn_blocking(move || {
-            let ex = g.explain_embedding(&t, emb, timings, opts);
-            let generation = g.generate_from(ex)?;
-            let files = g.adapter_files(&generation, serde_json::Value::Null)?;
-            Ok::<_, Error>((generation, files))
+        let (generation, files) = tokio::task::spawn_blocking(move || {
+            let generation = generator.generate(embedded, opts)?;
+            let files = generator.adapter_files(&generation)?;
+            Ok::<_, sglora::Error>((generation, files))
         })
-        .await
-        .map_err(internal)??;
-        let (generation, files) = generation;
-        let entry = self
-            .cache()
-            .insert(&text, &scope, &generation.explanation.embedding, &files)
-            .map_err(internal)?;
+        .await??;
+        let entry = self.cache().insert(
+            &generation.description,
+            &scope,
+            &generation.embedding,
+            &files,
+        )?;
         self.counters.generated.fetch_add(1, Ordering::Relaxed);
         Ok(Served {
             entry,
             cache_hit: false,
+            files: Some(Arc::new(files)),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! The CVAE generator: prior network `p(z|c)` and decoder `p(x|z,c)`.
 //!
-//! Two runtimes, chosen with the encoder's ([`WeightPrecision`]): sglora's fixed-order kernels
+//! Two runtimes, chosen with the encoder's ([`Runtime`]): sglora's fixed-order kernels
 //! ([`crate::kernels`], bit-identical on every platform; the weights are read out of the bundle's
 //! ONNX files by node name) or tract (runs any ONNX graph with these inputs and outputs).
 //!
@@ -12,10 +12,12 @@
 use tract_onnx::prelude::*;
 
 use crate::bundle::Bundle;
-use crate::encoder::{load_onnx, Runner, WeightPrecision};
+use crate::encoder::{load_onnx, Runner, Runtime};
+use crate::error::{unsupported, Unsupported};
 use crate::error::{Error, Result};
 use crate::kernels::{gelu, Linear};
 use crate::onnx_graph::Graph;
+use crate::prior::Prior;
 use crate::rng::Rng;
 
 /// The two networks, in one of the runtimes.
@@ -40,11 +42,17 @@ struct Native {
 }
 
 impl Native {
-    fn load(prior: &[u8], decoder: &[u8], d: usize, z: usize, c: usize) -> Result<Native, String> {
+    fn load(
+        prior: &[u8],
+        decoder: &[u8],
+        d: usize,
+        z: usize,
+        c: usize,
+    ) -> Result<Native, Unsupported> {
         let p = Graph::parse(prior)?;
         let project = p.matmul("/MatMul", None)?;
         if project.inputs() != d {
-            return Err(format!(
+            return Err(unsupported!(
                 "projection takes {} values, expected {d}",
                 project.inputs()
             ));
@@ -64,7 +72,7 @@ impl Native {
             || prior[1].inputs() != prior[0].outputs()
             || prior[1].outputs() != 2 * z
         {
-            return Err(format!(
+            return Err(unsupported!(
                 "prior network shapes do not match cond_dim {c} and z_dim {z}"
             ));
         }
@@ -78,7 +86,7 @@ impl Native {
             || dec[1].outputs() != basis.inputs() + 1
             || basis.outputs() != d
         {
-            return Err(format!(
+            return Err(unsupported!(
                 "decoder shapes do not match z_dim {z}, cond_dim {c} and {d} parameters"
             ));
         }
@@ -136,9 +144,83 @@ impl Native {
     }
 }
 
+/// The CVAE's parameter space: flat LoRA vectors are normalised per coordinate by the expert
+/// repository's mean and scale (stored beside the experts in `experts.safetensors`).
+#[derive(Debug, Clone)]
+pub struct Normalisation {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl Normalisation {
+    /// From the per-coordinate mean and scale; every scale must be finite and positive.
+    pub fn new(mean: Vec<f32>, std: Vec<f32>) -> Result<Normalisation> {
+        if mean.len() != std.len() {
+            return Err(Error::InvalidOption(format!(
+                "normalisation mean has {} values and scale {}",
+                mean.len(),
+                std.len()
+            )));
+        }
+        if std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::InvalidOption(
+                "norm_std must be finite and positive".into(),
+            ));
+        }
+        Ok(Normalisation { mean, std })
+    }
+
+    /// The identity (mean 0, scale 1) over `dim` coordinates.
+    pub fn identity(dim: usize) -> Normalisation {
+        Normalisation {
+            mean: vec![0.0; dim],
+            std: vec![1.0; dim],
+        }
+    }
+
+    /// Per-coordinate mean.
+    pub fn mean(&self) -> &[f32] {
+        &self.mean
+    }
+
+    /// Per-coordinate scale (finite, positive).
+    pub fn std(&self) -> &[f32] {
+        &self.std
+    }
+
+    /// The prior in the CVAE's space: `((μ* − mean)/std, sqrt(σ*²)/std)`.
+    pub fn normalise(&self, prior: &Prior) -> (Vec<f32>, Vec<f32>) {
+        let (m, s) = (&self.mean, &self.std);
+        let mu = prior
+            .mean
+            .iter()
+            .zip(m)
+            .zip(s)
+            .map(|((x, m), s)| (x - m) / s)
+            .collect();
+        let sd = prior
+            .var
+            .iter()
+            .zip(s)
+            .map(|(v, s)| v.max(0.0).sqrt() / s)
+            .collect();
+        (mu, sd)
+    }
+
+    /// Back to parameter space: `x · std + mean`.
+    pub fn denormalise(&self, x_n: &[f32]) -> Vec<f32> {
+        x_n.iter()
+            .zip(&self.mean)
+            .zip(&self.std)
+            .map(|((x, m), s)| x * s + m)
+            .collect()
+    }
+}
+
 /// The loaded CVAE.
 pub struct Cvae {
     nets: Nets,
+    norm: Normalisation,
     dim: usize,
     z_dim: usize,
     cond_dim: usize,
@@ -167,17 +249,30 @@ pub struct LatentPrior {
 fn to_vec(v: &TValue, len: usize, what: &str) -> TractResult<Vec<f32>> {
     let view = v.to_plain_array_view::<f32>()?;
     if view.len() != len {
-        anyhow::bail!("{what} has {} values, expected {len}", view.len());
+        return Err(TractError::msg(format!(
+            "{what} has {} values, expected {len}",
+            view.len()
+        )));
     }
     Ok(view.iter().copied().collect())
 }
 
 impl Cvae {
-    /// Load both networks of a bundle, for sglora's kernels ([`WeightPrecision::I8`]) or tract.
-    pub fn load(bundle: &Bundle, runtime: WeightPrecision) -> Result<Cvae> {
+    /// Load both networks of a bundle, for sglora's kernels ([`Runtime::Int8`]) or tract
+    /// ([`Runtime::Auto`] is resolved here), with the parameter space's normalisation.
+    pub fn load(bundle: &Bundle, runtime: Runtime, norm: Normalisation) -> Result<Cvae> {
         let m = &bundle.manifest;
         let (d, z, c) = (m.lora.flat_dim, m.cvae.z_dim, m.cvae.cond_dim);
-        if runtime == WeightPrecision::I8 {
+        if norm.mean.len() != d {
+            return Err(Error::bundle(
+                bundle.path(&m.experts.file),
+                format!(
+                    "the normalisation has {} values, expected {d}",
+                    norm.mean.len()
+                ),
+            ));
+        }
+        if runtime.resolve() == Runtime::Int8 {
             let prior = bundle.read(&m.cvae.prior_file)?;
             let decoder = bundle.read(&m.cvae.decoder_file)?;
             let native = Native::load(&prior, &decoder, d, z, c).map_err(|e| {
@@ -192,6 +287,7 @@ impl Cvae {
             })?;
             return Ok(Cvae {
                 nets: Nets::Native(Box::new(native)),
+                norm,
                 dim: d,
                 z_dim: z,
                 cond_dim: c,
@@ -203,7 +299,7 @@ impl Cvae {
             &m.cvae.prior_file,
             &[(f, vec![Some(1), Some(d)]), (f, vec![Some(1), Some(d)])],
             "cvae prior",
-            WeightPrecision::F32,
+            Runtime::Fp32,
         )?;
         let decoder = load_onnx(
             bundle,
@@ -215,10 +311,11 @@ impl Cvae {
                 (f, vec![Some(1), Some(d)]),
             ],
             "cvae decoder",
-            WeightPrecision::F32,
+            Runtime::Fp32,
         )?;
         Ok(Cvae {
             nets: Nets::Tract { prior, decoder },
+            norm,
             dim: d,
             z_dim: z,
             cond_dim: c,
@@ -311,6 +408,11 @@ impl Cvae {
             )));
         }
         Ok(())
+    }
+
+    /// The parameter space's normalisation.
+    pub fn normalisation(&self) -> &Normalisation {
+        &self.norm
     }
 
     /// Latent size.

@@ -91,3 +91,24 @@ impl Error {
         }
     }
 }
+
+/// Why a network file does not fit sglora's own kernels, naming the node or tensor at fault
+/// (`bert`, `cvae`, `onnx_graph`, `kernels`). The loader that knows the file wraps it into
+/// [`Error::Bundle`] with the file's path and what to do instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
+impl From<&str> for Unsupported {
+    fn from(s: &str) -> Self {
+        Unsupported(s.to_string())
+    }
+}
+
+/// `unsupported!("{name}: …")`: an [`Unsupported`] with a formatted message.
+macro_rules! unsupported {
+    ($($t:tt)*) => {
+        $crate::error::Unsupported(format!($($t)*))
+    };
+}
+pub(crate) use unsupported;

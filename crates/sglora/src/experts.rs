@@ -15,7 +15,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::bundle::{offset_in, Bundle};
+use crate::cvae::Normalisation;
 use crate::error::{Error, Result};
+use crate::le::f32s_from_le as le_f32s;
 
 /// Descriptive metadata of one expert.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,10 +61,6 @@ pub struct Experts {
     dim: usize,
     desc_emb: Vec<f32>,
     params: Params,
-    /// Normalisation mean (length = flat dim).
-    pub norm_mean: Vec<f32>,
-    /// Normalisation scale (length = flat dim).
-    pub norm_std: Vec<f32>,
     /// Shared LoRA A matrices, `[modules, r, in]` flattened.
     pub lora_a: Vec<f32>,
 }
@@ -94,12 +92,6 @@ fn f32_view<'a>(
     Ok(t)
 }
 
-fn le_f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 fn f32_tensor(
     st: &SafeTensors<'_>,
     name: &str,
@@ -123,8 +115,9 @@ fn all_in_range(values: impl Iterator<Item = f32>, lower: f32) -> bool {
 const BAD_PARAMS: &str = "expert tensors contain NaN/inf or negative variances";
 
 impl Experts {
-    /// Load and check the expert repository of a bundle.
-    pub fn load(bundle: &Bundle) -> Result<Experts> {
+    /// Load and check the expert repository of a bundle, and the CVAE's normalisation stored
+    /// beside it in the same file (one read and one hash check for both).
+    pub fn load(bundle: &Bundle) -> Result<(Experts, Normalisation)> {
         let m = &bundle.manifest;
         let file = bundle.path(&m.experts.file);
         let (handle, bytes) = bundle.open_checked(&m.experts.file)?;
@@ -172,18 +165,18 @@ impl Experts {
             dim: d,
             desc_emb: f32_tensor(&st, "desc_emb", &[n, e], &file)?,
             params,
-            norm_mean: f32_tensor(&st, "norm_mean", &[d], &file)?,
-            norm_std: f32_tensor(&st, "norm_std", &[d], &file)?,
             lora_a: f32_tensor(&st, "lora_A", &a_shape, &file)?,
             meta: meta.experts,
         };
-        if ex.norm_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(Error::bundle(&file, "norm_std must be finite and positive"));
-        }
+        let norm = Normalisation::new(
+            f32_tensor(&st, "norm_mean", &[d], &file)?,
+            f32_tensor(&st, "norm_std", &[d], &file)?,
+        )
+        .map_err(|e| Error::bundle(&file, e.to_string()))?;
         if ex.desc_emb.iter().any(|x| !x.is_finite()) {
             return Err(Error::bundle(&file, BAD_PARAMS));
         }
-        Ok(ex)
+        Ok((ex, norm))
     }
 
     /// Build from raw parts (tests and tools); `desc_emb` is `[n, emb_dim]`, `mu`/`var` are `[n, d]`.
@@ -221,8 +214,6 @@ impl Experts {
             dim,
             desc_emb,
             params: Params::Memory { mu, var },
-            norm_mean: vec![0.0; dim],
-            norm_std: vec![1.0; dim],
             lora_a: vec![],
         })
     }

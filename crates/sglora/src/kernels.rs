@@ -18,6 +18,8 @@
 //!   own branch-free polynomials of plain multiplies and adds ([`exp`], [`erf`]: vectorisable, and
 //!   independent of the platform's C library); other functions come from the pure-Rust `libm`.
 
+use crate::error::{unsupported, Unsupported};
+
 /// Weights of a [`Linear`] map, `[inputs, outputs]` row-major: row `i` holds input `i`'s weight
 /// for every output.
 #[derive(Debug, Clone)]
@@ -50,24 +52,24 @@ impl Linear {
         outputs: usize,
         weights: Weights,
         bias: Option<Vec<f32>>,
-    ) -> Result<Linear, String> {
+    ) -> Result<Linear, Unsupported> {
         let cells = inputs
             .checked_mul(outputs)
-            .ok_or_else(|| format!("{inputs}×{outputs} weights overflow"))?;
+            .ok_or_else(|| unsupported!("{inputs}×{outputs} weights overflow"))?;
         let (len, scales) = match &weights {
             Weights::I8 { q, scale } => (q.len(), Some(scale.len())),
             Weights::F32(w) => (w.len(), None),
         };
         if inputs == 0 || outputs == 0 || len != cells {
-            return Err(format!(
+            return Err(unsupported!(
                 "weights hold {len} values, expected {inputs}×{outputs}"
             ));
         }
         if let Some(s) = scales.filter(|&s| s != outputs) {
-            return Err(format!("{s} scales for {outputs} outputs"));
+            return Err(unsupported!("{s} scales for {outputs} outputs"));
         }
         if let Some(b) = bias.as_ref().filter(|b| b.len() != outputs) {
-            return Err(format!("{} biases for {outputs} outputs", b.len()));
+            return Err(unsupported!("{} biases for {outputs} outputs", b.len()));
         }
         let weights = match weights {
             Weights::I8 { q, scale } => Weights::I8 {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use tract_onnx::pb::{NodeProto, TensorProto};
 use tract_onnx::prelude::Framework;
 
+use crate::error::{unsupported, Unsupported};
 use crate::kernels::{Linear, Weights};
 
 // ONNX TensorProto.DataType values.
@@ -27,25 +28,27 @@ pub(crate) struct F32Tensor {
     pub data: Vec<f32>,
 }
 
-fn dims_of(t: &TensorProto) -> Result<Vec<usize>, String> {
+fn dims_of(t: &TensorProto) -> Result<Vec<usize>, Unsupported> {
     t.dims
         .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("{}: negative dimension {d}", t.name)))
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| unsupported!("{}: negative dimension {d}", t.name))
+        })
         .collect()
 }
 
-fn count(dims: &[usize], name: &str) -> Result<usize, String> {
+fn count(dims: &[usize], name: &str) -> Result<usize, Unsupported> {
     dims.iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| format!("{name}: shape {dims:?} overflows"))
+        .ok_or_else(|| unsupported!("{name}: shape {dims:?} overflows"))
 }
 
 impl Graph {
     /// Decode ONNX bytes.
-    pub fn parse(bytes: &[u8]) -> Result<Graph, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Graph, Unsupported> {
         let model = tract_onnx::onnx()
             .proto_model_for_read(&mut &bytes[..])
-            .map_err(|e| format!("not a readable ONNX file: {e:#}"))?;
+            .map_err(|e| unsupported!("not a readable ONNX file: {e:#}"))?;
         let graph = model.graph.ok_or("the ONNX file has no graph")?;
         let inits = graph
             .initializer
@@ -72,14 +75,14 @@ impl Graph {
     }
 
     /// The node called `name`, which must be an `op`.
-    pub fn node(&self, name: &str, op: &str) -> Result<&NodeProto, String> {
+    pub fn node(&self, name: &str, op: &str) -> Result<&NodeProto, Unsupported> {
         let n = self
             .by_name
             .get(name)
             .map(|&i| &self.nodes[i])
-            .ok_or_else(|| format!("no node named {name}"))?;
+            .ok_or_else(|| unsupported!("no node named {name}"))?;
         if n.op_type != op {
-            return Err(format!("node {name} is {}, expected {op}", n.op_type));
+            return Err(unsupported!("node {name} is {}, expected {op}", n.op_type));
         }
         Ok(n)
     }
@@ -90,11 +93,11 @@ impl Graph {
     }
 
     /// Input `i` of `node`.
-    pub fn input<'a>(&self, node: &'a NodeProto, i: usize) -> Result<&'a str, String> {
+    pub fn input<'a>(&self, node: &'a NodeProto, i: usize) -> Result<&'a str, Unsupported> {
         node.input
             .get(i)
             .map(String::as_str)
-            .ok_or_else(|| format!("node {} has no input {i}", node.name))
+            .ok_or_else(|| unsupported!("node {} has no input {i}", node.name))
     }
 
     /// A float attribute of `node`.
@@ -108,7 +111,7 @@ impl Graph {
     }
 
     /// The tensor behind a value name: an initialiser or the output of a `Constant` node.
-    fn tensor(&self, value: &str) -> Result<&TensorProto, String> {
+    fn tensor(&self, value: &str) -> Result<&TensorProto, Unsupported> {
         if let Some(t) = self.inits.get(value) {
             return Ok(t);
         }
@@ -116,9 +119,9 @@ impl Graph {
             .by_output
             .get(value)
             .map(|&i| &self.nodes[i])
-            .ok_or_else(|| format!("no tensor called {value}"))?;
+            .ok_or_else(|| unsupported!("no tensor called {value}"))?;
         if n.op_type != "Constant" {
-            return Err(format!(
+            return Err(unsupported!(
                 "{value} is computed by a {} node, not stored",
                 n.op_type
             ));
@@ -127,7 +130,7 @@ impl Graph {
             .iter()
             .find(|a| a.name == "value")
             .and_then(|a| a.t.as_ref())
-            .ok_or_else(|| format!("constant {value} has no tensor value"))
+            .ok_or_else(|| unsupported!("constant {value} has no tensor value"))
     }
 
     /// Shape and values of a stored tensor of ONNX type `want`, from `raw_data` (little-endian)
@@ -138,10 +141,10 @@ impl Graph {
         want: i32,
         raw: impl Fn(&[u8]) -> Vec<T>,
         typed: impl Fn(&TensorProto) -> Vec<T>,
-    ) -> Result<(Vec<usize>, Vec<T>), String> {
+    ) -> Result<(Vec<usize>, Vec<T>), Unsupported> {
         let t = self.tensor(value)?;
         if t.data_type != want {
-            return Err(format!(
+            return Err(unsupported!(
                 "{value} has ONNX type {}, expected {want}",
                 t.data_type
             ));
@@ -154,40 +157,39 @@ impl Graph {
             raw(&t.raw_data)
         };
         if data.len() != n {
-            return Err(format!("{value}: {} values for shape {dims:?}", data.len()));
+            return Err(unsupported!(
+                "{value}: {} values for shape {dims:?}",
+                data.len()
+            ));
         }
         Ok((dims, data))
     }
 
     /// fp32 values of a stored tensor.
-    pub fn f32s(&self, value: &str) -> Result<F32Tensor, String> {
-        let raw = |b: &[u8]| {
-            b.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
-        };
+    pub fn f32s(&self, value: &str) -> Result<F32Tensor, Unsupported> {
+        let raw = |b: &[u8]| crate::le::f32s_from_le(b).collect();
         let (dims, data) = self.stored(value, FLOAT, raw, |t| t.float_data.clone())?;
         Ok(F32Tensor { dims, data })
     }
 
     /// A stored scalar (shape `[]` or `[1]`).
-    pub fn scalar(&self, value: &str) -> Result<f32, String> {
+    pub fn scalar(&self, value: &str) -> Result<f32, Unsupported> {
         let t = self.f32s(value)?;
         match t.data[..] {
             [v] => Ok(v),
-            _ => Err(format!("{value} is not a scalar (shape {:?})", t.dims)),
+            _ => Err(unsupported!("{value} is not a scalar (shape {:?})", t.dims)),
         }
     }
 
     /// The stored scalar that `node` combines with something computed (its other input).
-    pub fn const_operand(&self, node: &NodeProto) -> Result<f32, String> {
+    pub fn const_operand(&self, node: &NodeProto) -> Result<f32, Unsupported> {
         node.input
             .iter()
             .find_map(|i| self.scalar(i).ok())
-            .ok_or_else(|| format!("node {} has no constant scalar operand", node.name))
+            .ok_or_else(|| unsupported!("node {} has no constant scalar operand", node.name))
     }
 
-    fn i8s(&self, value: &str) -> Result<(Vec<usize>, Vec<i8>), String> {
+    fn i8s(&self, value: &str) -> Result<(Vec<usize>, Vec<i8>), Unsupported> {
         let raw = |b: &[u8]| b.iter().map(|&v| v as i8).collect();
         self.stored(value, INT8, raw, |t| {
             t.int32_data.iter().map(|&v| v as i8).collect()
@@ -196,26 +198,26 @@ impl Graph {
 
     /// The weight matrix `[inputs, outputs]` that `MatMul` node `name` multiplies by, int8 with
     /// per-output scales (behind a symmetric `DequantizeLinear`, axis 1) or fp32, with `bias`.
-    pub fn matmul(&self, name: &str, bias: Option<Vec<f32>>) -> Result<Linear, String> {
+    pub fn matmul(&self, name: &str, bias: Option<Vec<f32>>) -> Result<Linear, Unsupported> {
         let node = self.node(name, "MatMul")?;
         let w = self.input(node, 1)?;
         let linear = if let Some(&di) = self.by_output.get(w) {
             let dq = &self.nodes[di];
             if dq.op_type != "DequantizeLinear" {
-                return Err(format!("{name}: weight comes from {}", dq.op_type));
+                return Err(unsupported!("{name}: weight comes from {}", dq.op_type));
             }
             let (dims, q) = self.i8s(self.input(dq, 0)?)?;
             let scale = self.f32s(self.input(dq, 1)?)?;
             let (zdims, zero) = self.i8s(self.input(dq, 2)?)?;
             let [k, n] = dims[..] else {
-                return Err(format!("{name}: int8 weight of shape {dims:?}"));
+                return Err(unsupported!("{name}: int8 weight of shape {dims:?}"));
             };
             if self.attr_i64(dq, "axis") != Some(1)
                 || scale.dims != [n]
                 || zdims != [n]
                 || zero.iter().any(|&z| z != 0)
             {
-                return Err(format!(
+                return Err(unsupported!(
                     "{name}: only symmetric per-output-channel int8 (axis 1, zero points 0) is supported"
                 ));
             }
@@ -231,15 +233,15 @@ impl Graph {
         } else {
             let t = self.f32s(w)?;
             let [k, n] = t.dims[..] else {
-                return Err(format!("{name}: weight of shape {:?}", t.dims));
+                return Err(unsupported!("{name}: weight of shape {:?}", t.dims));
             };
             Linear::new(k, n, Weights::F32(t.data), bias)
         };
-        linear.map_err(|e| format!("{name}: {e}"))
+        linear.map_err(|e| unsupported!("{name}: {e}"))
     }
 
     /// The `Gemm` node `name` (`transB = 1`, `alpha = beta = 1`) as a [`Linear`].
-    pub fn gemm(&self, name: &str) -> Result<Linear, String> {
+    pub fn gemm(&self, name: &str) -> Result<Linear, Unsupported> {
         let node = self.node(name, "Gemm")?;
         let ok = |a: &str, v: f32| self.attr_f32(node, a).is_none_or(|x| x == v);
         if self.attr_i64(node, "transB") != Some(1)
@@ -247,12 +249,14 @@ impl Graph {
             || !ok("alpha", 1.0)
             || !ok("beta", 1.0)
         {
-            return Err(format!("{name}: only Gemm with transB = 1 is supported"));
+            return Err(unsupported!(
+                "{name}: only Gemm with transB = 1 is supported"
+            ));
         }
         let w = self.f32s(self.input(node, 1)?)?;
         let b = self.f32s(self.input(node, 2)?)?;
         let [n, k] = w.dims[..] else {
-            return Err(format!("{name}: weight of shape {:?}", w.dims));
+            return Err(unsupported!("{name}: weight of shape {:?}", w.dims));
         };
         // Stored [outputs, inputs]; the kernels want [inputs, outputs].
         let mut t = vec![0.0f32; k * n];
@@ -261,6 +265,6 @@ impl Graph {
                 t[i * n + o] = w.data[o * k + i];
             }
         }
-        Linear::new(k, n, Weights::F32(t), Some(b.data)).map_err(|e| format!("{name}: {e}"))
+        Linear::new(k, n, Weights::F32(t), Some(b.data)).map_err(|e| unsupported!("{name}: {e}"))
     }
 }

@@ -15,6 +15,7 @@
 //! `q·k · scale`), output projection, residual, layer norm, GELU feed-forward, residual, layer
 //! norm.
 
+use crate::error::{unsupported, Unsupported};
 use crate::kernels::{gelu, layer_norm, softmax, Linear};
 use crate::onnx_graph::Graph;
 
@@ -58,19 +59,20 @@ impl std::fmt::Debug for Bert {
     }
 }
 
-fn norm(g: &Graph, node: &str, dim: usize) -> Result<Norm, String> {
+fn norm(g: &Graph, node: &str, dim: usize) -> Result<Norm, Unsupported> {
     let n = g.node(node, "LayerNormalization")?;
     let gamma = g.f32s(g.input(n, 1)?)?;
     let beta = g.f32s(g.input(n, 2)?)?;
     if gamma.dims != [dim] || beta.dims != [dim] {
-        return Err(format!(
+        return Err(unsupported!(
             "{node}: scale/bias shapes {:?}/{:?}",
-            gamma.dims, beta.dims
+            gamma.dims,
+            beta.dims
         ));
     }
     let axis = g.attr_i64(n, "axis").unwrap_or(-1);
     if axis != -1 {
-        return Err(format!("{node}: normalises axis {axis}, expected -1"));
+        return Err(unsupported!("{node}: normalises axis {axis}, expected -1"));
     }
     Ok(Norm {
         gamma: gamma.data,
@@ -80,16 +82,21 @@ fn norm(g: &Graph, node: &str, dim: usize) -> Result<Norm, String> {
 }
 
 /// `MatMul` node `p/MatMul` with the bias stored on `p/Add`.
-fn linear(g: &Graph, p: &str, inputs: usize, outputs: Option<usize>) -> Result<Linear, String> {
+fn linear(
+    g: &Graph,
+    p: &str,
+    inputs: usize,
+    outputs: Option<usize>,
+) -> Result<Linear, Unsupported> {
     let add = g.node(&format!("{p}/Add"), "Add")?;
     let bias = add
         .input
         .iter()
         .find_map(|i| g.f32s(i).ok())
-        .ok_or_else(|| format!("{p}/Add has no stored bias"))?;
+        .ok_or_else(|| unsupported!("{p}/Add has no stored bias"))?;
     let l = g.matmul(&format!("{p}/MatMul"), Some(bias.data))?;
     if l.inputs() != inputs || outputs.is_some_and(|o| o != l.outputs()) {
-        return Err(format!(
+        return Err(unsupported!(
             "{p}: weight is {}×{}, expected {inputs}×{}",
             l.inputs(),
             l.outputs(),
@@ -101,7 +108,7 @@ fn linear(g: &Graph, p: &str, inputs: usize, outputs: Option<usize>) -> Result<L
 
 impl Bert {
     /// Read the encoder out of ONNX bytes; `dim` is the manifest's hidden size.
-    pub fn from_onnx(bytes: &[u8], dim: usize) -> Result<Bert, String> {
+    pub fn from_onnx(bytes: &[u8], dim: usize) -> Result<Bert, Unsupported> {
         let g = Graph::parse(bytes)?;
         let pos_node = g.node("/model/embeddings/position_embeddings/Gather", "Gather")?;
         let pos = g.f32s(g.input(pos_node, 0)?)?;
@@ -112,9 +119,10 @@ impl Bert {
             || types.dims.len() != 2
             || types.dims[1] != dim
         {
-            return Err(format!(
+            return Err(unsupported!(
                 "embedding tables {:?}/{:?} do not have width {dim}",
-                pos.dims, types.dims
+                pos.dims,
+                types.dims
             ));
         }
         let ln = norm(&g, "/model/embeddings/LayerNorm/LayerNormalization", dim)?;
@@ -135,13 +143,13 @@ impl Bert {
             // The exported scale is 1/sqrt(head size).
             let head = (1.0 / (f64::from(scale) * f64::from(scale))).round() as usize;
             if head == 0 || !dim.is_multiple_of(head) {
-                return Err(format!(
+                return Err(unsupported!(
                     "{p}: attention scale {scale} does not fit width {dim}"
                 ));
             }
             heads = dim / head;
             g.node(&format!("{p}/intermediate/intermediate_act_fn/Erf"), "Erf")
-                .map_err(|e| format!("{e} (only the erf GELU is supported)"))?;
+                .map_err(|e| unsupported!("{e} (only the erf GELU is supported)"))?;
             g.node(&format!("{p}/attention/self/Softmax"), "Softmax")?;
             let up = linear(&g, &format!("{p}/intermediate/dense"), dim, None)?;
             let hidden = up.outputs();
@@ -177,11 +185,11 @@ impl Bert {
     }
 
     /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`, consumed).
-    pub fn forward(&self, mut h: Vec<f32>) -> Result<Vec<f32>, String> {
+    pub fn forward(&self, mut h: Vec<f32>) -> Result<Vec<f32>, Unsupported> {
         let d = self.dim;
         let t = h.len() / d;
         if t == 0 || h.len() != t * d || t > self.max_positions() {
-            return Err(format!(
+            return Err(unsupported!(
                 "{} input values are not 1..={} tokens of width {d}",
                 h.len(),
                 self.max_positions()

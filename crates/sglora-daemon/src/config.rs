@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::encoder::WeightPrecision;
+use sglora::Runtime;
+
 use crate::error::{Error, Result};
 
 /// Default configuration file.
@@ -50,37 +51,10 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Encoder matmul weights in memory and the runtime: `auto` ([`WeightPrecision::native`]),
-    /// `int8` (sglora's fixed-order kernels: least memory, fastest, the same bits on every
-    /// platform), or tract with `fp16` or `fp32` weights (runs any ONNX encoder).
-    pub encoder_weights: EncoderWeights,
-}
-
-/// The `model.encoder_weights` setting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EncoderWeights {
-    /// [`WeightPrecision::native`].
-    #[default]
-    Auto,
-    /// int8, sglora's kernels.
-    Int8,
-    /// fp16.
-    Fp16,
-    /// fp32.
-    Fp32,
-}
-
-impl EncoderWeights {
-    /// The precision to load with.
-    pub fn precision(self) -> WeightPrecision {
-        match self {
-            EncoderWeights::Auto => WeightPrecision::native(),
-            EncoderWeights::Int8 => WeightPrecision::I8,
-            EncoderWeights::Fp16 => WeightPrecision::F16,
-            EncoderWeights::Fp32 => WeightPrecision::F32,
-        }
-    }
+    /// The runtime and the encoder's in-memory weights: `auto` ([`Runtime::native`]), `int8`
+    /// (sglora's fixed-order kernels: least memory, fastest, the same bits on every platform), or
+    /// tract with `fp16` or `fp32` weights (runs any ONNX encoder).
+    pub encoder_weights: Runtime,
 }
 
 /// Cache settings.
@@ -177,7 +151,7 @@ impl Config {
             Err(e) => return Err(Error::io("reading the configuration", path, e)),
         };
         let cfg: Config = toml::from_str(&text)
-            .map_err(|e| Error::InvalidOption(format!("configuration {}: {e}", path.display())))?;
+            .map_err(|e| Error::Config(format!("configuration {}: {e}", path.display())))?;
         let cfg = cfg.with_env();
         cfg.check()?;
         Ok(cfg)
@@ -202,7 +176,7 @@ impl Config {
 
     /// Range checks.
     pub fn check(&self) -> Result<()> {
-        let bad = |s: &str| Err(Error::InvalidOption(s.to_string()));
+        let bad = |s: &str| Err(Error::Config(s.to_string()));
         if !(0.0..=1.0).contains(&self.cache.similarity_threshold) {
             return bad("cache.similarity_threshold must be between 0 and 1");
         }
@@ -215,6 +189,31 @@ impl Config {
         Ok(())
     }
 
+    /// Apply command-line overrides (each set one wins over the file and the environment), then
+    /// check the ranges again.
+    pub fn apply(mut self, o: Overrides) -> Result<Config> {
+        if let Some(b) = o.bus {
+            self.bus = b;
+        }
+        if o.bus_address.is_some() {
+            self.bus_address = o.bus_address;
+        }
+        set(&mut self.state_dir, o.state_dir);
+        set(&mut self.cache_dir, o.cache_dir);
+        if o.dropbox_dir.is_some() {
+            self.dropbox.dir = o.dropbox_dir;
+        }
+        if o.no_dropbox {
+            self.dropbox.enabled = false;
+        }
+        set(&mut self.cache.max_bytes, o.cache_max_bytes);
+        set(&mut self.cache.similarity_threshold, o.cache_threshold);
+        set(&mut self.service.max_concurrent, o.max_concurrent);
+        set(&mut self.service.max_queue, o.max_queue);
+        self.check()?;
+        Ok(self)
+    }
+
     /// The drop-folder root.
     pub fn dropbox_dir(&self) -> PathBuf {
         self.dropbox
@@ -222,6 +221,37 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("dropbox"))
     }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+/// Settings given on the command line (`sglora daemon --…`); `None` leaves the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--session` / `--system`.
+    pub bus: Option<BusKind>,
+    /// `--bus-address`.
+    pub bus_address: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--cache-dir`.
+    pub cache_dir: Option<PathBuf>,
+    /// `--dropbox-dir`.
+    pub dropbox_dir: Option<PathBuf>,
+    /// `--no-dropbox`.
+    pub no_dropbox: bool,
+    /// `--cache-max-bytes`.
+    pub cache_max_bytes: Option<u64>,
+    /// `--cache-threshold`.
+    pub cache_threshold: Option<f64>,
+    /// `--max-concurrent`.
+    pub max_concurrent: Option<usize>,
+    /// `--max-queue`.
+    pub max_queue: Option<usize>,
 }
 
 #[cfg(test)]
@@ -250,12 +280,12 @@ mod tests {
             encoder_weights = "fp32"
         "#;
         let c: Config = toml::from_str(t).unwrap();
-        assert_eq!(c.model.encoder_weights.precision(), WeightPrecision::F32);
+        assert_eq!(c.model.encoder_weights, Runtime::Fp32);
         assert!(toml::from_str::<Config>("[model]\nencoder_weights = \"int4\"").is_err());
         // The shipped example parses with every key it sets.
-        let example = include_str!("../sglorad.toml.example");
+        let example = include_str!("../../../sglorad.toml.example");
         let e: Config = toml::from_str(example).unwrap();
-        assert_eq!(e.model.encoder_weights, EncoderWeights::Auto);
+        assert_eq!(e.model.encoder_weights, Runtime::Auto);
         assert_eq!(c.bus, BusKind::Session);
         assert_eq!(c.cache.max_bytes, 1000);
         assert!(!c.dropbox.enabled);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use zbus::Variant;
 
-use super::bundle_dir;
+use crate::bundle_dir;
 
 /// A `/proc/PID/status` field in kB (0 if the process or field is gone).
 pub fn proc_status_kb(pid: i32, field: &str) -> u64 {
@@ -23,9 +23,13 @@ pub fn proc_status_kb(pid: i32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The daemon's well-known bus name.
 pub const NAME: &str = "org.sglora.Generator1";
+/// Its object path.
 pub const PATH: &str = "/org/sglora/Generator1";
+/// An in-distribution description (hypernyms of animals).
 pub const ANIMAL: &str = "Given the name of an animal, find the broader category it is a kind of.";
+/// Another in-distribution description, far from [`ANIMAL`].
 pub const ANTONYM: &str = "Given an adjective, find the word with the opposite meaning.";
 
 /// A private dbus-daemon (session configuration) on a socket in a temporary directory.
@@ -84,13 +88,7 @@ pub struct Daemon {
 impl Daemon {
     /// Start `sglora daemon` (the binary under test, the bundle under test) and wait for READY.
     pub fn start(bus: &Bus, state: &Path, extra: &[&str]) -> Daemon {
-        Daemon::spawn(
-            Path::new(env!("CARGO_BIN_EXE_sglora")),
-            &bundle_dir(),
-            bus,
-            state,
-            extra,
-        )
+        Daemon::spawn(&crate::sglora_bin(), &bundle_dir(), bus, state, extra)
     }
 
     /// Start `bin daemon` on `bundle` and wait for its sd_notify READY=1 on a socket of our own.

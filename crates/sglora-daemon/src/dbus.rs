@@ -7,8 +7,10 @@ use std::sync::Arc;
 use zbus::object_server::SignalEmitter;
 use zbus::OwnedVariant as OwnedValue;
 
-use crate::generator::GenerateOptions;
-use crate::service::{Service, ServiceError};
+use sglora::GenerateOptions;
+
+use crate::error::Error;
+use crate::service::Service;
 
 /// Well-known bus name.
 pub const BUS_NAME: &str = "org.sglora.Generator1";
@@ -36,22 +38,40 @@ pub enum DbusError {
     Internal(String),
 }
 
-impl From<ServiceError> for DbusError {
-    fn from(e: ServiceError) -> Self {
+/// The one mapping of the service's errors to the wire: the error name says what kind, the
+/// message says what to do.
+impl From<Error> for DbusError {
+    fn from(e: Error) -> Self {
         match e {
-            ServiceError::InvalidDescription(m) => DbusError::InvalidDescription(m),
-            ServiceError::InvalidOption(m) => DbusError::InvalidOption(m),
-            ServiceError::OutOfDistribution(m) => DbusError::OutOfDistribution(m),
-            ServiceError::Busy(m) => DbusError::Busy(m),
-            ServiceError::NotFound(m) => DbusError::NotFound(m),
-            ServiceError::Internal(m) => DbusError::Internal(m),
+            Error::Generation(g) => match &*g {
+                sglora::Error::InvalidDescription(m) => DbusError::InvalidDescription(m.clone()),
+                sglora::Error::InvalidOption(m) => DbusError::InvalidOption(m.clone()),
+                e @ sglora::Error::OutOfDistribution { .. } => {
+                    DbusError::OutOfDistribution(e.to_string())
+                }
+                e => DbusError::Internal(e.to_string()),
+            },
+            Error::Busy { capacity } => DbusError::Busy(format!(
+                "{capacity} requests are already queued or running; retry later"
+            )),
+            Error::NotFound { id } => {
+                DbusError::NotFound(format!("no cached adapter with id {id:?}"))
+            }
+            Error::Config(m) => DbusError::InvalidOption(m),
+            Error::Internal(m) => DbusError::Internal(m),
+            e => DbusError::Internal(e.to_string()),
         }
     }
 }
 
 /// Parse the `a{sv}` options of `Generate`/`Explain`: `seed` (t/u/i/x ≥ 0), `top_k` (u/i/t/x),
-/// `temperature`, `noise_scale`, `min_similarity` (d), `allow_ood` (b). Unknown keys are errors.
-pub fn parse_options(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> {
+/// `temperature`, `noise_scale`, `min_similarity` (d), `allow_ood` (b): the vocabulary of
+/// [`GenerateOptions`], typed as D-Bus types them. Unknown keys are errors.
+pub fn parse_options(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, Error> {
+    parse(opts).map_err(|m| sglora::Error::InvalidOption(m).into())
+}
+
+fn parse(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> {
     fn int(k: &str, v: &OwnedValue) -> Result<i128, String> {
         if let Ok(x) = u64::try_from(v) {
             return Ok(i128::from(x));
@@ -128,7 +148,7 @@ impl Generator1 {
         options: HashMap<String, OwnedValue>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(String, String, bool, String), DbusError> {
-        let opts = match parse_options(&options) {
+        let opts = match parse(&options) {
             Ok(o) => o,
             Err(m) => {
                 let _ = Self::generation_failed(&emitter, &description, &m).await;
@@ -154,8 +174,8 @@ impl Generator1 {
         description: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<Vec<(String, f64, f64)>, DbusError> {
-        let opts = parse_options(&options).map_err(DbusError::InvalidOption)?;
-        let ex = self.svc.explain(description, opts).await?;
+        let opts = parse_options(&options)?;
+        let ex = self.svc.explain(&description, &opts).await?;
         Ok(ex
             .experts
             .into_iter()
@@ -189,19 +209,7 @@ impl Generator1 {
     /// Re-read the bundle (expert repository and models) from disk without a restart; returns
     /// the number of experts. A bundle that fails verification leaves the old one in service.
     async fn reload_experts(&self) -> Result<u32, DbusError> {
-        let dir = self.svc.generator().bundle().dir.clone();
-        let weights = self.svc.generator().encoder().weights();
-        let g = tokio::task::spawn_blocking(move || crate::Generator::load_with(dir, weights))
-            .await
-            .map_err(|e| DbusError::Internal(e.to_string()))?
-            .map_err(|e| {
-                DbusError::Internal(format!(
-                    "reload failed, the previous bundle stays in service: {e}"
-                ))
-            })?;
-        let n = g.experts().len() as u32;
-        self.svc.replace_generator(g);
-        Ok(n)
+        Ok(self.svc.reload().await? as u32)
     }
 
     /// sglora version.
@@ -291,18 +299,11 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((o.seed, o.top_k, o.allow_ood), (7, Some(3), true));
-        assert!(parse_options(&map(vec![("seed", Value::I64(-1))]))
-            .unwrap_err()
-            .contains("seed"));
-        assert!(parse_options(&map(vec![("top_k", Value::I32(-2))]))
-            .unwrap_err()
-            .contains("top_k"));
-        assert!(parse_options(&map(vec![("top_k", Value::from("three"))]))
-            .unwrap_err()
-            .contains("integer"));
-        assert!(parse_options(&map(vec![("colour", Value::Bool(true))]))
-            .unwrap_err()
-            .contains("unknown option"));
+        let err = |items| parse_options(&map(items)).unwrap_err().to_string();
+        assert!(err(vec![("seed", Value::I64(-1))]).contains("seed"));
+        assert!(err(vec![("top_k", Value::I32(-2))]).contains("top_k"));
+        assert!(err(vec![("top_k", Value::from("three"))]).contains("integer"));
+        assert!(err(vec![("colour", Value::Bool(true))]).contains("unknown option"));
         assert_eq!(
             parse_options(&map(vec![("temperature", Value::F64(0.5))]))
                 .unwrap()

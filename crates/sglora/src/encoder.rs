@@ -1,7 +1,7 @@
 //! Sentence encoder: WordPiece tokens ([`crate::tokenizer`]) + the bundle's int8 ONNX MiniLM,
 //! mean pooling, L2 norm.
 //!
-//! Two runtimes ([`WeightPrecision`]): by default sglora's own fixed-order kernels
+//! Two runtimes ([`Runtime`]): by default sglora's own fixed-order kernels
 //! ([`crate::bert`]) keep the int8 matmul weights as int8 (11 MB) and give bit-identical
 //! embeddings on every platform, which is what makes a seed's adapter the same on x86 and
 //! aarch64. The other settings run the ONNX file through tract, typed with a symbolic sequence
@@ -37,46 +37,61 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
-/// In-memory precision of the encoder's matmul weights at run time, and the runtime that goes
-/// with it (the file is not changed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightPrecision {
+/// Which runtime runs the networks, and at which in-memory precision the encoder's matmul
+/// weights are held (the bundle's files are not changed). One choice for the library, the CLI
+/// and the daemon's `[model] encoder_weights` setting, spelt as in the configuration file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// The platform's best exact choice, [`Runtime::native`]; resolved when a model is loaded.
+    #[default]
+    Auto,
     /// int8 as stored, run by sglora's fixed-order kernels ([`crate::kernels`]): 1 byte per
     /// weight, bit-identical results on every platform.
-    I8,
-    /// fp32, tract's default: 4 bytes per weight.
-    F32,
-    /// fp16: 2 bytes per weight; products and sums stay fp32. Relative rounding of each weight
-    /// is ≤ 2⁻¹¹, far below the int8 quantisation step the bundle already applied.
-    F16,
+    Int8,
+    /// tract with fp16 weights: 2 bytes per weight; products and sums stay fp32. Relative
+    /// rounding of each weight is ≤ 2⁻¹¹, far below the int8 quantisation step the bundle
+    /// already applied.
+    Fp16,
+    /// tract with fp32 weights (its default): 4 bytes per weight; runs any ONNX encoder.
+    Fp32,
 }
 
-impl WeightPrecision {
-    /// `"int8"`, `"fp16"` or `"fp32"` (the config file's spelling).
+impl Runtime {
+    /// `"auto"`, `"int8"`, `"fp16"` or `"fp32"` (the configuration file's spelling).
     pub fn name(self) -> &'static str {
         match self {
-            WeightPrecision::I8 => "int8",
-            WeightPrecision::F16 => "fp16",
-            WeightPrecision::F32 => "fp32",
+            Runtime::Auto => "auto",
+            Runtime::Int8 => "int8",
+            Runtime::Fp16 => "fp16",
+            Runtime::Fp32 => "fp32",
+        }
+    }
+
+    /// [`Runtime::Auto`] made concrete ([`Runtime::native`]); any other choice as it is.
+    pub fn resolve(self) -> Runtime {
+        match self {
+            Runtime::Auto => Runtime::native(),
+            r => r,
         }
     }
 
     /// int8 where the fixed-order kernels have hardware fused multiply-add (x86_64 with FMA,
     /// aarch64); fp32 through tract elsewhere (armv7, old x86), where the software `fma` those
     /// kernels would need is slow.
-    pub fn native() -> WeightPrecision {
+    pub fn native() -> Runtime {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("fma") {
-                return WeightPrecision::I8;
+                return Runtime::Int8;
             }
         }
         #[cfg(target_arch = "aarch64")]
         {
-            return WeightPrecision::I8;
+            return Runtime::Int8;
         }
         #[allow(unreachable_code)]
-        WeightPrecision::F32
+        Runtime::Fp32
     }
 }
 
@@ -134,7 +149,7 @@ pub struct Encoder {
     dim: usize,
     max_tokens: usize,
     table: Table,
-    weights: WeightPrecision,
+    runtime: Runtime,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -183,7 +198,7 @@ pub(crate) fn load_onnx(
     name: &str,
     facts: &[(DatumType, Vec<Option<usize>>)],
     stage: &'static str,
-    weights: WeightPrecision,
+    weights: Runtime,
 ) -> Result<Runner> {
     let bytes = bundle.read(name)?;
     let build = || -> TractResult<Plan> {
@@ -203,7 +218,7 @@ pub(crate) fn load_onnx(
             model.set_input_fact(i, InferenceFact::dt_shape(*dt, dims))?;
         }
         let mut typed = model.into_typed()?.into_decluttered()?;
-        if weights == WeightPrecision::F16 {
+        if weights == Runtime::Fp16 {
             narrow_weights(&mut typed)?;
         }
         typed.into_optimized()?.into_runnable()
@@ -227,7 +242,9 @@ fn run_tract(plan: &Runner, embeds: Vec<f32>, n: usize, d: usize) -> TractResult
     let view = out[0].to_plain_array_view::<f32>()?;
     let shape = view.shape().to_vec();
     if shape != [1, n, d] {
-        anyhow::bail!("encoder output shape {shape:?}, expected [1, {n}, {d}]");
+        return Err(TractError::msg(format!(
+            "encoder output shape {shape:?}, expected [1, {n}, {d}]"
+        )));
     }
     Ok(view.iter().copied().collect())
 }
@@ -258,11 +275,7 @@ fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
         ));
     }
     let offset = offset_in(&bytes, t.data());
-    let scales = s
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let scales = crate::le::f32s_from_le(s.data()).collect();
     Ok(Table {
         file,
         offset,
@@ -271,13 +284,14 @@ fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
 }
 
 impl Encoder {
-    /// Load the tokenizer and the encoder of a bundle, weights at [`WeightPrecision::native`].
+    /// Load the tokenizer and the encoder of a bundle, on [`Runtime::native`].
     pub fn load(bundle: &Bundle) -> Result<Encoder> {
-        Encoder::load_with(bundle, WeightPrecision::native())
+        Encoder::load_with(bundle, Runtime::Auto)
     }
 
-    /// Load with the given in-memory weight precision.
-    pub fn load_with(bundle: &Bundle, weights: WeightPrecision) -> Result<Encoder> {
+    /// Load on the given runtime ([`Runtime::Auto`] is resolved here).
+    pub fn load_with(bundle: &Bundle, runtime: Runtime) -> Result<Encoder> {
+        let weights = runtime.resolve();
         let spec = &bundle.manifest.encoder;
         let tok_path = bundle.path(&spec.tokenizer);
         let tokenizer = Tokenizer::from_json(&bundle.read(&spec.tokenizer)?, spec.max_tokens)
@@ -285,7 +299,7 @@ impl Encoder {
                 Error::bundle(&tok_path, format!("not a supported tokenizer.json: {e}"))
             })?;
         let table = open_table(bundle, spec.dim)?;
-        let model = if weights == WeightPrecision::I8 {
+        let model = if weights == Runtime::Int8 {
             let bert = Bert::from_onnx(&bundle.read(&spec.file)?, spec.dim).map_err(|e| {
                 Error::bundle(
                     bundle.path(&spec.file),
@@ -319,7 +333,7 @@ impl Encoder {
             dim: spec.dim,
             max_tokens: spec.max_tokens,
             table,
-            weights,
+            runtime: weights,
         })
     }
 
@@ -357,10 +371,13 @@ impl Encoder {
             embeds.extend(row.iter().map(|&q| f32::from(q as i8) * scale));
         }
         let hidden = match &self.model {
-            Model::Native(bert) => bert.forward(embeds),
-            Model::Tract(plan) => run_tract(plan, embeds, n, d).map_err(|e| format!("{e:#}")),
-        }
-        .map_err(|e| Error::model("encoder", e))?;
+            Model::Native(bert) => bert
+                .forward(embeds)
+                .map_err(|e| Error::model("encoder", e))?,
+            Model::Tract(plan) => {
+                run_tract(plan, embeds, n, d).map_err(|e| Error::model("encoder", e))?
+            }
+        };
         if hidden.len() != n * d {
             return Err(Error::model(
                 "encoder",
@@ -393,8 +410,8 @@ impl Encoder {
         self.dim
     }
 
-    /// In-memory precision of the matmul weights.
-    pub fn weights(&self) -> WeightPrecision {
-        self.weights
+    /// The runtime the encoder was loaded on (never [`Runtime::Auto`]).
+    pub fn runtime(&self) -> Runtime {
+        self.runtime
     }
 }

@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use sglora::Generator;
 
 use crate::cache::Cache;
 use crate::config::{BusKind, Config};
 use crate::dbus::{Generator1, BUS_NAME, OBJECT_PATH};
 use crate::dropbox::Dropbox;
+use crate::error::{Error, Result};
+use crate::log;
 use crate::service::Service;
-use crate::{log, Generator};
 
 /// Send a state string to systemd's notification socket, if there is one.
 pub fn sd_notify(state: &str) -> bool {
@@ -151,24 +152,37 @@ fn code_regions(smaps: &str, ino: u64) -> Vec<(usize, usize)> {
 
 /// Create `dir` if needed and make it 0750: group members read what is inside but cannot
 /// rename or replace its entries (only the drop folder's inbox is theirs to write).
-fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+fn private_dir(dir: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
     if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)) {
         log::warn(&format!("cannot set mode 750 on {}: {e}", dir.display()));
     }
     Ok(())
 }
 
+/// [`run`] on a runtime of its own, sized for the daemon: model work runs on blocking threads,
+/// at most `max_concurrent` at a time (the service's permits), and a small pool keeps per-thread
+/// allocator arenas and scratch buffers few.
+pub fn run_blocking(cfg: Config, bundle: PathBuf) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(cfg.service.max_concurrent + 2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
+    rt.block_on(run(cfg, bundle))
+}
+
 /// Run until SIGTERM/SIGINT.
-pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
     let t0 = Instant::now();
     restrict_umask();
     limit_malloc_arenas();
-    let weights = cfg.model.encoder_weights.precision();
-    let g = tokio::task::spawn_blocking(move || Generator::load_with(&bundle, weights))
+    let runtime = cfg.model.encoder_weights;
+    let g = tokio::task::spawn_blocking(move || Generator::load_with(&bundle, runtime))
         .await?
-        .context("loading the model bundle")?;
+        .map_err(|e| Error::from(e).context("loading the model bundle"))?;
     log::info(&format!(
         "bundle {} loaded ({} experts) in {:.0} ms",
         g.bundle().manifest.bundle_id,
@@ -185,7 +199,7 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
         cfg.cache.max_bytes,
         cfg.cache.similarity_threshold,
     )
-    .with_context(|| format!("opening the cache ({})", db.display()))?;
+    .map_err(|e| e.context(format!("opening the cache ({})", db.display())))?;
     let svc = Arc::new(Service::new(
         g,
         cache,
@@ -203,7 +217,7 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
         .serve_at(OBJECT_PATH, Generator1::new(svc.clone()))
         .build()
         .await
-        .with_context(|| format!("connecting to the bus and owning {BUS_NAME} (is another sglorad running? does the bus policy allow it?)"))?;
+        .map_err(|e| Error::from(e).context(format!("connecting to the bus and owning {BUS_NAME} (is another sglorad running? does the bus policy allow it?)")))?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -211,7 +225,7 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
         let root = cfg.dropbox_dir();
         let db = Arc::new(
             Dropbox::create(&root, cfg.dropbox.max_file_bytes, cfg.dropbox.settle_ms)
-                .with_context(|| format!("creating the drop folder {}", root.display()))?,
+                .map_err(|e| Error::io("creating the drop folder", &root, e))?,
         );
         let (svc2, rx) = (svc.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
@@ -245,8 +259,11 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64() * 1e3
     ));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen =
+        |kind| signal(kind).map_err(|e| Error::Internal(format!("listening for signals: {e}")));
+    let mut term = listen(SignalKind::terminate())?;
+    let mut int = listen(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -318,7 +335,7 @@ Anonymous:            16 kB
         drop_startup_code();
         let after = rss_file_kb();
         // Code runs again (it faults back in) and gives the right answers.
-        let mut r = crate::rng::Rng::new(7);
+        let mut r = sglora::Rng::new(7);
         let v = r.normals(1000);
         let m = v.iter().sum::<f64>() / 1000.0;
         assert!(m.abs() < 0.2, "mean {m}");

@@ -15,34 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use sglora::{AdapterFiles, GenerateOptions};
 
-use crate::adapter::{AdapterFiles, CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE};
-use crate::generator::GenerateOptions;
 use crate::service::Service;
-
-/// A parsed `.json` request.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct JsonRequest {
-    /// Task description.
-    pub description: String,
-    /// Seed.
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Number of experts.
-    #[serde(default)]
-    pub top_k: Option<usize>,
-    /// Softmax temperature.
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    /// Noise scale.
-    #[serde(default)]
-    pub noise_scale: Option<f64>,
-    /// Allow out-of-distribution generation.
-    #[serde(default)]
-    pub allow_ood: Option<bool>,
-}
 
 /// The four folders.
 #[derive(Debug, Clone)]
@@ -126,17 +101,20 @@ pub fn sanitize(stem: &str) -> String {
     }
 }
 
-/// `dir/name` or, if taken, `dir/name-1`, `dir/name-2`, …
-fn unique(dir: &Path, name: &str, ext: &str) -> PathBuf {
-    let mk = |i: usize| {
+/// `dir/NAME.EXT`, `dir/NAME-1.EXT`, `dir/NAME-2.EXT`, …: the names a request's output may take.
+fn numbered<'a>(dir: &'a Path, name: &'a str, ext: &'a str) -> impl Iterator<Item = PathBuf> + 'a {
+    (0..).map(move |i: usize| {
         if i == 0 {
             dir.join(format!("{name}{ext}"))
         } else {
             dir.join(format!("{name}-{i}{ext}"))
         }
-    };
-    (0..)
-        .map(mk)
+    })
+}
+
+/// The first free name of [`numbered`] (nothing there, not even a dangling link).
+fn unique(dir: &Path, name: &str, ext: &str) -> PathBuf {
+    numbered(dir, name, ext)
         .find(|p| fs::symlink_metadata(p).is_err())
         .unwrap_or_else(|| dir.join(name))
 }
@@ -152,17 +130,17 @@ pub fn parse_request(ext: &str, bytes: &[u8]) -> Result<(String, GenerateOptions
     match ext {
         "txt" => Ok((text.to_string(), GenerateOptions::default())),
         "json" => {
-            let r: JsonRequest =
-                serde_json::from_str(text).map_err(|e| format!("invalid JSON request: {e}"))?;
-            let o = GenerateOptions {
-                seed: r.seed.unwrap_or(0),
-                top_k: r.top_k,
-                temperature: r.temperature,
-                noise_scale: r.noise_scale,
-                allow_ood: r.allow_ood.unwrap_or(false),
-                min_similarity: None,
+            let bad = |e: serde_json::Error| format!("invalid JSON request: {e}");
+            let mut fields: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(text).map_err(bad)?;
+            let description = match fields.remove("description") {
+                Some(serde_json::Value::String(d)) => d,
+                Some(_) => return Err("invalid JSON request: description must be a string".into()),
+                None => return Err("invalid JSON request: missing field `description`".into()),
             };
-            Ok((r.description, o))
+            // The rest are the options, in `GenerateOptions`' own vocabulary (unknown keys refused).
+            let o = serde_json::from_value(serde_json::Value::Object(fields)).map_err(bad)?;
+            Ok((description, o))
         }
         _ => Err("unsupported extension".into()),
     }
@@ -199,7 +177,7 @@ impl Dropbox {
         }
         // Half-written outputs of a killed predecessor (hidden temporaries) go; complete ones
         // were published by an atomic rename and stay.
-        let stale = crate::adapter::remove_stale_temps(&d.outbox);
+        let stale = sglora::remove_stale_temps(&d.outbox);
         if stale > 0 {
             crate::log::warn(&format!(
                 "dropbox: removed {stale} unfinished output(s) left by an interrupted run"
@@ -314,27 +292,25 @@ impl Dropbox {
                 .map(|s| s.to_string_lossy())
                 .unwrap_or_default(),
         );
-        let files = match read_adapter(&served.entry.dir) {
-            Ok(f) => f,
-            Err(e) => {
-                return self.fail(
-                    path,
-                    &format!("internal error reading the cached adapter: {e}"),
-                )
-            }
+        // A miss hands over the bytes it just generated; a hit reads the cached copy.
+        let files = match served.files {
+            Some(f) => f,
+            None => match AdapterFiles::read(&served.entry.dir) {
+                Ok(f) => Arc::new(f),
+                Err(e) => {
+                    return self.fail(
+                        path,
+                        &format!("internal error reading the cached adapter: {e}"),
+                    )
+                }
+            },
         };
         // A request whose output was published before the daemon was killed (but not yet moved
         // to done/) is delivered once: an identical adapter under its name counts as done.
-        let delivered = (0..100)
-            .map(|i| {
-                if i == 0 {
-                    self.outbox.join(&stem)
-                } else {
-                    self.outbox.join(format!("{stem}-{i}"))
-                }
-            })
+        let delivered = numbered(&self.outbox, &stem, "")
+            .take(100)
             .take_while(|p| fs::symlink_metadata(p).is_ok())
-            .find(|p| crate::adapter::same_files(p, &files));
+            .find(|p| sglora::same_files(p, &files));
         let out = match delivered {
             Some(p) => p,
             None => match self.publish(&stem, &files) {
@@ -360,18 +336,18 @@ impl Dropbox {
 
     /// Write `files` to a free `outbox/STEM[-N]` atomically. A concurrent writer may take the
     /// name between the check and the rename: retry with the next free name.
-    fn publish(&self, stem: &str, files: &AdapterFiles) -> crate::Result<PathBuf> {
+    fn publish(&self, stem: &str, files: &AdapterFiles) -> sglora::Result<PathBuf> {
         let mut out = unique(&self.outbox, stem, "");
         for _ in 0..5 {
-            match crate::adapter::write_atomic(&out, files, false) {
+            match sglora::write_atomic(&out, files, false) {
                 Ok(_) => return Ok(out),
-                Err(crate::Error::Output { .. }) if out.exists() => {
+                Err(sglora::Error::Output { .. }) if out.exists() => {
                     out = unique(&self.outbox, stem, "")
                 }
                 Err(e) => return Err(e),
             }
         }
-        crate::adapter::write_atomic(&out, files, false)
+        sglora::write_atomic(&out, files, false)
     }
 
     /// Watch the inbox until `stop` fires; process start-up files first.
@@ -463,26 +439,12 @@ fn libc_flags() -> i32 {
         .bits()
 }
 
-fn read_adapter(dir: &Path) -> std::io::Result<AdapterFiles> {
-    Ok(AdapterFiles {
-        weights: fs::read(dir.join(WEIGHTS_FILE))?,
-        config: fs::read(dir.join(CONFIG_FILE))?,
-        provenance: fs::read(dir.join(PROVENANCE_FILE))?,
-    })
-}
-
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
     let tmp = path.with_extension("tmp-write");
     // Never write through a link: drop whatever is there (the entry itself), then create anew
     // (O_EXCL does not follow symlinks); the rename replaces a link at `path`, not its target.
     let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    sglora::create_synced(&tmp, bytes, 0o666)?;
     fs::rename(&tmp, path)
 }
 

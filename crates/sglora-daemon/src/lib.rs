@@ -1,0 +1,32 @@
+//! # sglora-daemon
+//!
+//! The sglora service around the [`sglora`] library: the D-Bus interface
+//! `org.sglora.Generator1`, the watched drop folder, the SQLite adapter cache, and the systemd
+//! glue (readiness, watchdog, signals, drain). The library does the generating; this crate only
+//! decides when, caches the result and delivers it. `ARCHITECTURE.md` maps the request path.
+//!
+//! [`run`] is the whole daemon for a configuration ([`Config`]); the pieces are public for tests
+//! and tools: [`Service`] (cache first, coalescing, bounded compute stage), [`Cache`],
+//! [`Dropbox`] and the interface object [`Generator1`].
+#![deny(missing_docs)]
+
+mod cache;
+mod config;
+mod daemon;
+mod dbus;
+mod dropbox;
+mod error;
+mod index;
+mod log;
+mod service;
+
+pub use cache::{is_valid_id, Cache, Entry, Match, Stats, SCHEMA_VERSION};
+pub use config::{
+    BusKind, CacheConfig, Config, DropboxConfig, ModelConfig, Overrides, ServiceConfig,
+    DEFAULT_CONFIG,
+};
+pub use daemon::{run, run_blocking, sd_notify};
+pub use dbus::{parse_options, DbusError, Generator1, BUS_NAME, OBJECT_PATH};
+pub use dropbox::{parse_request, sanitize, triage, Dropbox, Triage};
+pub use error::{Error, Result};
+pub use service::{Counters, Served, Service};

@@ -1,0 +1,63 @@
+//! # sglora
+//!
+//! Semantic-guided LoRA generation (SG-LoRA) for edge devices: a text description of a task goes
+//! in, a ready-to-load PEFT LoRA adapter comes out, with no user data and no training on the
+//! device. This crate is the generation core only — numerics, bundle, encoder, experts, prior,
+//! CVAE, adapter files — and pulls in no service dependencies (no SQLite, async runtime, D-Bus,
+//! file watching or TOML); the daemon lives in `sglora-daemon`. `ARCHITECTURE.md` maps it.
+//!
+//! One type per stage: [`Description::new`] validates and hashes a description once, [`Generator::embed`] gives an
+//! [`Embedded`] description,
+//! [`Generator::explain`] a [`Explanation`] (retrieval), [`Generator::generate`] a [`Generation`]
+//! (the flat LoRA vector), and [`Generator::adapter_files`] the [`AdapterFiles`] that
+//! [`write_atomic`] puts on disk.
+//!
+//! ```no_run
+//! use sglora::{GenerateOptions, Generator};
+//! let g = Generator::load("models/default")?;
+//! let out = g.generate_to("Given an animal, find its broader category.", &GenerateOptions::default(),
+//!                         std::path::Path::new("adapter"), false)?;
+//! println!("{:?}", out.explanation.experts);
+//! # Ok::<(), sglora::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+mod adapter;
+mod bert;
+mod bundle;
+mod cvae;
+mod encoder;
+mod error;
+mod experts;
+mod generator;
+mod kernels;
+mod le;
+mod onnx_graph;
+mod options;
+mod prior;
+mod rng;
+mod stages;
+mod tokenizer;
+
+pub use adapter::{
+    create_synced, remove_stale_temps, same_files, weights_bytes, write_atomic, AdapterFiles,
+    Provenance, ProvenanceBundle, CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE,
+};
+pub use bundle::{
+    sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpertsSpec, FileEntry, FileProblem,
+    LayoutEntry, LoraSpec, Manifest, OodSpec, PriorSpec, FORMAT_VERSION,
+};
+pub use cvae::{Cvae, LatentPrior, Normalisation};
+pub use encoder::{Embedding, Encoder, Runtime};
+pub use error::{Error, Result};
+pub use experts::{ExpertMeta, Experts};
+pub use generator::Generator;
+pub use le::{f32s_from_le, f32s_to_le};
+pub use options::{GenerateOptions, ResolvedOptions};
+pub use prior::{mixture, retrieve, similarities, Prior, Retrieved};
+pub use rng::Rng;
+pub use stages::{
+    validate_description, Description, Embedded, ExpertChoice, Explanation, Generation, Timings,
+    MAX_DESCRIPTION_BYTES,
+};
+pub use tokenizer::{Tokenizer, TokenizerError};

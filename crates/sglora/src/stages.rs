@@ -1,0 +1,178 @@
+//! One type per stage of a generation, each produced by one [`crate::Generator`] step from the
+//! one before it:
+//!
+//! ```text
+//! &str ──Description::new──► Description ──embed──► Embedded ──explain──► Explanation
+//!      ──generate──► Generation ──adapter_files──► AdapterFiles ──write_atomic──► directory
+//! ```
+//!
+//! Every field is visible: what a stage hands on is what it holds, nothing is hidden from
+//! serialisation.
+
+use serde::Serialize;
+
+use crate::bundle::sha256_hex;
+use crate::encoder::Embedding;
+use crate::error::{Error, Result};
+use crate::options::ResolvedOptions;
+
+/// Longest accepted description, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+
+/// Check a description: non-empty after trimming, at most 4 KiB, no NUL/control characters
+/// other than tab and newlines. Returns the trimmed text.
+pub fn validate_description(text: &str) -> Result<&str> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(Error::InvalidDescription(
+            "it is empty; say in words what the task matches with what".into(),
+        ));
+    }
+    if t.len() > MAX_DESCRIPTION_BYTES {
+        return Err(Error::InvalidDescription(format!(
+            "it is {} bytes long; the limit is {MAX_DESCRIPTION_BYTES} bytes (a task description is a sentence or two)",
+            t.len()
+        )));
+    }
+    if let Some(c) = t
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(Error::InvalidDescription(format!(
+            "it contains the control character U+{:04X}",
+            c as u32
+        )));
+    }
+    Ok(t)
+}
+
+/// A validated description (trimmed, checked by [`validate_description`]) and the SHA-256 of its
+/// text, computed once: the cache keys on it and the provenance records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    text: String,
+    sha256: String,
+}
+
+impl Description {
+    /// Validate and hash a description.
+    pub fn new(text: &str) -> Result<Description> {
+        let text = validate_description(text)?.to_string();
+        let sha256 = sha256_hex(text.as_bytes());
+        Ok(Description { text, sha256 })
+    }
+
+    /// The trimmed text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Hex SHA-256 of [`Description::text`].
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
+/// Wall-clock time of each stage, in milliseconds (writing the files is timed by the caller of
+/// [`crate::write_atomic`]: the provenance is serialised before it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Tokenisation.
+    pub tokenize_ms: f64,
+    /// Encoder forward pass, pooling and normalisation.
+    pub encode_ms: f64,
+    /// Similarities to every expert and top-K.
+    pub retrieve_ms: f64,
+    /// Moment-matched mixture and normalisation.
+    pub prior_ms: f64,
+    /// CVAE prior + sampling + decoder + de-normalisation.
+    pub cvae_ms: f64,
+}
+
+/// Stage 1: a description and its embedding.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The validated description.
+    pub description: Description,
+    /// Its L2-normalised embedding.
+    pub embedding: Embedding,
+    /// Tokenisation and encoder time.
+    pub timings: Timings,
+}
+
+/// An expert with its similarity and mixture weight.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertChoice {
+    /// Position in the expert repository (what the mixture reads).
+    pub index: usize,
+    /// Expert name.
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// Cosine similarity to the request.
+    pub similarity: f64,
+    /// Mixture weight α.
+    pub weight: f64,
+}
+
+/// Stage 2: which experts a description retrieves, with their weights, and whether it is out of
+/// distribution. Serialises whole (`sglora explain --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// The description after trimming.
+    pub description: String,
+    /// Tokens the encoder saw.
+    pub tokens: usize,
+    /// Whether the description was truncated to the encoder's window.
+    pub truncated: bool,
+    /// Chosen experts, most similar first.
+    pub experts: Vec<ExpertChoice>,
+    /// Best similarity to any expert (-1 for an empty repository).
+    pub best_similarity: f64,
+    /// Whether the best similarity is below the threshold.
+    pub out_of_distribution: bool,
+    /// Options used.
+    pub options: ResolvedOptions,
+    /// Stage timings so far.
+    pub timings: Timings,
+}
+
+/// Stage 3: a generated adapter in memory.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The description it was generated for.
+    pub description: Description,
+    /// The description's embedding (the cache's near-duplicate key).
+    pub embedding: Vec<f32>,
+    /// Retrieval details, timings up to the decoder included.
+    pub explanation: Explanation,
+    /// The flat LoRA B vector (bundle layout order), de-normalised.
+    pub flat: Vec<f32>,
+    /// The latent code used.
+    pub z: Vec<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_are_validated() {
+        assert!(validate_description("  ").is_err());
+        assert!(validate_description("a\u{0}b").is_err());
+        assert!(validate_description(&"x".repeat(MAX_DESCRIPTION_BYTES + 1)).is_err());
+        assert_eq!(
+            validate_description("  find antonyms\n").unwrap(),
+            "find antonyms"
+        );
+        assert!(validate_description("line one\nline two\twith tab").is_ok());
+        assert!(validate_description("\u{202E}rtl mark is not a control char? it is Cf").is_ok());
+    }
+
+    #[test]
+    fn a_description_is_hashed_once_as_trimmed() {
+        let d = Description::new("  find antonyms\n").unwrap();
+        assert_eq!(d.text(), "find antonyms");
+        assert_eq!(d.sha256(), sha256_hex(b"find antonyms"));
+    }
+}

@@ -158,10 +158,10 @@ armv7:
 
 # The libraries' unit tests (core and daemon) and the parity tests on the real bundle (Rust vs
 # the Python golden fixtures), run under qemu-aarch64 (cortex-a72) through the runner in
-# .cargo/config.toml.
+# .cargo/config.toml. One cargo call over the whole workspace: selecting packages separately
+# would resolve other dependency features and build tract twice.
 test-aarch64: deps-cross
-	$(CARGO) test --target aarch64-unknown-linux-gnu -p sglora -p sglora-daemon --lib
-	$(CARGO) test --target aarch64-unknown-linux-gnu -p sglora-cli --test parity
+	$(CARGO) test --target aarch64-unknown-linux-gnu --workspace --lib --test parity
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: test-build

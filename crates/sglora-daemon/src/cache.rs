@@ -47,7 +47,7 @@ pub enum Match {
 /// Cache statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
-    /// Rows.
+    /// Cached adapters (rows of the database).
     pub entries: u64,
     /// Bytes of adapter files.
     pub bytes: u64,

@@ -77,7 +77,7 @@ pub struct Service {
     in_stage: AtomicUsize,
     capacity: usize,
     inflight: Mutex<HashMap<String, Shared>>,
-    /// Statistics.
+    /// Request counters, exposed as D-Bus properties.
     pub counters: Counters,
 }
 
@@ -87,10 +87,13 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// What a cached adapter may be reused for: the bundle and every resolved option that changes
+/// what is generated or whether it may be generated at all (the out-of-distribution threshold
+/// too, so an adapter made under a lowered threshold is never served to a default request).
 fn scope(bundle_hash: &str, o: &ResolvedOptions) -> String {
     format!(
-        "{bundle_hash};seed={};k={};tau={};noise={};ood={}",
-        o.seed, o.top_k, o.temperature, o.noise_scale, o.allow_ood
+        "{bundle_hash};seed={};k={};tau={};noise={};ood={};min_sim={}",
+        o.seed, o.top_k, o.temperature, o.noise_scale, o.allow_ood, o.min_similarity
     )
 }
 

@@ -105,7 +105,7 @@ pub struct LayoutEntry {
 pub struct LoraSpec {
     /// `"LORA"`.
     pub peft_type: String,
-    /// Rank.
+    /// LoRA rank r.
     pub r: usize,
     /// Scaling numerator.
     pub lora_alpha: f64,

@@ -77,7 +77,7 @@ impl Description {
 /// [`crate::write_atomic`]: the provenance is serialised before it).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
-    /// Tokenisation.
+    /// Tokenisation of the description.
     pub tokenize_ms: f64,
     /// Encoder forward pass, pooling and normalisation.
     pub encode_ms: f64,

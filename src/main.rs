@@ -210,8 +210,21 @@ fn options(a: &GenArgs, seed: u64, noise_scale: Option<f64>) -> GenerateOptions 
     }
 }
 
+/// Text as it may be echoed to a terminal: control characters other than tab escaped (`\r`,
+/// `\n`, `\u{1b}`), so an echoed description can neither overwrite the line nor send escape
+/// sequences.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\t' => c.to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 fn print_explanation(ex: &Explanation) {
-    println!("description: {}", ex.description);
+    println!("description: {}", shown(&ex.description));
     println!(
         "experts (K={}, tau={}):",
         ex.options.top_k, ex.options.temperature
@@ -219,7 +232,9 @@ fn print_explanation(ex: &Explanation) {
     for e in &ex.experts {
         println!(
             "  {:<34} similarity {:.3}  weight {:.3}",
-            e.name, e.similarity, e.weight
+            shown(&e.name),
+            e.similarity,
+            e.weight
         );
     }
     if ex.out_of_distribution {
@@ -329,7 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_explanation(ex);
                 let t = &ex.timings;
-                println!("adapter: {}", dest.display());
+                println!("adapter: {}", shown(&dest.to_string_lossy()));
                 println!(
                     "time (ms): tokenize {:.2}  encode {:.2}  retrieve {:.2}  prior {:.2}  cvae {:.2}  write {:.2}  | total {:.2} (model load {:.0})",
                     t.tokenize_ms, t.encode_ms, t.retrieve_ms, t.prior_ms, t.cvae_ms, write_ms,

@@ -61,12 +61,20 @@ async fn nothing_is_world_accessible_even_with_umask_000() {
         let group_writable = mode & 0o020 != 0;
         if *is_dir && p.ends_with("dropbox/inbox") {
             assert!(group_writable, "the inbox must be group-writable: {mode:o}");
+            assert!(
+                mode & 0o1000 != 0,
+                "the inbox must be sticky (members cannot remove each other's requests): {mode:o}"
+            );
         } else if *is_dir && p.starts_with(st.join("dropbox")) {
             assert!(
                 !group_writable,
                 "{} must not be group-writable: {mode:o}",
                 p.display()
             );
+        }
+        if p.to_string_lossy().ends_with(".error.txt") {
+            // Another member must not be able to rewrite a failure report.
+            assert_eq!(*mode, 0o640, "{}: {mode:o}", p.display());
         }
     }
     assert!(checked > 10, "{checked}");

@@ -612,3 +612,65 @@ async fn read_only_state_and_full_disk() {
         "nothing left behind"
     );
 }
+
+/// Run the CLI on `bundle` with a deadline: a bundle file that reads forever or blocks must be
+/// refused, not read.
+fn sglora_within(bundle: &Path, args: &[&str], limit: Duration) -> std::process::Output {
+    let mut child = Command::new(sglora_bin())
+        .arg("--bundle")
+        .arg(bundle)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("sglora {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn bundle_files_must_be_regular_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let limit = Duration::from_secs(30);
+    // A link to an endless device, in place of the manifest or of a listed file.
+    for file in ["manifest.json", "experts.json"] {
+        let b = tmp.path().join(format!("zero-{file}"));
+        copy_bundle(&b);
+        std::fs::remove_file(b.join(file)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", b.join(file)).unwrap();
+        for args in [&["explain", ANIMAL][..], &["bundle", "verify"][..]] {
+            let r = sglora_within(&b, args, limit);
+            let err = stderr(&r);
+            // A bundle error (4), or `bundle verify` listing the file as failed (1).
+            assert!(
+                matches!(r.status.code(), Some(1 | 4)),
+                "{args:?} {file}: {err}"
+            );
+            assert!(
+                err.contains(file) && err.contains("not a regular file"),
+                "{args:?} {file}: {err}"
+            );
+        }
+    }
+    // A FIFO nobody writes to: refused at once, never waited on.
+    let b = tmp.path().join("fifo");
+    copy_bundle(&b);
+    std::fs::remove_file(b.join("tokenizer.json")).unwrap();
+    nix::unistd::mkfifo(&b.join("tokenizer.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for args in [&["explain", ANIMAL][..], &["bundle", "verify"][..]] {
+        let r = sglora_within(&b, args, limit);
+        let err = stderr(&r);
+        assert!(matches!(r.status.code(), Some(1 | 4)), "{args:?}: {err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a regular file"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -339,3 +339,65 @@ fn bundle_verify_passes_and_names_a_corrupted_file() {
     assert_eq!(r.status.code(), Some(4));
     assert!(stderr(&r).contains("manifest.json"));
 }
+
+/// `--force` replaces an adapter directory, never a file, a FIFO or a folder of other things;
+/// what was there is left exactly as it was, and no temporary is left beside it.
+#[test]
+fn force_replaces_only_adapter_directories() {
+    use std::os::unix::fs::FileTypeExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, b"my notes").unwrap();
+    let fifo = tmp.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let folder = tmp.path().join("photos");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("cat.jpg"), b"jpeg").unwrap();
+    for target in [&file, &fifo, &folder] {
+        let r = sglora(&[
+            "generate",
+            DESC,
+            "-o",
+            target.to_str().unwrap(),
+            "--allow-ood",
+            "--force",
+        ]);
+        assert_eq!(r.status.code(), Some(5), "{target:?}: {}", stderr(&r));
+        assert!(
+            stderr(&r).contains("not an adapter directory"),
+            "{}",
+            stderr(&r)
+        );
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"my notes");
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert_eq!(std::fs::read(folder.join("cat.jpg")).unwrap(), b"jpeg");
+    let mut names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["notes.txt", "photos", "pipe"]);
+}
+
+/// A description's control characters (other than tab) are escaped when the CLI echoes it: a
+/// carriage return cannot overwrite what the terminal shows, a newline cannot fake a line.
+#[test]
+fn echoed_descriptions_cannot_drive_the_terminal() {
+    let desc = "Given an adjective,\rfind its opposite.\nexperts: none\tOK";
+    let r = sglora(&["explain", desc, "--allow-ood"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let out = String::from_utf8(r.stdout).unwrap();
+    assert!(
+        !out.chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("description: Given an adjective,\\rfind its opposite.\\nexperts: none\tOK"),
+        "{out}"
+    );
+}

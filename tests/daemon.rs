@@ -462,7 +462,7 @@ async fn a_lowered_threshold_does_not_leak_through_the_cache() {
     let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
     let c = connect(&bus).await;
     let off_topic = "Summarise quarterly earnings calls in three bullet points.";
-    let lowered: Opts = HashMap::from([("min_similarity".to_string(), Variant::F64(-1.0))]);
+    let lowered: Opts = HashMap::from([("min_similarity".to_string(), Variant::F64(0.0))]);
     let (_, _, hit, prov) = generate(&c, off_topic, &lowered).await.unwrap();
     assert!(!hit);
     let prov: serde_json::Value = serde_json::from_str(&prov).unwrap();

@@ -175,7 +175,7 @@ proptest! {
                 prop_assert!(r.top_k >= 1);
                 prop_assert!(r.temperature.is_finite() && r.temperature > 0.0);
                 prop_assert!(r.noise_scale.is_finite() && r.noise_scale >= 0.0);
-                prop_assert!(r.min_similarity.is_finite());
+                prop_assert!((0.0..=1.0).contains(&r.min_similarity));
             }
         }
     }

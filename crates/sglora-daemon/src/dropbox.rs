@@ -158,11 +158,12 @@ impl Dropbox {
             settle: Duration::from_millis(settle_ms),
         };
         use std::os::unix::fs::PermissionsExt;
-        // inbox: the group (clients) drops requests; the rest: the group reads, only we write.
+        // inbox: the group (clients) drops requests, sticky so a member can neither remove nor
+        // replace another member's pending request; the rest: the group reads, only we write.
         let root = root.to_path_buf();
         for (p, mode) in [
             (&root, 0o750),
-            (&d.inbox, 0o770),
+            (&d.inbox, 0o1770),
             (&d.outbox, 0o750),
             (&d.done, 0o750),
             (&d.failed, 0o750),
@@ -444,7 +445,8 @@ fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // Never write through a link: drop whatever is there (the entry itself), then create anew
     // (O_EXCL does not follow symlinks); the rename replaces a link at `path`, not its target.
     let _ = fs::remove_file(&tmp);
-    sglora::create_synced(&tmp, bytes, 0o666)?;
+    // Error reports: the group reads them, nobody but the service writes them.
+    sglora::create_synced(&tmp, bytes, 0o640)?;
     fs::rename(&tmp, path)
 }
 

@@ -336,11 +336,21 @@ pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<Pa
             ),
         })?;
     }
-    if dest.exists() && !force {
-        return Err(Error::Output {
-            path: dest.into(),
-            what: "already exists; choose another path or pass --force".into(),
-        });
+    if let Ok(meta) = fs::symlink_metadata(dest) {
+        if !force {
+            return Err(Error::Output {
+                path: dest.into(),
+                what: "already exists; choose another path or pass --force".into(),
+            });
+        }
+        if !replaceable(dest, &meta) {
+            return Err(Error::Output {
+                path: dest.into(),
+                what: "exists and is not an adapter directory; --force replaces only an \
+                       adapter directory (or an empty one), never another file or folder"
+                    .into(),
+            });
+        }
     }
     let tmp = parent.join(format!(
         ".{}.tmp-{}",
@@ -371,6 +381,25 @@ pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<Pa
     result?;
     sync_dir(&parent)?;
     Ok(dest.to_path_buf())
+}
+
+/// Whether `--force` may replace what is at `dest`: a real directory (not a link) that is empty
+/// or holds nothing but an adapter's files.
+fn replaceable(dest: &Path, meta: &fs::Metadata) -> bool {
+    if !meta.is_dir() {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(dest) else {
+        return false;
+    };
+    entries.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            let name = e.file_name();
+            [WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE]
+                .iter()
+                .any(|f| name == *f)
+        })
+    })
 }
 
 fn publish(tmp: &Path, dest: &Path, parent: &Path, force: bool) -> Result<()> {

@@ -211,6 +211,58 @@ pub(crate) fn offset_in(whole: &[u8], part: &[u8]) -> u64 {
 }
 
 /// What is wrong with `bytes` as the file `entry` describes, if anything.
+/// The largest `manifest.json` accepted (real ones are a few KiB).
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// Open `path` (a link is followed to its target) and read it whole, provided it is a regular
+/// file of at most `max` bytes: a link to `/dev/zero`, a FIFO or a huge file is refused before a
+/// byte is read, and a file that grows while it is read is read no further than `max + 1`.
+fn read_regular(path: &Path, max: u64) -> std::result::Result<(fs::File, Vec<u8>), ReadProblem> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that opening a FIFO does not wait for a writer (it is refused below).
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(ReadProblem::Io)?;
+    let meta = file.metadata().map_err(ReadProblem::Io)?;
+    if !meta.is_file() {
+        return Err(ReadProblem::NotRegular);
+    }
+    if meta.len() > max {
+        return Err(ReadProblem::TooLong(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    (&file)
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadProblem::Io)?;
+    if bytes.len() as u64 > max {
+        return Err(ReadProblem::TooLong(bytes.len() as u64));
+    }
+    Ok((file, bytes))
+}
+
+/// Why [`read_regular`] refused.
+enum ReadProblem {
+    Io(std::io::Error),
+    NotRegular,
+    TooLong(u64),
+}
+
+impl ReadProblem {
+    fn describe(&self, max: u64) -> String {
+        match self {
+            ReadProblem::Io(e) => format!("cannot read: {e}"),
+            ReadProblem::NotRegular => {
+                "is not a regular file (a device, FIFO, directory or a link to one)".into()
+            }
+            ReadProblem::TooLong(n) => format!("is {n} bytes or more, at most {max} expected"),
+        }
+    }
+}
+
 fn check_bytes(entry: &FileEntry, bytes: &[u8]) -> Option<String> {
     if bytes.len() as u64 != entry.bytes {
         return Some(size_problem(bytes.len() as u64, entry.bytes));
@@ -242,9 +294,12 @@ impl Bundle {
         let bundle = Bundle::open_unverified(dir)?;
         for (name, entry) in &bundle.manifest.files {
             let path = bundle.dir.join(name);
-            let len = fs::metadata(&path)
-                .map_err(|e| Error::bundle(&path, format!("cannot read: {e}")))?
-                .len();
+            let meta = fs::metadata(&path)
+                .map_err(|e| Error::bundle(&path, format!("cannot read: {e}")))?;
+            if !meta.is_file() {
+                return Err(Error::bundle(&path, ReadProblem::NotRegular.describe(0)));
+            }
+            let len = meta.len();
             if len != entry.bytes {
                 return Err(Error::bundle(&path, size_problem(len, entry.bytes)));
             }
@@ -257,15 +312,13 @@ impl Bundle {
     pub fn open_unverified(dir: impl AsRef<Path>) -> Result<Bundle> {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join("manifest.json");
-        let bytes = fs::read(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::bundle(
-                    &path,
-                    "not found: is this a model bundle directory? (see models/BUNDLE.md)",
-                )
-            } else {
-                Error::io("reading", &path, e)
-            }
+        let (_, bytes) = read_regular(&path, MAX_MANIFEST_BYTES).map_err(|e| match e {
+            ReadProblem::Io(e) if e.kind() == std::io::ErrorKind::NotFound => Error::bundle(
+                &path,
+                "not found: is this a model bundle directory? (see models/BUNDLE.md)",
+            ),
+            ReadProblem::Io(e) => Error::io("reading", &path, e),
+            e => Error::bundle(&path, e.describe(MAX_MANIFEST_BYTES)),
         })?;
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::bundle(&path, format!("not a valid manifest: {e}")))?;
@@ -386,9 +439,10 @@ impl Bundle {
         let mut problems = Vec::new();
         for (name, entry) in &self.manifest.files {
             let path = self.dir.join(name);
-            let what = match fs::read(&path) {
-                Err(e) => Some(format!("cannot read: {e}")),
-                Ok(bytes) => check_bytes(entry, &bytes),
+            let what = match read_regular(&path, entry.bytes) {
+                Err(ReadProblem::TooLong(n)) => Some(size_problem(n, entry.bytes)),
+                Err(e) => Some(e.describe(entry.bytes)),
+                Ok((_, bytes)) => check_bytes(entry, &bytes),
             };
             if let Some(what) = what {
                 problems.push(FileProblem {
@@ -414,18 +468,17 @@ impl Bundle {
     /// with the bytes, so a caller that reads parts of the file again later (`pread`) reads the
     /// very file that was checked, even if the path is replaced meanwhile.
     pub fn open_checked(&self, name: &str) -> Result<(fs::File, Vec<u8>)> {
-        use std::io::Read;
         let p = self.path(name);
         let entry = self
             .manifest
             .files
             .get(name)
             .ok_or_else(|| Error::bundle(&p, "is not listed in the manifest"))?;
-        let mut file = fs::File::open(&p).map_err(|e| Error::io("reading", &p, e))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-        file.read_to_end(&mut bytes)
-            .map_err(|e| Error::io("reading", &p, e))?;
+        let (file, bytes) = read_regular(&p, entry.bytes).map_err(|e| match e {
+            ReadProblem::Io(e) => Error::io("reading", &p, e),
+            ReadProblem::TooLong(n) => Error::bundle(&p, size_problem(n, entry.bytes)),
+            e => Error::bundle(&p, e.describe(entry.bytes)),
+        })?;
         match check_bytes(entry, &bytes) {
             Some(what) => Err(Error::bundle(p, what)),
             None => Ok((file, bytes)),

@@ -24,7 +24,8 @@ pub struct GenerateOptions {
     pub noise_scale: Option<f64>,
     /// Generate even when the description is out of distribution (marked in the provenance).
     pub allow_ood: bool,
-    /// Override of the bundle's out-of-distribution threshold on the best similarity (-1 ..= 1).
+    /// Override of the bundle's out-of-distribution threshold on the best similarity (0 ..= 1:
+    /// below 0 the guard would accept anything, which `allow_ood` says openly instead).
     pub min_similarity: Option<f64>,
 }
 
@@ -69,9 +70,11 @@ impl GenerateOptions {
             ));
         }
         let min_similarity = self.min_similarity.unwrap_or(manifest.ood.min_similarity);
-        if !(min_similarity.is_finite() && (-1.0..=1.0).contains(&min_similarity)) {
+        if !(min_similarity.is_finite() && (0.0..=1.0).contains(&min_similarity)) {
             return Err(Error::InvalidOption(
-                "min_similarity must be between -1 and 1".into(),
+                "min_similarity must be between 0 and 1 (to generate for any description, \
+                 allow out-of-distribution generation instead)"
+                    .into(),
             ));
         }
         Ok(ResolvedOptions {
@@ -109,6 +112,28 @@ mod tests {
                 serde_json::from_str::<GenerateOptions>(bad).is_err(),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn the_guard_cannot_be_switched_off_by_a_threshold() {
+        let m: Manifest =
+            serde_json::from_str(include_str!("../../../models/default/manifest.json"))
+                .expect("the default bundle's manifest");
+        for bad in [-1.0, -0.01, 1.01, f64::NAN, f64::INFINITY] {
+            let o = GenerateOptions {
+                min_similarity: Some(bad),
+                ..Default::default()
+            };
+            let e = o.resolve(&m, m.experts.count).unwrap_err().to_string();
+            assert!(e.contains("min_similarity"), "{bad}: {e}");
+        }
+        for ok in [0.0, 0.5, 1.0] {
+            let o = GenerateOptions {
+                min_similarity: Some(ok),
+                ..Default::default()
+            };
+            assert_eq!(o.resolve(&m, m.experts.count).unwrap().min_similarity, ok);
         }
     }
 }

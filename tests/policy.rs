@@ -217,6 +217,24 @@ fn shipped_policy_admits_root_and_group_and_refuses_others() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // An outsider listens for the service's signals throughout (line-buffered, so what it heard
+    // is there when it is stopped).
+    let mut listen = cmd_as(OUTSIDER, "stdbuf");
+    listen
+        .args([
+            "-oL",
+            "gdbus",
+            "monitor",
+            "--address",
+            &address,
+            "--dest",
+            NAME,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut outsider_ears = Kill(listen.spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+
     let desc = "Given an adjective, find the word with the opposite meaning.";
     let root_call = busctl(
         &address,
@@ -252,6 +270,33 @@ fn shipped_policy_admits_root_and_group_and_refuses_others() {
         err.contains("denied") || err.contains("Access"),
         "refusal should be an access error: {err}"
     );
+    // A member's failed request (its private text in GenerationFailed).
+    let secret = "my private task: match my diary entries with the names of my friends";
+    let failed = busctl(
+        &address,
+        CLIENT,
+        "Generate",
+        &["sa{sv}", secret, "1", "top_k", "i", "-3"],
+    );
+    assert!(!failed.status.success());
+    // Signals reach the caller and nobody else: root's own connection hears AdapterReady for its
+    // call, another connection of the same user hears nothing.
+    signals_reach_only_the_caller(&address, desc);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = outsider_ears.0.kill();
+    let _ = outsider_ears.0.wait();
+    let mut heard = String::new();
+    std::io::Read::read_to_string(outsider_ears.0.stdout.as_mut().unwrap(), &mut heard).unwrap();
+    assert!(
+        heard.contains(NAME),
+        "the outsider's monitor did not run: {heard:?}"
+    );
+    for private in ["AdapterReady", "GenerationFailed", desc, secret] {
+        assert!(
+            !heard.contains(private),
+            "an outsider received {private:?}: {heard}"
+        );
+    }
     // Adapter files are not world-accessible.
     let adapters = cache.join("adapters");
     for e in std::fs::read_dir(&adapters).unwrap() {
@@ -262,4 +307,51 @@ fn shipped_policy_admits_root_and_group_and_refuses_others() {
             "world-writable adapter dir"
         );
     }
+}
+
+/// Root calls `Generate` on one connection while a second connection of root listens for the
+/// service's signals: the caller gets `AdapterReady`, the other connection nothing.
+fn signals_reach_only_the_caller(address: &str, desc: &str) {
+    use futures_util::StreamExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connect = || async {
+            zbus::connection::Builder::address(address)
+                .build()
+                .await
+                .unwrap()
+        };
+        let (caller, other) = (connect().await, connect().await);
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(NAME)
+            .build()
+            .unwrap();
+        let mut mine = zbus::MessageStream::for_match_rule(rule.clone(), &caller, None)
+            .await
+            .unwrap();
+        let mut theirs = zbus::MessageStream::for_match_rule(rule, &other, None)
+            .await
+            .unwrap();
+        let opts: std::collections::HashMap<&str, zbus::Variant> =
+            [("allow_ood", true.into()), ("seed", 7u64.into())].into();
+        caller
+            .call_method(Some(NAME), PATH, Some(NAME), "Generate", &(desc, opts))
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), mine.next())
+            .await
+            .expect("the caller receives its AdapterReady")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m.header().member().map(|m| m.to_string()).as_deref(),
+            Some("AdapterReady")
+        );
+        let leaked = tokio::time::timeout(Duration::from_secs(1), theirs.next()).await;
+        assert!(leaked.is_err(), "another connection received {leaked:?}");
+    });
 }

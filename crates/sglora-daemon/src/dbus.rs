@@ -126,6 +126,16 @@ fn parse(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> 
     Ok(o)
 }
 
+/// The emitter of signals addressed to the caller of the current method only; `None` where the
+/// call has no sender to address (a peer-to-peer connection), so nothing is ever broadcast.
+fn to_caller<'s>(
+    emitter: SignalEmitter<'s>,
+    header: &zbus::message::Header<'_>,
+) -> Option<SignalEmitter<'s>> {
+    let sender = header.sender()?.to_owned();
+    Some(emitter.set_destination(zbus::names::BusName::Unique(sender)))
+}
+
 /// The exported object.
 pub struct Generator1 {
     svc: Arc<Service>,
@@ -141,28 +151,40 @@ impl Generator1 {
 #[zbus::interface(name = "org.sglora.Generator1")]
 impl Generator1 {
     /// Generate (or fetch from the cache) an adapter for a description.
+    ///
+    /// `AdapterReady` / `GenerationFailed` go to the caller alone (unicast signals): a
+    /// description is the caller's private data, and nobody else on the bus learns it, nor which
+    /// adapters another caller was handed.
     #[zbus(out_args("adapter_dir", "adapter_id", "cache_hit", "provenance_json"))]
     async fn generate(
         &self,
         description: String,
         options: HashMap<String, OwnedValue>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(String, String, bool, String), DbusError> {
+        let emitter = to_caller(emitter, &header);
         let opts = match parse(&options) {
             Ok(o) => o,
             Err(m) => {
-                let _ = Self::generation_failed(&emitter, &description, &m).await;
+                if let Some(emitter) = &emitter {
+                    let _ = Self::generation_failed(emitter, &description, &m).await;
+                }
                 return Err(DbusError::InvalidOption(m));
             }
         };
         match self.svc.generate(&description, &opts).await {
             Ok(s) => {
                 let dir = s.entry.dir.to_string_lossy().into_owned();
-                let _ = Self::adapter_ready(&emitter, &s.entry.id, &dir).await;
+                if let Some(emitter) = &emitter {
+                    let _ = Self::adapter_ready(emitter, &s.entry.id, &dir).await;
+                }
                 Ok((dir, s.entry.id, s.cache_hit, s.entry.provenance))
             }
             Err(e) => {
-                let _ = Self::generation_failed(&emitter, &description, &e.to_string()).await;
+                if let Some(emitter) = &emitter {
+                    let _ = Self::generation_failed(emitter, &description, &e.to_string()).await;
+                }
                 Err(e.into())
             }
         }
@@ -265,11 +287,11 @@ impl Generator1 {
         }
     }
 
-    /// An adapter is ready.
+    /// An adapter is ready: sent to the caller of `Generate` only, never broadcast.
     #[zbus(signal)]
     async fn adapter_ready(emitter: &SignalEmitter<'_>, id: &str, dir: &str) -> zbus::Result<()>;
 
-    /// A request failed.
+    /// A request failed: sent to the caller of `Generate` only, never broadcast.
     #[zbus(signal)]
     async fn generation_failed(
         emitter: &SignalEmitter<'_>,

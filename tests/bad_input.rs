@@ -674,3 +674,61 @@ fn bundle_files_must_be_regular_files() {
         );
     }
 }
+
+/// A symbolic link at any of the service's own directories (planted by whoever could write the
+/// state directory's parent, or left by a botched migration) makes the daemon refuse to start,
+/// naming the link, instead of chmodding, filling or deleting what it points at.
+#[test]
+fn linked_service_directories_are_refused() {
+    let bus = Bus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep.txt"), b"precious").unwrap();
+    std::fs::set_permissions(
+        &outside,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for linked in ["cache/adapters", "cache", "dropbox/done", "dropbox/inbox"] {
+        let state = tmp.path().join(linked.replace('/', "-"));
+        let at = state.join(linked);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, &at).unwrap();
+        let cache = state.join("cache");
+        let args = [
+            "daemon",
+            "--bus-address",
+            &bus.address,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--config",
+            "/dev/null",
+        ];
+        // A daemon that starts anyway runs until the deadline: the test fails, it does not hang.
+        let out = sglora_within(&bundle_dir(), &args, Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{linked}: the daemon started");
+        assert!(
+            err.contains("symbolic link") && err.contains(linked),
+            "{linked}: {err}"
+        );
+    }
+    let mode = std::fs::metadata(&outside).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o7777,
+        0o755,
+        "the link's target was chmodded"
+    );
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["keep.txt"],
+        "something was written or deleted outside"
+    );
+}

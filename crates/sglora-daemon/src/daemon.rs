@@ -151,14 +151,10 @@ fn code_regions(smaps: &str, ino: u64) -> Vec<(usize, usize)> {
 }
 
 /// Create `dir` if needed and make it 0750: group members read what is inside but cannot
-/// rename or replace its entries (only the drop folder's inbox is theirs to write).
+/// rename or replace its entries (only the drop folder's inbox is theirs to write). A link there
+/// is refused ([`crate::dirs::real_dir`]).
 fn private_dir(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)) {
-        log::warn(&format!("cannot set mode 750 on {}: {e}", dir.display()));
-    }
-    Ok(())
+    crate::dirs::real_dir(dir, 0o750).map_err(|e| Error::io("preparing", dir, e))
 }
 
 /// [`run`] on a runtime of its own, sized for the daemon: model work runs on blocking threads,

@@ -157,7 +157,6 @@ impl Dropbox {
             max_bytes,
             settle: Duration::from_millis(settle_ms),
         };
-        use std::os::unix::fs::PermissionsExt;
         // inbox: the group (clients) drops requests, sticky so a member can neither remove nor
         // replace another member's pending request; the rest: the group reads, only we write.
         let root = root.to_path_buf();
@@ -168,13 +167,8 @@ impl Dropbox {
             (&d.done, 0o750),
             (&d.failed, 0o750),
         ] {
-            fs::create_dir_all(p)?;
-            if let Err(e) = fs::set_permissions(p, fs::Permissions::from_mode(mode)) {
-                crate::log::warn(&format!(
-                    "dropbox: cannot set mode {mode:o} on {}: {e}",
-                    p.display()
-                ));
-            }
+            crate::dirs::real_dir(p, mode)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
         }
         // Half-written outputs of a killed predecessor (hidden temporaries) go; complete ones
         // were published by an atomic rename and stay.
@@ -419,6 +413,11 @@ fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, String> {
     if !meta.file_type().is_file() {
         return Err("only regular files are accepted".into());
     }
+    // A hard link (where the kernel allows linking files one does not own) would hand the
+    // service a file of someone else's, whose text then lands in a group-readable provenance.
+    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+        return Err("hard links are not accepted; drop a file of your own".into());
+    }
     if meta.len() > max {
         return Err(format!(
             "the file is {} bytes; the limit is {max} bytes",
@@ -505,5 +504,9 @@ mod tests {
         assert!(matches!(triage(&p("link.txt")), Triage::Reject(_)));
         assert!(matches!(triage(&p("fifo.txt")), Triage::Reject(_)));
         assert!(read_regular(&p("link.txt"), 100).is_err());
+        fs::hard_link(p("a.txt"), p("hard.txt")).unwrap();
+        assert!(read_regular(&p("hard.txt"), 100)
+            .unwrap_err()
+            .contains("hard links"));
     }
 }

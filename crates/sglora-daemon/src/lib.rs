@@ -14,6 +14,7 @@ mod cache;
 mod config;
 mod daemon;
 mod dbus;
+mod dirs;
 mod dropbox;
 mod error;
 mod index;

@@ -474,3 +474,36 @@ async fn a_lowered_threshold_does_not_leak_through_the_cache() {
     );
     d.stop();
 }
+
+/// A request written into `inbox/` with a pause longer than the settle time is read only once
+/// its writer closes it: the adapter is for the whole text, not for its first sentence.
+#[test]
+fn a_paused_writer_is_read_only_after_it_closes() {
+    use std::io::Write;
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().join("dropbox");
+    let d = Daemon::start(&bus, state.path(), &[]);
+    let (first, rest) = (
+        "Given the name of an animal,",
+        " find the broader category it is a kind of.",
+    );
+    let mut f = std::fs::File::create(root.join("inbox/slow.txt")).unwrap();
+    f.write_all(first.as_bytes()).unwrap();
+    f.flush().unwrap();
+    // Five settle periods (200 ms each) with the file open and unchanged.
+    std::thread::sleep(Duration::from_millis(1000));
+    f.write_all(rest.as_bytes()).unwrap();
+    drop(f);
+    let prov = root.join("outbox/slow/provenance.json");
+    if !wait_for(&prov, 20) {
+        panic!("the request was not processed; daemon log:\n{}", d.stop());
+    }
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&prov).unwrap()).unwrap();
+    assert_eq!(p["description"], format!("{first}{rest}"));
+    assert!(
+        !root.join("outbox/slow-1").exists(),
+        "the request was processed twice"
+    );
+    d.stop();
+}

@@ -223,12 +223,11 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
             Dropbox::create(&root, cfg.dropbox.max_file_bytes, cfg.dropbox.settle_ms)
                 .map_err(|e| Error::io("creating the drop folder", &root, e))?,
         );
+        let watch = db
+            .watch()
+            .map_err(|e| Error::from(e).context(format!("watching {}", db.inbox.display())))?;
         let (svc2, rx) = (svc.clone(), stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = db.run(svc2, rx).await {
-                log::error(&format!("drop folder watcher stopped: {e}"));
-            }
-        }));
+        tasks.push(tokio::spawn(db.run(watch, svc2, rx)));
         log::info(&format!("watching {}", root.join("inbox").display()));
     }
     if let Some(every) = watchdog_interval() {

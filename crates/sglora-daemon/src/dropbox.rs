@@ -1,8 +1,9 @@
 //! The watched drop folder: `inbox/NAME.txt` or `inbox/NAME.json` in, `outbox/NAME/` out, the
 //! request moved to `done/` (or to `failed/` with `NAME.error.txt`).
 //!
-//! Only completed writes are read: inotify close-after-write and rename-into events, then the
-//! file's size and mtime must hold still for `settle_ms`. Dotfiles, `*.tmp`, `*.part` and
+//! Only completed writes are read: inotify close-after-write and rename-into events (a regular
+//! file's creation is not one: it is still being written), then the file's size and mtime must
+//! hold still for `settle_ms`. Dotfiles, `*.tmp`, `*.part` and
 //! directories are ignored; symlinks, FIFOs, devices, oversized, non-UTF-8 or malformed requests
 //! are moved to `failed/` with a reason (the link itself is moved, never followed). Names are
 //! sanitised and never clobber an existing output. Files present at start-up are processed, and
@@ -345,14 +346,12 @@ impl Dropbox {
         sglora::write_atomic(&out, files, false)
     }
 
-    /// Watch the inbox until `stop` fires; process start-up files first.
-    pub async fn run(
-        self: Arc<Self>,
-        svc: Arc<Service>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) -> notify::Result<()> {
+    /// Start watching the inbox (before the service reports ready, so every request dropped
+    /// after that is seen by its events); [`Dropbox::run`] then serves what the watch reports.
+    pub fn watch(&self) -> notify::Result<Watch> {
         use notify::{EventKind, RecursiveMode, Watcher};
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<PathBuf>(1024);
+        // (path, whether the event was its creation)
+        let (tx, rx) = tokio::sync::mpsc::channel::<(PathBuf, bool)>(1024);
         let inbox = self.inbox.clone();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -365,18 +364,53 @@ impl Dropbox {
                             | EventKind::Create(_)
                     );
                     if relevant {
+                        let created = matches!(ev.kind, EventKind::Create(_));
                         for p in ev.paths {
                             if p.parent() == Some(inbox.as_path()) {
-                                let _ = tx.try_send(p);
+                                let _ = tx.try_send((p, created));
                             }
                         }
                     }
                 }
             })?;
         watcher.watch(&self.inbox, RecursiveMode::NonRecursive)?;
-        for p in self.pending() {
+        Ok(Watch {
+            _watcher: Box::new(watcher),
+            events: rx,
+            since: std::time::SystemTime::now(),
+        })
+    }
+
+    /// Files of the inbox whose last change is older than `before`, oldest first: their writers
+    /// closed them before the watch (or the last rescan) could report it. Newer files are left
+    /// to their own close-after-write or rename event, so a file still being written is not read.
+    fn settled_before(&self, before: std::time::SystemTime) -> Vec<PathBuf> {
+        self.pending()
+            .into_iter()
+            .filter(|p| {
+                fs::symlink_metadata(p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < before)
+            })
+            .collect()
+    }
+
+    /// Serve the inbox until `stop` fires: files already there first, then what `watch` reports,
+    /// with a periodic rescan for events an overflowing queue dropped.
+    pub async fn run(
+        self: Arc<Self>,
+        watch: Watch,
+        svc: Arc<Service>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Watch {
+            _watcher,
+            events: mut rx,
+            since,
+        } = watch;
+        for p in self.settled_before(since) {
             if *stop.borrow() {
-                return Ok(());
+                return;
             }
             self.process(&svc, &p).await;
         }
@@ -384,20 +418,42 @@ impl Dropbox {
         rescan.tick().await;
         loop {
             tokio::select! {
+                // Stopping wins over any work that is ready: nothing new starts after it.
+                biased;
                 _ = stop.changed() => break,
-                Some(p) = rx.recv() => {
-                    if p.exists() || fs::symlink_metadata(&p).is_ok() {
+                Some((p, created)) = rx.recv() => {
+                    // A regular file that was just created is still being written: it is read
+                    // on its close-after-write event, never before. Anything else that appears
+                    // (a link, a FIFO) is triaged, and refused, at once.
+                    let Ok(meta) = fs::symlink_metadata(&p) else { continue };
+                    if !(created && meta.is_file()) {
                         self.process(&svc, &p).await;
                     }
                 }
                 _ = rescan.tick() => {
-                    for p in self.pending() {
+                    let quiet = std::time::SystemTime::now() - Duration::from_secs(30);
+                    for p in self.settled_before(quiet) {
+                        if *stop.borrow() {
+                            break;
+                        }
                         self.process(&svc, &p).await;
                     }
                 }
             }
         }
-        Ok(())
+    }
+}
+
+/// An established watch of the inbox ([`Dropbox::watch`]).
+pub struct Watch {
+    _watcher: Box<dyn notify::Watcher + Send>,
+    events: tokio::sync::mpsc::Receiver<(PathBuf, bool)>,
+    since: std::time::SystemTime,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("since", &self.since).finish()
     }
 }
 

@@ -28,6 +28,6 @@ pub use config::{
 };
 pub use daemon::{run, run_blocking, sd_notify};
 pub use dbus::{parse_options, DbusError, Generator1, BUS_NAME, OBJECT_PATH};
-pub use dropbox::{parse_request, sanitize, triage, Dropbox, Triage};
+pub use dropbox::{parse_request, sanitize, triage, Dropbox, Triage, Watch};
 pub use error::{Error, Result};
 pub use service::{Counters, Served, Service};

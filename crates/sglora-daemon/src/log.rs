@@ -15,11 +15,6 @@ pub fn warn(msg: &str) {
     eprintln!("{}", line(4, msg));
 }
 
-/// The service cannot go on.
-pub fn error(msg: &str) {
-    eprintln!("{}", line(3, msg));
-}
-
 /// One log line: the priority prefix, then `msg` with its control characters escaped.
 fn line(priority: u8, msg: &str) -> String {
     let mut out = format!("<{priority}>sglorad: ");

@@ -197,8 +197,7 @@ impl Generator {
         description: &str,
         options: &GenerateOptions,
     ) -> Result<Generation> {
-        let opts = self.resolve(options)?;
-        let e = self.embed(Description::new(description)?)?;
+        let (e, opts) = self.embed_text(description, options)?;
         self.generate(e, opts)
     }
 
@@ -208,9 +207,19 @@ impl Generator {
         description: &str,
         options: &GenerateOptions,
     ) -> Result<Explanation> {
-        let opts = self.resolve(options)?;
-        let e = self.embed(Description::new(description)?)?;
+        let (e, opts) = self.embed_text(description, options)?;
         Ok(self.explain(&e, opts))
+    }
+
+    /// What both text entry points do first: resolve the options (a bad option is reported
+    /// before any work), validate and hash the description once, embed it.
+    fn embed_text(
+        &self,
+        description: &str,
+        options: &GenerateOptions,
+    ) -> Result<(Embedded, ResolvedOptions)> {
+        let opts = self.resolve(options)?;
+        Ok((self.embed(Description::new(description)?)?, opts))
     }
 
     /// Generate and write the adapter directory atomically.

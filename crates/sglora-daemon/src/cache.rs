@@ -31,6 +31,8 @@ pub struct Entry {
     pub description: String,
     /// Bytes on disk.
     pub bytes: u64,
+    /// Hex SHA-256 of the weights file, as recorded and (on a hit) just verified.
+    pub weights_sha256: String,
     /// `provenance.json` contents.
     pub provenance: String,
 }
@@ -374,6 +376,7 @@ impl Cache {
             dir,
             description,
             bytes: bytes as u64,
+            weights_sha256: sha,
             provenance,
         }))
     }
@@ -431,6 +434,7 @@ impl Cache {
             dir,
             description: text.to_string(),
             bytes,
+            weights_sha256: files.weights_sha256.clone(),
             provenance: String::from_utf8_lossy(&files.provenance).into_owned(),
         })
     }

@@ -51,12 +51,8 @@ impl From<Error> for DbusError {
                 }
                 e => DbusError::Internal(e.to_string()),
             },
-            Error::Busy { capacity } => DbusError::Busy(format!(
-                "{capacity} requests are already queued or running; retry later"
-            )),
-            Error::NotFound { id } => {
-                DbusError::NotFound(format!("no cached adapter with id {id:?}"))
-            }
+            e @ Error::Busy { .. } => DbusError::Busy(e.detail()),
+            e @ Error::NotFound { .. } => DbusError::NotFound(e.detail()),
             Error::Config(m) => DbusError::InvalidOption(m),
             Error::Internal(m) => DbusError::Internal(m),
             e => DbusError::Internal(e.to_string()),

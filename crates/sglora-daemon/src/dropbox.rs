@@ -182,28 +182,6 @@ impl Dropbox {
         Ok(d)
     }
 
-    /// Requests currently in the inbox, oldest first.
-    pub fn pending(&self) -> Vec<PathBuf> {
-        let mut v: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&self.inbox)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| triage(p) != Triage::Ignore)
-                    .map(|p| {
-                        (
-                            fs::symlink_metadata(&p)
-                                .and_then(|m| m.modified())
-                                .unwrap_or(std::time::UNIX_EPOCH),
-                            p,
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v.into_iter().map(|(_, p)| p).collect()
-    }
-
     fn fail(&self, path: &Path, reason: &str) {
         let name = path
             .file_name()
@@ -291,7 +269,7 @@ impl Dropbox {
         // A miss hands over the bytes it just generated; a hit reads the cached copy.
         let files = match served.files {
             Some(f) => f,
-            None => match AdapterFiles::read(&served.entry.dir) {
+            None => match AdapterFiles::read(&served.entry.dir, &served.entry.weights_sha256) {
                 Ok(f) => Arc::new(f),
                 Err(e) => {
                     return self.fail(
@@ -381,18 +359,27 @@ impl Dropbox {
         })
     }
 
-    /// Files of the inbox whose last change is older than `before`, oldest first: their writers
-    /// closed them before the watch (or the last rescan) could report it. Newer files are left
-    /// to their own close-after-write or rename event, so a file still being written is not read.
+    /// Requests in the inbox whose last change is older than `before`, oldest first: their
+    /// writers closed them before the watch (or the last rescan) could report it. Newer files are
+    /// left to their own close-after-write or rename event, so a file still being written is not
+    /// read.
     fn settled_before(&self, before: std::time::SystemTime) -> Vec<PathBuf> {
-        self.pending()
-            .into_iter()
-            .filter(|p| {
-                fs::symlink_metadata(p)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t < before)
+        let mut v: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&self.inbox)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| triage(p) != Triage::Ignore)
+                    .filter_map(|p| {
+                        let t = fs::symlink_metadata(&p)
+                            .and_then(|m| m.modified())
+                            .unwrap_or(std::time::UNIX_EPOCH);
+                        (t < before).then_some((t, p))
+                    })
+                    .collect()
             })
-            .collect()
+            .unwrap_or_default();
+        v.sort();
+        v.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Serve the inbox until `stop` fires: files already there first, then what `watch` reports,

@@ -17,13 +17,13 @@ pub enum Error {
     #[error("{}", generation_message(.0))]
     Generation(Arc<sglora::Error>),
     /// The compute stage is full: `capacity` requests are already queued or running.
-    #[error("busy: {capacity} requests are already queued or running; retry later")]
+    #[error("busy: {}", self.detail())]
     Busy {
         /// `max_concurrent + max_queue`.
         capacity: usize,
     },
     /// No cached adapter has this id.
-    #[error("not found: no cached adapter with id {id:?}")]
+    #[error("not found: {}", self.detail())]
     NotFound {
         /// The id asked for.
         id: String,
@@ -109,6 +109,18 @@ impl Error {
         Error::Context {
             what: what.into(),
             source: Arc::new(self),
+        }
+    }
+
+    /// What to tell the caller of a `Busy` or `NotFound`, without the kind in front (the wire's
+    /// error name says the kind); for other errors their whole message.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Busy { capacity } => {
+                format!("{capacity} requests are already queued or running; retry later")
+            }
+            Error::NotFound { id } => format!("no cached adapter with id {id:?}"),
+            e => e.to_string(),
         }
     }
 

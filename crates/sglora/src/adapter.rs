@@ -221,12 +221,13 @@ impl AdapterFiles {
         })
     }
 
-    /// Read an adapter directory's three files back (the weights are hashed).
-    pub fn read(dir: &Path) -> std::io::Result<AdapterFiles> {
-        let weights = fs::read(dir.join(WEIGHTS_FILE))?;
+    /// Read an adapter directory's three files back, whose weights hash to `weights_sha256`
+    /// (known to the caller: the cache records it and checks it on every hit, so it is not
+    /// computed a second time here).
+    pub fn read(dir: &Path, weights_sha256: &str) -> std::io::Result<AdapterFiles> {
         Ok(AdapterFiles {
-            weights_sha256: sha256_hex(&weights),
-            weights,
+            weights: fs::read(dir.join(WEIGHTS_FILE))?,
+            weights_sha256: weights_sha256.to_string(),
             config: fs::read(dir.join(CONFIG_FILE))?,
             provenance: fs::read(dir.join(PROVENANCE_FILE))?,
         })

@@ -47,6 +47,7 @@ def suite(w: Work):
                 "max_sources",
                 "max_pairs_per_source",
                 "exclude_relations",
+                "added_relations",
             )
         }
     )

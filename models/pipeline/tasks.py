@@ -189,11 +189,42 @@ def _split(by_src: dict[int, list], rng: random.Random, max_sources: int, max_pa
     return out, len(srcs)
 
 
+def _added_relations(all_cells, expert_cells, unseen_sources, cfg, seed):
+    """Suite v4: relations re-measured after v3 (`cfg["added_relations"]`: relation -> (experts,
+    unseen tasks)), chosen after v3's selection with their own seeded draw so that v3's tasks stay
+    exactly as they were. An added unseen task takes only a cell whose sources no v3 expert task
+    uses (so no v3 expert loses items); added experts take the other cells of the relation that
+    keep enough sources once every unseen source is removed."""
+    rng = random.Random(f"{seed}/added")
+    used = {s for (cell, by_src) in expert_cells for s in _sampled_sources(cell, by_src, cfg, seed)}
+    unseen, experts = [], []
+    for rel, (n_exp, n_unseen) in sorted(cfg.get("added_relations", {}).items()):
+        doms = sorted(d for r, d in all_cells if r == rel)
+        rng.shuffle(doms)
+        free = [d for d in doms if not set(all_cells[(rel, d)]) & used]
+        chosen = free[:n_unseen]
+        unseen += [(rel, d) for d in chosen]
+        excluded = unseen_sources | {s for d in chosen for s in all_cells[(rel, d)]}
+        for d in doms:
+            if len([c for c in experts if c[0] == rel]) >= n_exp or d in chosen:
+                continue
+            if len([s for s in all_cells[(rel, d)] if s not in excluded]) >= cfg["min_sources_after_exclusion"]:
+                experts.append((rel, d))
+    return unseen, experts
+
+
+def _sampled_sources(cell, by_src, cfg, seed) -> set[int]:
+    """The sources a task built from `by_src` uses (what `_split` keeps)."""
+    rel, dom = cell
+    parts, _ = _split(by_src, random.Random(f"{seed}/{rel}/{dom}"), cfg["max_sources"], cfg["max_pairs_per_source"])
+    return {s for part in parts.values() for _, _, s in part}
+
+
 def build_suite(cfg: dict, seed: int = 20261129) -> dict:
     """Choose unseen and expert tasks with a fixed seed; unseen sources never occur in experts."""
     synsets = wordnet.load()
-    cells = candidate_cells(synsets, cfg["min_sources"], cfg["min_targets"])
-    cells = {c: v for c, v in cells.items() if c[0] not in cfg.get("exclude_relations", ())}
+    all_cells = candidate_cells(synsets, cfg["min_sources"], cfg["min_targets"])
+    cells = {c: v for c, v in all_cells.items() if c[0] not in cfg.get("exclude_relations", ())}
     rng = random.Random(seed)
     by_rel = defaultdict(list)
     for rel, dom in sorted(cells):
@@ -231,6 +262,13 @@ def build_suite(cfg: dict, seed: int = 20261129) -> dict:
                 per_rel[r] += 1
         if all(per_rel[r] >= cfg["max_experts_per_relation"] or not expert_pool[r] for r in order):
             break
+    added_unseen, added_experts = _added_relations(all_cells, expert_cells, unseen_sources, cfg, seed)
+    unseen_cells += added_unseen
+    unseen_sources |= {s for c in added_unseen for s in all_cells[c]}
+    for rel, dom in added_experts:
+        by_src = {s: p for s, p in all_cells[(rel, dom)].items() if s not in unseen_sources}
+        expert_cells.append(((rel, dom), by_src))
+    cells = {**cells, **{c: all_cells[c] for c in added_unseen + added_experts}}
     expert_relations = {c[0] for c, _ in expert_cells}
     expert_domains = {c[1] for c, _ in expert_cells}
 

@@ -37,6 +37,9 @@ FULL = dict(
     max_sources=400,
     max_pairs_per_source=3,
     exclude_relations=["example", "group", "similar", "definition"],  # tasks.FLAT_RELATIONS
+    # suite v4: word -> definition and member -> group re-measured with today's recipe, added
+    # after v3's selection (relation: (experts, unseen tasks)); v3's 67 + 24 tasks are unchanged
+    added_relations={"definition": (8, 2), "group": (2, 1)},
     rank=8,
     alpha=16,
     epochs=10,
@@ -72,6 +75,7 @@ TINY = dict(
     multitask_epochs=1,
     cvae_epochs=150,
     max_experts_per_relation=2,
+    added_relations={"definition": (1, 0)},
     cvae_folds=2,
     tune_steps=12,
     tune_eval_every=6,

@@ -155,7 +155,8 @@ def main(argv=None):
 
     # ---- generation with the pipeline's PyTorch stack ----------------------------------------
     ex = load_file(os.path.join(a.bundle, manifest["experts"]["file"]))
-    demb, mu, var = ex["desc_emb"].astype(np.float64), ex["mu"], ex["var"]
+    keys, mu, var = ex[manifest["retrieval"]["keys"]].astype(np.float64), ex["mu"], ex["var"]
+    top = manifest["retrieval"]["top"]
     nm, ns, lora_a = ex["norm_mean"], ex["norm_std"], ex["lora_A"]
     model, wl = load_cvae(a.bundle, manifest)
     # The reference must compute what the bundle computes: compare with onnxruntime once.
@@ -214,7 +215,7 @@ def main(argv=None):
                 q = st.forward(feats)["sentence_embedding"]
                 q = torch.nn.functional.normalize(q, dim=1)[0].numpy().astype(np.float64)
                 t2 = time.perf_counter()
-                idx, sims, w = retrieve(q, demb, k, tau)
+                idx, sims, w = retrieve(q, keys, k, tau, top=top)
                 t3 = time.perf_counter()
                 m, v = mixture(mu, var, idx, w)
                 M = torch.from_numpy(normalise(m, nm, ns)[None])

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import report
-from .prior import generate, norm_stats
+from .prior import generate, norm_stats, scores
 from .report import PAIRED_METHODS
 from .work import Work, jdump, jload
 
@@ -34,7 +34,7 @@ def stage(w: Work):
     experts = w.suite["experts"]
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    demb = np.load(w.p("desc_emb.npy"))
+    keys, top = w.keys()
     pr = jload(w.p("prior.json"))["best"]
     model = w.load_cvae()
     E = w.embedder()
@@ -44,8 +44,9 @@ def stage(w: Work):
     for t in tqdm(w.suite["unseen"], desc="eval unseen"):
         res = cache.get(t.name, {})
         q = E(t.description)
-        gen_mean, mstar, idx, wts = generate(model, q, demb, mu, var, pr["k"], pr["tau"], nm, ns)
-        top1 = int(np.argmax(demb @ q))
+        gen_mean, mstar, idx, wts = generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns, top=top)
+        sims = scores(q, keys, top)
+        top1 = int(np.argmax(sims))
         oracle = w.load_trained("oracles", t.name)[0][-1]
         g = float(pr.get("gain", 1.0))
         vecs = {
@@ -65,17 +66,21 @@ def stage(w: Work):
                 res[name] = evaluate(w.lora, t.test, v)
         if "sglora_seeds" not in res:
             runs = [
-                evaluate(w.lora, t.test, generate(model, q, demb, mu, var, pr["k"], pr["tau"], nm, ns, seed=s)[0])
+                evaluate(
+                    w.lora, t.test, generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns, seed=s, top=top)[0]
+                )
                 for s in range(1, c["sample_seeds"] + 1)
             ]
             res["sglora_seeds"] = {m: float(np.mean([r[m] for r in runs])) for m in ("r1", "r5", "mrr")}
         res["zero_shot"] = zs[t.name]["test"]
         res["retrieved"] = [
-            {"expert": experts[i].name, "weight": float(a), "sim": float(demb[i] @ q)} for i, a in zip(idx, wts)
+            {"expert": experts[i].name, "weight": float(a), "sim": float(sims[i])} for i, a in zip(idx, wts)
         ]
         cache[t.name] = res
         jdump(path, cache)
-    report.write(w, cache)
+    from .wording import evaluate_wording
+
+    report.write(w, cache, evaluate_wording(w, model))
 
 
 def paired_gains(w: Work, task, vecs, metrics):

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from .prior import denormalise, noise, norm_stats, normalise, normalise_spread, semantic_prior
+from .retrieval import features, predict
 from .rng import Rng
 from .work import Work, jdump, jload, log
 
@@ -37,7 +38,9 @@ def stage(w: Work):
     man = jload(os.path.join(w.bundle, "manifest.json"))
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    demb = np.load(w.p("desc_emb.npy")).astype(np.float32)
+    keys, top = w.keys()
+    gm = man["expected_gain"]
+    rel = [t.relation for t in w.suite["experts"]]
     E = w.embedder()
     k, tau = man["prior"]["top_k"], man["prior"]["temperature"]
     ref = w.torch_desc_embs(FIXTURE_DESCRIPTIONS)
@@ -46,7 +49,7 @@ def stage(w: Work):
     tensors, cases = {}, []
     for i, text in enumerate(FIXTURE_DESCRIPTIONS):
         e = E(text)
-        idx, sims, wts, m, v = semantic_prior(e, demb, mu, var, k, tau)
+        idx, sims, wts, m, v = semantic_prior(e, keys, mu, var, k, tau, top=top)
         M, S = normalise(m, nm, ns)[None], normalise_spread(v, ns)[None]
         cnd, zm, zlv = ps.run(None, {"mu_star": M, "std_star": S})
         seed = 7 + i
@@ -73,6 +76,8 @@ def stage(w: Work):
                 "experts": [int(j) for j in idx],
                 "similarities": [float(s) for s in sims],
                 "weights": [float(a) for a in wts],
+                "features": features(idx, sims, wts, rel),
+                "expected_gain": list(predict(gm, features(idx, sims, wts, rel))),
                 "seed": seed,
             }
         )

@@ -13,11 +13,21 @@ import numpy as np
 from .rng import Rng
 
 
-def retrieve(query_emb: np.ndarray, expert_embs: np.ndarray, k: int, tau: float, exclude=None):
-    """Indices of the top-k experts by cosine similarity, their similarities and softmax(sim/tau).
-    `exclude`: an expert index or a list of them that may not be retrieved (pipeline only)."""
-    sims = expert_embs @ query_emb
-    sims = sims.astype(np.float64)
+def scores(query_emb: np.ndarray, keys: np.ndarray, top: int = 1) -> np.ndarray:
+    """Every expert's retrieval score for one query (float64): with one key per expert (`keys`
+    [n, d]) the cosine similarity; with a key set (`keys` [n, m, d], bundle format 2) the mean of
+    the `top` largest similarities to the expert's m keys (`top` = 1: the best key)."""
+    if keys.ndim == 2:
+        return (keys @ query_emb).astype(np.float64)
+    sims = np.sort((keys @ query_emb).astype(np.float64), axis=1)[:, ::-1]
+    return sims[:, :top].mean(axis=1)
+
+
+def retrieve(query_emb: np.ndarray, keys: np.ndarray, k: int, tau: float, exclude=None, top: int = 1):
+    """Indices of the top-k experts by retrieval score (`scores`), their scores and
+    softmax(score/tau). `exclude`: an expert index or a list of them that may not be retrieved
+    (pipeline only)."""
+    sims = scores(query_emb, keys, top)
     if exclude is not None:
         sims = sims.copy()
         sims[exclude] = -np.inf
@@ -42,9 +52,9 @@ def mixture(mu: np.ndarray, var: np.ndarray, idx, w) -> tuple[np.ndarray, np.nda
     return m, v
 
 
-def semantic_prior(query_emb, expert_embs, mu, var, k: int, tau: float, exclude=None):
+def semantic_prior(query_emb, keys, mu, var, k: int, tau: float, exclude=None, top: int = 1):
     """`retrieve` then `mixture`: (idx, sims, weights, mu*, var*) for one description embedding."""
-    idx, sims, w = retrieve(query_emb, expert_embs, k, tau, exclude=exclude)
+    idx, sims, w = retrieve(query_emb, keys, k, tau, exclude=exclude, top=top)
     m, v = mixture(mu, var, idx, w)
     return idx, sims, w, m, v
 
@@ -80,13 +90,13 @@ def noise(seed: int, zdim: int) -> np.ndarray:
     return np.array([Rng(seed).normals(zdim)], dtype=np.float32)
 
 
-def generate(model, query_emb, expert_embs, mu, var, k: int, tau: float, nm, ns, seed=None):
+def generate(model, query_emb, keys, mu, var, k: int, tau: float, nm, ns, seed=None, top: int = 1):
     """Description embedding -> flat adapter with the PyTorch CVAE (`cvae.CVAE`): the semantic
     prior, normalised, through the generator with z = the prior mean, or with `seed` a sample
     with the portable noise. Returns (adapter, mu*, retrieved indices, their weights)."""
     import torch
 
-    idx, _, w, m, v = semantic_prior(query_emb, expert_embs, mu, var, k, tau)
+    idx, _, w, m, v = semantic_prior(query_emb, keys, mu, var, k, tau, top=top)
     M = torch.from_numpy(normalise(m, nm, ns)[None])
     S = torch.from_numpy(normalise_spread(v, ns)[None])
     eps = None if seed is None else torch.from_numpy(noise(seed, model.zdim))

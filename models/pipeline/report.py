@@ -29,8 +29,11 @@ METHODS = [
 PAIRED_METHODS = ("topk_merge", "sglora_mean", "oracle")
 
 
-def write(w: Work, cache):
-    """eval.json and EVAL.md from the per-task results (`eval_cache.json`); re-hashes the manifest."""
+def write(w: Work, cache, wording=None):
+    """eval.json and EVAL.md from the per-task results (`eval_cache.json`) and the user-wording
+    results (`wording.evaluate_wording`); re-hashes the manifest."""
+    from .wording import section
+
     methods = METHODS
     names = list(cache)
     rng = np.random.default_rng(0)
@@ -71,7 +74,7 @@ def write(w: Work, cache):
         "noise": noise,
     }
     os.makedirs(w.bundle, exist_ok=True)
-    jdump(os.path.join(w.bundle, "eval.json"), out)
+    wording_lines, out["wording"] = section(w, wording, cache) if wording else ([], None)
     lines = [
         "# Evaluation on unseen tasks",
         "",
@@ -149,6 +152,8 @@ def write(w: Work, cache):
             f"| {n} | {w.suite['novelty'].get(n, '')} | {r['zero_shot']['n']} | {r['zero_shot']['r1']:.3f} | "
             f"{cell(r, 'topk_merge')} | {cell(r, 'sglora_mean')} | {cell(r, 'oracle')} | {tops} |"
         )
+    lines += wording_lines
+    jdump(os.path.join(w.bundle, "eval.json"), out)
     with open(os.path.join(w.bundle, "EVAL.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if os.path.exists(os.path.join(w.bundle, "manifest.json")):

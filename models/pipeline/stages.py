@@ -18,14 +18,6 @@ from .fixtures import FIXTURE_DESCRIPTIONS
 from .prior import denormalise, norm_stats, normalise, normalise_spread, semantic_prior
 from .work import Work, jdump, jload, log, safe, save_trained
 
-# off-topic descriptions: where the bundle's out-of-scope threshold (`ood_threshold`) must fall
-OFF_TOPIC = [
-    "Translate this contract from German into Japanese and keep the legal formatting.",
-    "Detect pedestrians in dashcam video at night.",
-    "Predict tomorrow's electricity price from the last week of spot prices.",
-    "Summarise the quarterly earnings call transcript in three bullet points.",
-]
-
 
 def suite(w: Work):
     """The task suite from WordNet: expert and unseen tasks with descriptions and splits."""
@@ -237,7 +229,9 @@ def prior(w: Work):
     E = w.embedder()
     experts = w.suite["experts"]
     demb = np.stack([E(t.description) for t in experts])
-    np.save(w.p("desc_emb.npy"), demb)
+    np.save(w.p("desc_emb.npy"), demb)  # the templated descriptions (format 1's keys; the ablations)
+    keys, top = w.keys()
+    queries = w.loo_queries()
     _, mu, var = w.expert_arrays()
     zs = jload(w.p("zeroshot.json"))
     zval = np.array([zs[t.name]["val"]["r1"] for t in experts])
@@ -245,7 +239,7 @@ def prior(w: Work):
     def score(k, tau, gain):
         gains = []
         for i, t in enumerate(experts):
-            m = semantic_prior(demb[i], demb, mu, var, k, tau, exclude=w.held_out_for(i))[3]
+            m = semantic_prior(queries[i], keys, mu, var, k, tau, exclude=w.held_out_for(i), top=top)[3]
             gains.append(evaluate(w.lora, t.val, gain * m)["r1"] - zval[i])
         return float(np.mean(gains))
 
@@ -266,7 +260,8 @@ def prior(w: Work):
         {
             "grid": grid,
             "best": best,
-            "selection": "leave-one-out (and leave-out every expert sharing a source synset) mean R@1 gain on expert validation splits",
+            "selection": "leave-one-out (and leave-out every expert sharing a source synset) mean R@1 gain on expert "
+            "validation splits, each expert task requested by one held-out bank paraphrase scored against the keys",
         },
     )
     log(f"prior: K={best['k']} tau={best['tau']} gain={best['gain']} (LOO val R@1 gain {best['val_r1_gain']:+.4f})")
@@ -284,10 +279,9 @@ def cvae(w: Work):
 
     c = w.cfg
     pr = jload(w.p("prior.json"))["best"]
-    demb = np.load(w.p("desc_emb.npy"))
     snaps, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    mus, vs = w.loo_priors(mu, var, demb, pr["k"], pr["tau"])
+    mus, vs = w.loo_priors(mu, var, w.loo_queries(), pr["k"], pr["tau"])
     Mn, Sn = normalise(mus, nm, ns), normalise_spread(vs, ns)  # each expert's leave-out prior
     # one row per expert snapshot: the snapshot and its expert's prior, normalised
     owner = np.array([i for i, s in enumerate(snaps) for _ in s])
@@ -464,11 +458,12 @@ def bundle(w: Work):
     experts = w.suite["experts"]
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    demb = np.load(w.p("desc_emb.npy")).astype(np.float32)
+    keys, top = w.keys()
+    guard = jload(w.p("guard.json"))
     L = w.lora
     shared_a = np.stack([a.numpy() for a in L.shared_A]).astype(np.float32)
     save_file(
-        {"desc_emb": demb, "mu": mu, "var": var, "norm_mean": nm, "norm_std": ns, "lora_A": shared_a},
+        {"keys": keys, "mu": mu, "var": var, "norm_mean": nm, "norm_std": ns, "lora_A": shared_a},
         os.path.join(w.bundle, "experts.safetensors"),
     )
     zs = jload(w.p("zeroshot.json"))
@@ -496,7 +491,6 @@ def bundle(w: Work):
         adapter_cfg = jload(os.path.join(d, "adapter_config.json"))
     adapter_cfg["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
     pr = jload(w.p("prior.json"))["best"]
-    ood = ood_threshold(w, demb)
     split = {
         "seed": jload(w.p("suite.json"))["seed"],
         "experts": [t.name for t in experts],
@@ -507,7 +501,7 @@ def bundle(w: Work):
     jdump(os.path.join(w.bundle, "split.json"), split)
     manifest = {
         "format": "sglora-bundle",
-        "format_version": 1,
+        "format_version": 2,
         "mode": "tiny" if w.tiny else "full",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base_model": {
@@ -545,7 +539,7 @@ def bundle(w: Work):
             "meta": "experts.json",
             "count": len(experts),
             "tensors": {
-                "desc_emb": [len(experts), 384],
+                "keys": list(keys.shape),
                 "mu": list(mu.shape),
                 "var": list(var.shape),
                 "norm_mean": [int(mu.shape[1])],
@@ -572,26 +566,19 @@ def bundle(w: Work):
             "noise_scale": 1.0,
             "rng": "xoshiro256** seeded by splitmix64(seed); normals by Box-Muller, see BUNDLE.md",
         },
-        "ood": ood,
+        "retrieval": {
+            "keys": "keys",
+            "keys_per_expert": int(keys.shape[1]),
+            "score": "mean_top",
+            "top": top,
+            "selection": jload(w.p("retrieval.json"))["selection"]
+            + "; chose "
+            + jload(w.p("retrieval.json"))["chosen"],
+        },
+        "expected_gain": guard["expected_gain"],
+        "ood": guard["ood"],
     }
     write_manifest(w.bundle, manifest)
     with open(w.p("bundle.done"), "w") as f:
         f.write(os.path.realpath(w.bundle))
     log(f"bundle written to {w.bundle}: {manifest['bundle_id']}")
-
-
-def ood_threshold(w: Work, demb):
-    """Best-expert similarity of in-scope (unseen task) vs off-topic descriptions."""
-    E = w.embedder()
-    inscope = [float(np.max(demb @ E(t.description))) for t in w.suite["unseen"]]
-    off = [float(np.max(demb @ E(x))) for x in OFF_TOPIC]
-    thr = round(min(min(inscope) - 0.05, (min(inscope) + max(off)) / 2), 3)
-    return {
-        "min_similarity": thr,
-        "in_scope_best_sim_min": min(inscope),
-        "off_topic_best_sim_max": max(off),
-        "off_topic_examples": OFF_TOPIC,
-    }
-
-
-# ---- evaluation --------------------------------------------------------------------------

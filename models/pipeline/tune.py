@@ -36,10 +36,9 @@ def stage(w: Work):
     c = w.cfg
     experts = w.suite["experts"]
     pr = jload(w.p("prior.json"))["best"]
-    demb = np.load(w.p("desc_emb.npy"))
     snaps, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    mus, vs = w.loo_priors(mu, var, demb, pr["k"], pr["tau"])
+    mus, vs = w.loo_priors(mu, var, w.loo_queries(), pr["k"], pr["tau"])
     M = torch.from_numpy(normalise(mus, nm, ns))
     S = torch.from_numpy(normalise_spread(vs, ns))
     X = [torch.from_numpy(normalise(s, nm, ns)) for s in snaps]

@@ -48,6 +48,9 @@ FULL = dict(
     batch=32,
     temp=0.05,
     transfer_per_task=6,
+    desc_set_size=48,  # descriptions per task (descriptions.py); the first desc_keys are key candidates
+    desc_keys=36,
+    gain_queries=3,  # held-out paraphrases per expert in the expected-gain fit (retrieval.guard_stage)
     multitask_epochs=2,
     cvae_epochs=600,
     cvae_lam=1.0,
@@ -72,6 +75,9 @@ TINY = dict(
     epochs=2,
     snapshots=2,
     transfer_per_task=2,
+    desc_set_size=12,
+    desc_keys=8,
+    gain_queries=1,
     multitask_epochs=1,
     cvae_epochs=150,
     max_experts_per_relation=2,
@@ -185,13 +191,28 @@ class Work:
             self._held_out = [[j for j, s in enumerate(srcs) if j == i or s & srcs[i]] for i in range(len(srcs))]
         return list(self._held_out[i])
 
-    def loo_priors(self, mu, var, demb, k, tau):
-        """Each expert's semantic prior as if its task were unseen (see `held_out_for`)."""
+    def keys(self):
+        """The `keys` stage's retrieval keys ([experts, keys per expert, dim]) and how many of
+        the best key similarities an expert's score averages (`prior.scores`)."""
+        return np.load(self.p("keys.npy")), int(jload(self.p("retrieval.json"))["top"])
+
+    def loo_queries(self):
+        """Each expert task's stand-in request for leave-out validation: one held-out bank
+        paraphrase from its description set (`keys` stage), chosen by a fixed seed."""
+        embs = np.load(self.p("desc_sets.npz"))["experts"]
+        n_keys = self.cfg["desc_keys"]
+        rng = np.random.default_rng(5)
+        return np.stack([embs[i, n_keys + int(rng.integers(embs.shape[1] - n_keys))] for i in range(len(embs))])
+
+    def loo_priors(self, mu, var, queries, k, tau):
+        """Each expert's semantic prior as if its task were unseen (see `held_out_for`), for the
+        stand-in requests `queries` (`loo_queries`) scored against the retrieval keys."""
         from .prior import semantic_prior
 
+        keys, top = self.keys()
         out_m, out_v = [], []
         for i in range(len(mu)):
-            _, _, _, m, v = semantic_prior(demb[i], demb, mu, var, k, tau, exclude=self.held_out_for(i))
+            _, _, _, m, v = semantic_prior(queries[i], keys, mu, var, k, tau, exclude=self.held_out_for(i), top=top)
             out_m.append(m)
             out_v.append(v)
         return np.stack(out_m), np.stack(out_v)

@@ -1,0 +1,372 @@
+"""Description sets: many wordings of one task, produced by code from hand-written phrase banks.
+
+A user describes a task in their own words, not in the suite's template. Every task (expert and
+unseen) therefore gets `n` descriptions drawn with a fixed seed from banks of
+
+- relation wordings in several registers (technical, plain, question, "find X from Y",
+  "given Y, X"), each with a slot `{q}` for what a query is;
+- domain wordings: the lexicographer file in plain words (`tasks.DOMAIN_PHRASE`), everyday
+  category names, and 2-4 example items sampled from the task's *train* split;
+- framings: none, or an app / product context; terse ("animal -> its category") or verbose.
+
+The first description of a set is always the suite's templated one. The bundle's retrieval keys
+are built from the first `n_keys` of each expert's set; the rest are the held-out paraphrases the
+`keys` stage validates on. No language model is involved: the banks below are the whole source.
+The user-wording test set (`models/eval/user_wording.json`) was written separately, before these
+banks, in styles they do not produce, and is never used to build or choose anything.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .tasks import DOMAIN_PHRASE, Task
+
+# relation -> wordings; `{q}` is a noun phrase for one query item ("a word", "an animal",
+# "a word such as oak or maple"), `{qs}` its plural-ish topic form ("animals").
+RELATION_BANK = {
+    "definition": [
+        "given {q}, retrieve its dictionary definition",
+        "find the definition of {q}",
+        "look up what {q} means and return the gloss",
+        "what does {q} mean? return its definition",
+        "map {q} to the sentence that defines it",
+        "word to definition: for {q}, find the explanation of its meaning",
+        "given {q}, get the dictionary entry text explaining it",
+        "glossary lookup: from {q}, find the description of what it is",
+        "explain {q} by retrieving its meaning",
+        "retrieve the gloss that defines {q}",
+        "for {q}, which definition describes it?",
+        "from a term to its meaning, for {qs}",
+    ],
+    "term": [
+        "given the definition of {q}, find the word being defined",
+        "reverse dictionary: from a description of {q}, retrieve the word",
+        "find the word that matches this definition of {q}",
+        "which word is described by this explanation? the answer is {q}",
+        "from a gloss to the term it defines, for {qs}",
+        "guess the word from its meaning, where the word is {q}",
+        "name {q} from its dictionary definition",
+        "definition to word: map a description of {q} to its name",
+        "what is the word for this meaning? it is {q}",
+        "given a meaning, retrieve {q} that it defines",
+        "describe-the-thing lookup: the description in, the name of {q} out",
+        "find the term for a description of {qs}",
+    ],
+    "hypernym": [
+        "given {q}, find the broader category it is a kind of",
+        "find the hypernym of {q}",
+        "what kind of thing is {q}? return its more general class",
+        "map {q} to its parent category",
+        "generalise {q} to the class above it",
+        "from {q}, retrieve a more general term that includes it",
+        "is-a lookup: {q} is a type of what?",
+        "categorise {q} under its superordinate term",
+        "given a specific word, get its general category, for {qs}",
+        "find the umbrella term for {q}",
+        "which category does {q} belong to as a kind?",
+        "specific to general: from {q} to the word for its type",
+    ],
+    "hyponym": [
+        "given {q}, find a more specific kind of it",
+        "find a hyponym of {q}",
+        "what are the types of {q}? return one subtype",
+        "map {q} to one of its subcategories",
+        "specialise {q} to a narrower term",
+        "from {q}, retrieve an example kind that falls under it",
+        "list a specific variety of {q}",
+        "general to specific: from {q} to a word for one of its kinds",
+        "given a category word, get a member kind, for {qs}",
+        "which specific type is a kind of {q}?",
+        "narrow {q} down to a particular sort",
+        "find a subclass of {q}",
+    ],
+    "instance_of": [
+        "given a proper name of {q}, find what kind of thing it is",
+        "find the class a named {q} is an instance of",
+        "who or what is this name? return its type, for {qs}",
+        "map the name of a specific {q} to its category",
+        "from a proper noun to the general kind it belongs to, for {qs}",
+        "what kind of thing is the named entity? {q}",
+        "classify a famous name as its type, about {qs}",
+        "instance lookup: a particular named {q} to what it is",
+        "given a name, retrieve its occupation or kind, for {qs}",
+        "tell what sort of thing a named {q} is",
+        "name to category, for named {qs}",
+        "identify the type of a proper name, where names are of {qs}",
+    ],
+    "part": [
+        "given {q}, find one of its parts",
+        "find a component of {q}",
+        "what is {q} made up of? return one part",
+        "map {q} to a piece it contains",
+        "whole to part: from {q} to one of its components",
+        "list a part that belongs to {q}",
+        "from {q}, retrieve a meronym",
+        "which pieces does {q} have? give one",
+        "break {q} down into a constituent part",
+        "given a whole thing, get a part of it, for {qs}",
+        "has-part lookup for {q}",
+        "find what {q} consists of",
+    ],
+    "whole": [
+        "given {q}, find the larger whole that contains it",
+        "find the thing that {q} is a part of",
+        "what is {q} a component of? return the whole",
+        "map {q} to the object it belongs to as a piece",
+        "part to whole: from {q} to what it is part of",
+        "from {q}, retrieve its holonym",
+        "which larger thing includes {q}?",
+        "given a part, get the whole object, for {qs}",
+        "part-of lookup for {q}",
+        "find where {q} sits as a piece of something bigger",
+        "name the whole that has {q} as a part",
+        "from a component to the assembly it belongs to, for {qs}",
+    ],
+    "member": [
+        "given {q}, find one of its members",
+        "find a member of {q}",
+        "who or what belongs to {q}? return one member",
+        "map {q} to something that is in it",
+        "group to member: from {q} to one of its members",
+        "list an element of {q}",
+        "from a collection to an item in it, for {qs}",
+        "which things make up {q}? give one",
+        "given a group, get one of the things it contains, for {qs}",
+        "member lookup for {q}",
+        "name something that is part of the group {q}",
+        "from {q}, retrieve a member meronym",
+    ],
+    "group": [
+        "given {q}, find the group or collection it belongs to",
+        "find the family, genus or group of {q}",
+        "which group is {q} a member of?",
+        "map {q} to the collection it is part of",
+        "member to group: from {q} to its group",
+        "what family or genus does {q} belong to?",
+        "from {q}, retrieve its member holonym",
+        "given a member, get the set it belongs to, for {qs}",
+        "classify {q} into the group that contains it",
+        "group lookup for {q}",
+        "find the taxonomic group or organisation of {q}",
+        "name the collection that includes {q}",
+    ],
+    "antonym": [
+        "given {q}, find the word with the opposite meaning",
+        "find the antonym of {q}",
+        "what is the opposite of {q}?",
+        "map {q} to its opposite",
+        "return the contrary of {q}",
+        "opposites: from {q} to the word that means the reverse",
+        "flip the meaning of {q}",
+        "from a word to its antonym, for {qs}",
+        "which word means the reverse of {q}?",
+        "antonym lookup for {q}",
+        "get the contrasting word for {q}",
+        "give the opposite term of {q}",
+    ],
+    "topic": [
+        "given {q}, find the subject area or field it belongs to",
+        "find the field of study of {q}",
+        "which discipline is {q} a term of?",
+        "map {q} to its topic or domain of knowledge",
+        "term to field: from {q} to the subject it is used in",
+        "what subject is {q} from?",
+        "classify {q} by its area of expertise",
+        "from a technical term to its field, for {qs}",
+        "topic lookup for {q}",
+        "name the science or subject that {q} belongs to",
+        "which field uses the term {q}?",
+        "get the domain category of {q}",
+    ],
+    "region": [
+        "given {q}, find the country or region it is associated with",
+        "find the place {q} comes from or is used in",
+        "which region is {q} associated with?",
+        "map {q} to its geographic region",
+        "term to country: from {q} to where it is used",
+        "what country is {q} linked to?",
+        "from a word to its region of usage, for {qs}",
+        "region lookup for {q}",
+        "name the place tied to {q}",
+        "get the country or area connected to {q}",
+        "where is {q} from?",
+        "classify {q} by geographic region",
+    ],
+}
+
+# relation -> (what a query is, what a target is), for terse wordings ("animal -> its category")
+TERSE = {
+    "definition": ("word", "definition"),
+    "term": ("definition", "word"),
+    "hypernym": ("word", "broader category"),
+    "hyponym": ("category", "specific kind"),
+    "instance_of": ("proper name", "what it is"),
+    "part": ("whole", "part"),
+    "whole": ("part", "whole"),
+    "member": ("group", "member"),
+    "group": ("member", "its group"),
+    "antonym": ("word", "opposite"),
+    "topic": ("term", "subject field"),
+    "region": ("term", "country or region"),
+}
+
+# lexicographer file -> everyday names: (singular noun phrases, a plural topic phrase)
+EVERYDAY = {
+    "noun.Tops": (["a general concept", "an abstract idea"], "general concepts"),
+    "noun.act": (["an activity", "an action", "something people do"], "activities and actions"),
+    "noun.animal": (["an animal", "a creature", "a kind of animal"], "animals"),
+    "noun.artifact": (["a man-made object", "a tool or device", "an object"], "objects, tools and devices"),
+    "noun.attribute": (["a quality", "a property", "a trait"], "qualities and properties"),
+    "noun.body": (["a body part", "a part of the body", "an organ"], "the human body"),
+    "noun.cognition": (["an idea", "a concept", "a field of knowledge"], "ideas and knowledge"),
+    "noun.communication": (["a message", "a kind of text or speech", "a form of communication"], "communication"),
+    "noun.event": (["an event", "a happening", "an occurrence"], "events"),
+    "noun.feeling": (["a feeling", "an emotion", "a mood"], "feelings and emotions"),
+    "noun.food": (["a food", "a dish", "something to eat or drink"], "food and drink"),
+    "noun.group": (["a group", "an organisation", "a collection"], "groups and organisations"),
+    "noun.location": (["a place", "a location", "a city or region"], "places"),
+    "noun.motive": (["a motive", "a reason", "a goal"], "motives"),
+    "noun.object": (["a natural object", "a landform", "a thing in nature"], "natural objects"),
+    "noun.person": (["a person", "a kind of person", "a role or occupation"], "people and roles"),
+    "noun.phenomenon": (["a natural phenomenon", "a physical effect", "a weather or physics phenomenon"], "phenomena"),
+    "noun.plant": (["a plant", "a tree or flower", "a kind of plant"], "plants"),
+    "noun.possession": (["money or property", "a possession", "a financial term"], "money and property"),
+    "noun.process": (["a process", "a natural process", "a biological or chemical process"], "processes"),
+    "noun.quantity": (["a unit of measure", "a quantity", "an amount"], "units and quantities"),
+    "noun.relation": (["a relation", "a relationship between things"], "relations"),
+    "noun.shape": (["a shape", "a geometric form", "a figure"], "shapes"),
+    "noun.state": (["a state or condition", "a condition", "a situation"], "states and conditions"),
+    "noun.substance": (["a substance", "a material", "a chemical"], "substances and materials"),
+    "noun.time": (["a time period", "a point in time", "a unit of time"], "time"),
+    "verb.body": (["a verb about the body", "a grooming or bodily action verb"], "body verbs"),
+    "verb.change": (["a verb of change", "a verb meaning to change something"], "verbs of change"),
+    "verb.cognition": (["a verb of thinking", "a mental verb"], "thinking verbs"),
+    "verb.communication": (["a verb of speaking", "a communication verb"], "speaking verbs"),
+    "verb.competition": (["a verb of fighting or competing", "a sports or battle verb"], "competition verbs"),
+    "verb.consumption": (["a verb of eating or using up", "a consumption verb"], "consumption verbs"),
+    "verb.contact": (["a verb of touching or hitting", "a contact verb"], "contact verbs"),
+    "verb.creation": (["a verb of making", "a creation verb"], "verbs of making"),
+    "verb.emotion": (["a verb of feeling", "an emotion verb"], "emotion verbs"),
+    "verb.motion": (["a verb of movement", "a motion verb"], "movement verbs"),
+    "verb.perception": (["a verb of seeing or hearing", "a perception verb"], "perception verbs"),
+    "verb.possession": (["a verb of owning or giving", "a verb of buying and selling"], "possession verbs"),
+    "verb.social": (["a verb of social activity", "a social verb"], "social verbs"),
+    "verb.stative": (["a verb of being or having", "a stative verb"], "stative verbs"),
+    "verb.weather": (["a weather verb"], "weather verbs"),
+    "adj.all": (["an adjective", "a describing word"], "adjectives"),
+    "adj.pert": (["a relational adjective", "an adjective derived from a noun"], "relational adjectives"),
+    "adj.ppl": (["a participle adjective"], "participle adjectives"),
+    "adv.all": (["an adverb", "a word that modifies a verb"], "adverbs"),
+}
+
+APPS = [
+    "flashcards app",
+    "vocabulary trainer",
+    "trivia bot",
+    "crossword helper",
+    "search box",
+    "kids' learning game",
+    "writing assistant",
+    "quiz generator",
+    "museum guide",
+    "study tool",
+    "chatbot",
+    "e-reader",
+    "language-learning app",
+    "knowledge graph tool",
+    "word game",
+]
+
+# framings; those marked True need a wording that starts with a verb ("find ...", "map ...")
+FRAMES = [
+    ("For my {app}: {body}.", False),
+    ("{App} feature: {body}.", False),
+    ("I'm building a {app} and need this: {body}.", False),
+    ("We need a model for our {app} that can {body}.", True),
+    ("{Body} (for a {app}).", False),
+    ("In a {app}, {body}.", True),
+]
+
+PLAIN = [
+    ("{Body}.", False),
+    ("Task: {body}.", False),
+    ("{Body}, please.", True),
+    ("I want to {body}.", True),
+    ("A model that can {body}.", True),
+    ("Retrieval task: {body}.", False),
+]
+
+VERBS = {
+    "find", "look", "map", "retrieve", "explain", "guess", "name", "generalise", "categorise",
+    "specialise", "list", "narrow", "classify", "tell", "identify", "break", "flip", "return", "get",
+    "give", "glossary",
+}  # fmt: skip
+
+VERBOSE = [
+    " The input is a single item and the output should be the matching entry from a list.",
+    " Queries are short; the right answer is one of many candidates to rank.",
+    " It should rank the correct answer above the others.",
+    " Accuracy on the top result matters most.",
+    " Think of it as a lookup over a word list.",
+]
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _examples(task: Task, rng: random.Random) -> list[str]:
+    """2-4 domain-side items from the train split: the query word, or for `term` (whose query is
+    a definition) the word defined."""
+    items = sorted({(t if task.relation == "term" else q) for q, t, _ in task.train})
+    items = [x for x in items if len(x) <= 40]
+    return rng.sample(items, min(len(items), rng.randint(2, 4)))
+
+
+def _domain(task: Task, rng: random.Random) -> tuple[str, str]:
+    """(`q`, `qs`): what one query item is, and the plural topic phrase."""
+    singular, plural = EVERYDAY.get(task.domain, ([DOMAIN_PHRASE[task.domain]], DOMAIN_PHRASE[task.domain]))
+    kind = rng.randrange(4)
+    if kind == 0:
+        q = DOMAIN_PHRASE[task.domain]
+    elif kind == 1:
+        q = rng.choice(singular)
+    else:
+        ex = _examples(task, rng)
+        head = rng.choice(singular)
+        q = f"{head} such as {', '.join(ex[:-1])} or {ex[-1]}" if len(ex) > 1 else head
+        if kind == 3:
+            q = f"{head} (e.g. {', '.join(ex)})"
+    return q, plural
+
+
+def description_set(task: Task, n: int, seed: int = 20261201) -> list[str]:
+    """`n` distinct descriptions of `task`: the templated one first, then seeded draws."""
+    if task.relation not in RELATION_BANK:
+        raise KeyError(f"no phrase bank for relation {task.relation!r} (pipeline/descriptions.py)")
+    rng = random.Random(f"{seed}/{task.name}")
+    out = [task.description]
+    seen = set(out)
+    tries = 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        q, qs = _domain(task, rng)
+        style = rng.randrange(10)
+        if style == 0:
+            a, b = TERSE[task.relation]
+            dom = rng.choice([qs, q, DOMAIN_PHRASE[task.domain]])
+            text = rng.choice([f"{a} -> {b}, {dom}", f"{dom}: {a} to {b}", f"{a} to {b} ({dom})"])
+        else:
+            body = rng.choice(RELATION_BANK[task.relation]).format(q=q, qs=qs)
+            verb = body.split()[0] in VERBS and "?" not in body
+            frames = [f for f, needs_verb in (FRAMES if style <= 3 else PLAIN) if verb or not needs_verb]
+            app = rng.choice(APPS)
+            text = rng.choice(frames).format(app=app, App=_cap(app), body=body, Body=_cap(body))
+            if style >= 8:
+                text += rng.choice(VERBOSE)
+        text = text.replace("?.", "?").replace("?,", "?")
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out

@@ -26,15 +26,19 @@ struct GenArgs {
     /// Number of experts to mix (default: the bundle's).
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
-    /// Softmax temperature over similarities (default: the bundle's).
+    /// Softmax temperature over the retrieval scores (default: the bundle's).
     #[arg(long, value_name = "T")]
     temperature: Option<f64>,
     /// Generate even when the description is far from every expert (marked in provenance).
     #[arg(long)]
     allow_ood: bool,
-    /// Out-of-distribution threshold on the best expert similarity (default: the bundle's).
+    /// Out-of-distribution threshold on the best expert score (default: the bundle's).
     #[arg(long, value_name = "SIM")]
     min_similarity: Option<f64>,
+    /// Refuse when the expected R@1 gain is below this many points, 0-100 (default: no minimum;
+    /// --allow-ood does not lift it).
+    #[arg(long, value_name = "POINTS")]
+    min_expected_gain: Option<f64>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -207,6 +211,7 @@ fn options(a: &GenArgs, seed: u64, noise_scale: Option<f64>) -> GenerateOptions 
         noise_scale,
         allow_ood: a.allow_ood,
         min_similarity: a.min_similarity,
+        min_expected_gain: a.min_expected_gain,
     }
 }
 
@@ -223,6 +228,15 @@ fn shown(text: &str) -> String {
         .collect()
 }
 
+/// A signed number with one decimal and a true minus sign (`+5.1`, `−0.4`).
+fn signed(x: f64) -> String {
+    let s = format!("{x:+.1}");
+    match s.strip_prefix('-') {
+        Some(rest) => format!("\u{2212}{rest}"),
+        None => s,
+    }
+}
+
 fn print_explanation(ex: &Explanation) {
     println!("description: {}", shown(&ex.description));
     println!(
@@ -237,10 +251,24 @@ fn print_explanation(ex: &Explanation) {
             e.weight
         );
     }
+    let g = &ex.expected_gain;
+    println!(
+        "expected R@1 gain: {} points ({:.0} % interval {} … {})",
+        signed(g.estimate),
+        g.level * 100.0,
+        signed(g.low),
+        signed(g.high)
+    );
     if ex.out_of_distribution {
         println!(
             "warning: out of distribution (best similarity {:.3} < {:.3})",
             ex.best_similarity, ex.options.min_similarity
+        );
+    }
+    if let Some(min) = ex.options.min_expected_gain.filter(|m| g.estimate < *m) {
+        println!(
+            "warning: expected gain {} is below the minimum {min:.1}: generation would be refused",
+            signed(g.estimate)
         );
     }
     if ex.truncated {
@@ -379,7 +407,9 @@ fn main() -> ExitCode {
             });
             ExitCode::from(match core {
                 Some(sglora::Error::InvalidDescription(_) | sglora::Error::InvalidOption(_)) => 2,
-                Some(sglora::Error::OutOfDistribution { .. }) => 3,
+                Some(
+                    sglora::Error::OutOfDistribution { .. } | sglora::Error::LowExpectedGain { .. },
+                ) => 3,
                 Some(sglora::Error::Bundle { .. }) => 4,
                 Some(sglora::Error::Output { .. }) => 5,
                 _ => 1,

@@ -290,6 +290,90 @@ fn out_of_distribution_is_refused_unless_allowed() {
     assert_eq!(prov["out_of_distribution"], true);
 }
 
+/// `--min-expected-gain`: range-checked (exit 2), a minimum above the bundle's estimate refuses
+/// (exit 3, `--allow-ood` does not lift it), one below it generates; the estimate is in
+/// `explain` (text and JSON), `generate --json` and `provenance.json`.
+#[test]
+fn a_minimum_expected_gain_refuses_unless_met() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gain");
+    let o = out.to_str().unwrap();
+    for bad in ["-1", "100.5", "nan", "inf"] {
+        let flag = format!("--min-expected-gain={bad}");
+        let r = sglora(&["generate", DESC, "-o", o, &flag]);
+        assert_eq!(r.status.code(), Some(2), "{bad}: {}", stderr(&r));
+        assert!(
+            stderr(&r).contains("min_expected_gain must be between 0 and 100"),
+            "{bad}: {}",
+            stderr(&r)
+        );
+    }
+    let r = sglora(&["generate", DESC, "-o", o, "--min-expected-gain", "lots"]);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(!out.exists());
+
+    let r = sglora(&["explain", DESC, "--json"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let ex: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let g = &ex["expected_gain"];
+    let (est, low, high) = (
+        g["estimate"].as_f64().unwrap(),
+        g["low"].as_f64().unwrap(),
+        g["high"].as_f64().unwrap(),
+    );
+    assert!(low <= est && est <= high, "{g}");
+    assert!(g["level"].as_f64().unwrap() > 0.0 && g["level"].as_f64().unwrap() < 1.0);
+    assert_eq!(ex["options"]["min_expected_gain"], serde_json::Value::Null);
+    let text = sglora(&["explain", DESC]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("expected R@1 gain:") && text.contains("% interval"),
+        "{text}"
+    );
+
+    let above = (est + 1.0).clamp(0.0, 100.0);
+    assert!(est < above, "premise: the estimate {est} must be below 100");
+    let above = above.to_string();
+    for extra in [&[][..], &["--allow-ood"][..]] {
+        let mut args = vec!["generate", DESC, "-o", o, "--min-expected-gain", &above];
+        args.extend_from_slice(extra);
+        let r = sglora(&args);
+        assert_eq!(r.status.code(), Some(3), "{extra:?}: {}", stderr(&r));
+        assert!(
+            stderr(&r).contains("expected gain is too low")
+                && stderr(&r).contains("min_expected_gain"),
+            "{}",
+            stderr(&r)
+        );
+        assert!(!out.exists(), "nothing may be written");
+    }
+    let r = sglora(&["explain", DESC, "--min-expected-gain", &above]);
+    assert!(r.status.success(), "explain only warns: {}", stderr(&r));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("would be refused"));
+
+    if est >= 0.0 {
+        let below = (est - 0.5).clamp(0.0, 100.0).to_string();
+        let r = sglora(&[
+            "generate",
+            DESC,
+            "-o",
+            o,
+            "--allow-ood",
+            "--json",
+            "--min-expected-gain",
+            &below,
+        ]);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert_eq!(v["explanation"]["expected_gain"]["estimate"], est);
+        let prov: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("provenance.json")).unwrap()).unwrap();
+        assert_eq!(prov["expected_gain"]["estimate"], est);
+        let recorded = prov["options"]["min_expected_gain"].as_f64().unwrap();
+        assert!((recorded - below.parse::<f64>().unwrap()).abs() < 1e-12);
+    }
+}
+
 #[test]
 fn bundle_verify_passes_and_names_a_corrupted_file() {
     let r = sglora(&["bundle", "verify"]);

@@ -40,8 +40,7 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
         &sglora::Experts::from_parts(
             vec!["q".into()],
             vec!["q".into()],
-            384,
-            g.encoder().embed(ANIMAL).unwrap().vector,
+            sglora::Keys::single(384, g.encoder().embed(ANIMAL).unwrap().vector),
             vec![0.0],
             vec![0.0],
         )

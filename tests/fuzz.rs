@@ -80,6 +80,7 @@ fn json_request() -> impl Strategy<Value = Vec<u8>> {
         Just("top_k".to_string()),
         Just("temperature".to_string()),
         Just("noise_scale".to_string()),
+        Just("min_expected_gain".to_string()),
         Just("allow_ood".to_string()),
         "[a-z_]{1,12}",
     ];
@@ -168,6 +169,7 @@ proptest! {
     fn dbus_options(kv in proptest::collection::vec((prop_oneof![
             Just("seed".to_string()), Just("top_k".to_string()), Just("temperature".to_string()),
             Just("noise_scale".to_string()), Just("min_similarity".to_string()),
+            Just("min_expected_gain".to_string()),
             Just("allow_ood".to_string()), "[a-z_]{0,10}"], option_value()), 0..6)) {
         let map: HashMap<String, OwnedValue> = kv.into_iter().collect();
         if let Ok(o) = sglora_daemon::parse_options(&map) {
@@ -176,6 +178,7 @@ proptest! {
                 prop_assert!(r.temperature.is_finite() && r.temperature > 0.0);
                 prop_assert!(r.noise_scale.is_finite() && r.noise_scale >= 0.0);
                 prop_assert!((0.0..=1.0).contains(&r.min_similarity));
+                prop_assert!(r.min_expected_gain.is_none_or(|g| (0.0..=100.0).contains(&g)));
             }
         }
     }

@@ -115,6 +115,17 @@ fn retrieval_and_prior_match_reference() {
                 w
             );
         }
+        // The expected gain, where the fixtures record it (`expected_gain.estimate`): the
+        // features are computed from the same retrieval, so only the weights' rounding differs.
+        if let Some(want) = c["expected_gain"]["estimate"].as_f64() {
+            let model = sglora::GainModel::new(&m.expected_gain).unwrap();
+            let f = sglora::Features::of(&picked, |i| g.experts().meta(i).relation.as_str());
+            let got = model.estimate(&f).estimate;
+            assert!(
+                (got - want).abs() <= 1e-4,
+                "case {i}: expected gain {got} vs {want}"
+            );
+        }
         let p = sglora::mixture(g.experts(), &picked).unwrap();
         let dm = max_abs_diff(&p.mean, &tensor(&ctx().tensors, &format!("{i}.mu_star")));
         let dv = max_abs_diff(&p.var, &tensor(&ctx().tensors, &format!("{i}.var_star")));

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::bundle::{sha256_hex, Bundle, Manifest};
 use crate::error::{Error, Result};
+use crate::gain::ExpectedGain;
 use crate::options::ResolvedOptions;
 use crate::stages::{ExpertChoice, Generation, Timings};
 
@@ -106,7 +107,7 @@ pub(crate) fn config_json(manifest: &Manifest) -> serde_json::Value {
 pub struct Provenance<'a> {
     /// The base model's id (`manifest.base_model.id`).
     pub base_model: &'a str,
-    /// Best similarity to any expert.
+    /// Best retrieval score of any expert.
     pub best_similarity: f64,
     /// The bundle that generated it.
     pub bundle: ProvenanceBundle<'a>,
@@ -118,6 +119,8 @@ pub struct Provenance<'a> {
     pub description_sha256: &'a str,
     /// Hex SHA-256 of the embedding's little-endian f32 bytes.
     pub embedding_sha256: String,
+    /// The bundle's estimate of the adapter's R@1 gain, with its interval.
+    pub expected_gain: &'a ExpectedGain,
     /// The experts mixed, most similar first.
     pub experts: &'a [ExpertChoice],
     /// Options after defaults.
@@ -175,6 +178,7 @@ impl<'a> Provenance<'a> {
             description: g.description.text(),
             description_sha256: g.description.sha256(),
             embedding_sha256: sha256_hex(&emb_bytes),
+            expected_gain: &ex.expected_gain,
             experts: &ex.experts,
             options: &ex.options,
             out_of_distribution: ex.out_of_distribution,

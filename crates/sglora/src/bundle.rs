@@ -12,8 +12,12 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// The bundle format version this library reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The bundle format version this library reads (2: per-expert retrieval keys and an
+/// expected-gain model; format 1 is refused).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Most retrieval keys one expert may have (a sanity bound against lying manifests).
+pub const MAX_KEYS_PER_EXPERT: usize = 1024;
 
 /// Largest LoRA parameter vector a bundle may describe (a sanity bound against lying manifests:
 /// 2^28 f32 values are 1 GiB).
@@ -40,6 +44,10 @@ pub struct Manifest {
     pub experts: ExpertsSpec,
     /// Retrieval settings.
     pub prior: PriorSpec,
+    /// How an expert's retrieval score is computed from its keys.
+    pub retrieval: RetrievalSpec,
+    /// The model of the expected R@1 gain of a generated adapter.
+    pub expected_gain: ExpectedGainSpec,
     /// The CVAE files.
     pub cvae: CvaeSpec,
     /// Out-of-distribution guard.
@@ -126,7 +134,8 @@ pub struct LoraSpec {
 /// Expert repository files.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ExpertsSpec {
-    /// safetensors file with `desc_emb`, `mu`, `var`, `norm_mean`, `norm_std`, `lora_A`.
+    /// safetensors file with the retrieval keys (`retrieval.keys`), `mu`, `var`, `norm_mean`,
+    /// `norm_std`, `lora_A`.
     pub file: String,
     /// JSON file with names and descriptions.
     pub meta: String,
@@ -139,8 +148,58 @@ pub struct ExpertsSpec {
 pub struct PriorSpec {
     /// Number of experts mixed.
     pub top_k: usize,
-    /// Softmax temperature over cosine similarities.
+    /// Softmax temperature over the retrieval scores.
     pub temperature: f64,
+}
+
+/// How an expert's retrieval score is computed: `manifest.retrieval`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetrievalSpec {
+    /// Name of the keys tensor in the experts file (F32 `[n, keys_per_expert, encoder.dim]`,
+    /// each row L2-normalised).
+    pub keys: String,
+    /// Keys per expert, m ≥ 1.
+    pub keys_per_expert: usize,
+    /// Score kind; only `"mean_top"` (the mean of the `top` largest dot products).
+    pub score: String,
+    /// How many of an expert's key similarities are averaged, 1 ..= `keys_per_expert`.
+    pub top: usize,
+    /// How the keys and `top` were chosen (documentation).
+    #[serde(default)]
+    pub selection: String,
+}
+
+/// The linear model of the expected R@1 gain: `manifest.expected_gain`. Keys other than these
+/// (e.g. `calibration`) are informational and ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExpectedGainSpec {
+    /// Unit of the estimate; `"R@1 points"`.
+    pub unit: String,
+    /// Model kind; `"linear"`.
+    pub model: String,
+    /// Feature names, in `coef` order (see `crate::gain::Feature`).
+    pub features: Vec<String>,
+    /// Constant term.
+    pub intercept: f64,
+    /// One coefficient per feature.
+    pub coef: Vec<f64>,
+    /// Prediction interval, as offsets from the estimate.
+    pub interval: GainIntervalSpec,
+    /// What the model was fitted on (documentation).
+    #[serde(default)]
+    pub fitted_on: String,
+}
+
+/// `expected_gain.interval`: `[estimate + low, estimate + high]` covers the true gain with
+/// probability `level` (on the data it was fitted on).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GainIntervalSpec {
+    /// Coverage, in (0, 1).
+    pub level: f64,
+    /// Lower offset.
+    pub low: f64,
+    /// Upper offset.
+    pub high: f64,
 }
 
 /// CVAE files and sizes.
@@ -163,6 +222,34 @@ pub struct CvaeSpec {
 pub struct OodSpec {
     /// Refuse when the best expert similarity is below this.
     pub min_similarity: f64,
+}
+
+/// The first keys of a manifest: which format and version it is.
+#[derive(Deserialize)]
+struct Header {
+    format: String,
+    format_version: u32,
+}
+
+fn check_header(h: &Header) -> std::result::Result<(), String> {
+    if h.format != "sglora-bundle" {
+        return Err(format!(
+            "format is {:?}, expected \"sglora-bundle\"",
+            h.format
+        ));
+    }
+    match h.format_version {
+        FORMAT_VERSION => Ok(()),
+        1 => Err(format!(
+            "bundle format 1 is no longer read: this sglora reads format {FORMAT_VERSION} \
+             (per-expert retrieval keys); rebuild it with `make models` or use the bundle shipped \
+             with this version"
+        )),
+        v => Err(format!(
+            "format_version {v} is not supported by this sglora (reads {FORMAT_VERSION}); \
+             rebuild the bundle or upgrade sglora"
+        )),
+    }
 }
 
 /// A bundle file's hash and size.
@@ -320,8 +407,13 @@ impl Bundle {
             ReadProblem::Io(e) => Error::io("reading", &path, e),
             e => Error::bundle(&path, e.describe(MAX_MANIFEST_BYTES)),
         })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::bundle(&path, format!("not a valid manifest: {e}")))?;
+        let not_valid =
+            |e: serde_json::Error| Error::bundle(&path, format!("not a valid manifest: {e}"));
+        // The format and its version first, so that a bundle of another format version is told
+        // so rather than which of this version's keys it lacks.
+        let header: Header = serde_json::from_slice(&bytes).map_err(not_valid)?;
+        check_header(&header).map_err(|what| Error::bundle(&path, what))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(not_valid)?;
         let bundle = Bundle {
             hash: sha256_hex(&bytes),
             dir,
@@ -335,19 +427,6 @@ impl Bundle {
         let m = &self.manifest;
         let path = self.dir.join("manifest.json");
         let bad = |what: String| Err(Error::bundle(&path, what));
-        if m.format != "sglora-bundle" {
-            return bad(format!(
-                "format is {:?}, expected \"sglora-bundle\"",
-                m.format
-            ));
-        }
-        if m.format_version != FORMAT_VERSION {
-            return bad(format!(
-                "format_version {} is not supported by this sglora (reads {FORMAT_VERSION}); \
-                 rebuild the bundle or upgrade sglora",
-                m.format_version
-            ));
-        }
         let l = &m.lora;
         if l.peft_type != "LORA" {
             return bad(format!("lora.peft_type {:?} is not LORA", l.peft_type));
@@ -411,6 +490,28 @@ impl Bundle {
         }
         if m.prior.top_k == 0 || m.prior.temperature.is_nan() || m.prior.temperature <= 0.0 {
             return bad("prior.top_k must be >= 1 and prior.temperature > 0".into());
+        }
+        let r = &m.retrieval;
+        if r.score != "mean_top" {
+            return bad(format!(
+                "retrieval.score {:?} is not supported (this sglora knows \"mean_top\")",
+                r.score
+            ));
+        }
+        if !(1..=MAX_KEYS_PER_EXPERT).contains(&r.keys_per_expert) {
+            return bad(format!(
+                "retrieval.keys_per_expert is {}, expected 1 ..= {MAX_KEYS_PER_EXPERT}",
+                r.keys_per_expert
+            ));
+        }
+        if !(1..=r.keys_per_expert).contains(&r.top) {
+            return bad(format!(
+                "retrieval.top is {}, expected 1 ..= retrieval.keys_per_expert ({})",
+                r.top, r.keys_per_expert
+            ));
+        }
+        if let Err(what) = crate::gain::GainModel::new(&m.expected_gain) {
+            return bad(what);
         }
         for f in [
             &m.encoder.file,
@@ -483,5 +584,114 @@ impl Bundle {
             Some(what) => Err(Error::bundle(p, what)),
             None => Ok((file, bytes)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default bundle's manifest, changed by `edit`, opened (unverified) from a temporary
+    /// directory.
+    fn open_edited(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Bundle> {
+        let mut m: serde_json::Value =
+            serde_json::from_str(include_str!("../../../models/default/manifest.json")).unwrap();
+        edit(&mut m);
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        Bundle::open_unverified(dir.path())
+    }
+
+    fn refusal(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        open_edited(edit).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_default_manifest_is_format_2() {
+        let b = open_edited(|_| {}).unwrap();
+        assert_eq!(b.manifest.format_version, FORMAT_VERSION);
+        assert_eq!(FORMAT_VERSION, 2);
+        assert!(b.manifest.retrieval.top <= b.manifest.retrieval.keys_per_expert);
+    }
+
+    #[test]
+    fn format_1_is_refused_with_what_to_do() {
+        // A whole format-1 manifest: no retrieval or expected_gain block, desc_emb instead of
+        // keys. The version is reported, not the first missing key.
+        let e = refusal(|m| {
+            m["format_version"] = 1.into();
+            let o = m.as_object_mut().unwrap();
+            o.remove("retrieval");
+            o.remove("expected_gain");
+        });
+        assert!(
+            e.contains("bundle format 1 is no longer read")
+                && e.contains("reads format 2")
+                && e.contains("make models"),
+            "{e}"
+        );
+        let e = refusal(|m| m["format_version"] = 3.into());
+        assert!(e.contains("format_version 3 is not supported"), "{e}");
+        let e = refusal(|m| m["format"] = "other".into());
+        assert!(e.contains("sglora-bundle"), "{e}");
+    }
+
+    #[test]
+    fn retrieval_block_is_checked_naming_the_field() {
+        let e = refusal(|m| m["retrieval"]["score"] = "max".into());
+        assert!(e.contains("retrieval.score") && e.contains("max"), "{e}");
+        let e = refusal(|m| m["retrieval"]["top"] = 0.into());
+        assert!(e.contains("retrieval.top"), "{e}");
+        let e = refusal(|m| {
+            m["retrieval"]["keys_per_expert"] = 3.into();
+            m["retrieval"]["top"] = 4.into();
+        });
+        assert!(e.contains("retrieval.top is 4"), "{e}");
+        let e = refusal(|m| m["retrieval"]["keys_per_expert"] = 0.into());
+        assert!(e.contains("retrieval.keys_per_expert"), "{e}");
+        let e = refusal(|m| {
+            m.as_object_mut().unwrap().remove("retrieval");
+        });
+        assert!(e.contains("retrieval"), "{e}");
+        // Within range, any m and t are accepted.
+        let b = open_edited(|m| {
+            m["retrieval"]["keys_per_expert"] = 4.into();
+            m["retrieval"]["top"] = 2.into();
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                b.manifest.retrieval.keys_per_expert,
+                b.manifest.retrieval.top
+            ),
+            (4, 2)
+        );
+    }
+
+    #[test]
+    fn expected_gain_block_is_checked_and_extra_keys_ignored() {
+        let e = refusal(|m| m["expected_gain"]["features"][0] = "luck".into());
+        assert!(
+            e.contains("expected_gain.features[0]") && e.contains("luck"),
+            "{e}"
+        );
+        let e = refusal(|m| {
+            m["expected_gain"]["coef"]
+                .as_array_mut()
+                .unwrap()
+                .push(1.0.into())
+        });
+        assert!(e.contains("expected_gain.coef"), "{e}");
+        let e = refusal(|m| m["expected_gain"]["interval"]["level"] = 1.5.into());
+        assert!(e.contains("expected_gain.interval.level"), "{e}");
+        // Informational keys the reader does not know are no error.
+        open_edited(|m| {
+            m["expected_gain"]["calibration"] = serde_json::json!({"coverage": 0.81, "n": 24});
+        })
+        .unwrap();
     }
 }

@@ -39,12 +39,30 @@ pub enum Error {
          with what, or allow out-of-distribution generation explicitly"
     )]
     OutOfDistribution {
-        /// Best cosine similarity to any expert description.
+        /// Best retrieval score of any expert.
         best: f32,
         /// The configured threshold.
         threshold: f32,
         /// Name of the closest expert.
         expert: String,
+    },
+    /// The bundle's gain model expects too little of the adapter for the caller's
+    /// `min_expected_gain`.
+    #[error(
+        "the expected gain is too low: an adapter for this description is expected to improve \
+         R@1 by {estimate:+.1} points (interval {low:+.1} … {high:+.1}), below the minimum \
+         {threshold:.1} asked for; describe the relation (what is matched with what) and the \
+         domain of the task more precisely, or lower or unset min_expected_gain"
+    )]
+    LowExpectedGain {
+        /// The model's estimate, in R@1 points.
+        estimate: f64,
+        /// Lower end of its interval.
+        low: f64,
+        /// Upper end of its interval.
+        high: f64,
+        /// The `min_expected_gain` asked for.
+        threshold: f64,
     },
     /// The neural network runtime failed (tokeniser, encoder, CVAE).
     #[error("{stage} failed: {message}")]

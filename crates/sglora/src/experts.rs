@@ -1,10 +1,11 @@
-//! The expert repository: per expert, its description embedding and the mean `μ_k` and variance
-//! `σ²_k` of its flattened LoRA parameters, plus the shared (frozen) LoRA A matrices and the
-//! parameter normalisation. Stored as `experts.safetensors` + `experts.json` in the bundle.
+//! The expert repository: per expert, its retrieval keys (L2-normalised embeddings its score is
+//! computed from, `manifest.retrieval`) and the mean `μ_k` and variance `σ²_k` of its flattened
+//! LoRA parameters, plus the shared (frozen) LoRA A matrices and the parameter normalisation.
+//! Stored as `experts.safetensors` + `experts.json` in the bundle.
 //!
 //! The per-expert `μ_k`/`σ²_k` (the bulk of the file) are checked at load and then read from the
 //! open file only for the K experts a prior needs (`pread`), so they cost page cache rather than
-//! process memory; embeddings, normalisation and the shared A stay in memory.
+//! process memory; keys, normalisation and the shared A stay in memory.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,7 +27,7 @@ pub struct ExpertMeta {
     pub name: String,
     /// The task description it was trained for.
     pub description: String,
-    /// Relation family (informational).
+    /// Relation family (the gain model's `relation_agreement` compares it).
     #[serde(default)]
     pub relation: String,
     /// Domain (informational).
@@ -53,13 +54,39 @@ enum Params {
     },
 }
 
+/// The experts' retrieval keys: `values` is `[n, per_expert, dim]`, row-major, each row
+/// L2-normalised; an expert's score for a query is the mean of the `top` largest dot products of
+/// the query with its keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keys {
+    /// Embedding size.
+    pub dim: usize,
+    /// Keys per expert, m ≥ 1.
+    pub per_expert: usize,
+    /// How many of the largest key similarities are averaged, 1 ..= m.
+    pub top: usize,
+    /// The keys.
+    pub values: Vec<f32>,
+}
+
+impl Keys {
+    /// One key per expert (`values` is `[n, dim]`): the score is the dot product with it.
+    pub fn single(dim: usize, values: Vec<f32>) -> Keys {
+        Keys {
+            dim,
+            per_expert: 1,
+            top: 1,
+            values,
+        }
+    }
+}
+
 /// All experts, in bundle order.
 #[derive(Debug, Clone)]
 pub struct Experts {
     meta: Vec<ExpertMeta>,
-    emb_dim: usize,
     dim: usize,
-    desc_emb: Vec<f32>,
+    keys: Keys,
     params: Params,
     /// Shared LoRA A matrices, `[modules, r, in]` flattened.
     pub lora_a: Vec<f32>,
@@ -112,6 +139,13 @@ fn all_in_range(values: impl Iterator<Item = f32>, lower: f32) -> bool {
     values.fold(true, |ok, x| ok & (x.abs() < f32::INFINITY) & (x >= lower))
 }
 
+/// Whether a key is finite with an L2 norm of 1 (to 1e-3: rounding of an f32 or f16 unit
+/// vector is far below it, an unnormalised or zero vector far above).
+fn unit_norm(key: &[f32]) -> bool {
+    let sq: f64 = key.iter().map(|x| f64::from(*x) * f64::from(*x)).sum();
+    key.iter().all(|x| x.is_finite()) && (sq.sqrt() - 1.0).abs() <= 1e-3
+}
+
 const BAD_PARAMS: &str = "expert tensors contain NaN/inf or negative variances";
 
 impl Experts {
@@ -149,6 +183,24 @@ impl Experts {
                 "all modules must share the A shape for a shared A",
             ));
         }
+        let r = &m.retrieval;
+        let keys = Keys {
+            dim: e,
+            per_expert: r.keys_per_expert,
+            top: r.top,
+            values: f32_tensor(&st, &r.keys, &[n, r.keys_per_expert, e], &file)?,
+        };
+        if let Some(row) = keys.values.chunks_exact(e).position(|k| !unit_norm(k)) {
+            return Err(Error::bundle(
+                &file,
+                format!(
+                    "tensor {}: key {} of expert {} is not a finite L2-normalised vector",
+                    r.keys,
+                    row % r.keys_per_expert,
+                    row / r.keys_per_expert
+                ),
+            ));
+        }
         let mu = f32_view(&st, "mu", &[n, d], &file)?;
         let var = f32_view(&st, "var", &[n, d], &file)?;
         if bad_params(le_f32s(mu.data()), le_f32s(var.data())) {
@@ -161,9 +213,8 @@ impl Experts {
             path: file.clone(),
         };
         let ex = Experts {
-            emb_dim: e,
             dim: d,
-            desc_emb: f32_tensor(&st, "desc_emb", &[n, e], &file)?,
+            keys,
             params,
             lora_a: f32_tensor(&st, "lora_A", &a_shape, &file)?,
             meta: meta.experts,
@@ -173,25 +224,26 @@ impl Experts {
             f32_tensor(&st, "norm_std", &[d], &file)?,
         )
         .map_err(|e| Error::bundle(&file, e.to_string()))?;
-        if ex.desc_emb.iter().any(|x| !x.is_finite()) {
-            return Err(Error::bundle(&file, BAD_PARAMS));
-        }
         Ok((ex, norm))
     }
 
-    /// Build from raw parts (tests and tools); `desc_emb` is `[n, emb_dim]`, `mu`/`var` are `[n, d]`.
+    /// Build from raw parts (tests and tools): `keys` of `n` experts (its values
+    /// `[n, per_expert, dim]`), `mu`/`var` are `[n, d]`; relations and domains are empty.
     pub fn from_parts(
         names: Vec<String>,
         descriptions: Vec<String>,
-        emb_dim: usize,
-        desc_emb: Vec<f32>,
+        keys: Keys,
         mu: Vec<f32>,
         var: Vec<f32>,
     ) -> Result<Experts> {
         let n = names.len();
         if n == 0
             || descriptions.len() != n
-            || desc_emb.len() != n * emb_dim
+            || keys.per_expert == 0
+            || !(1..=keys.per_expert).contains(&keys.top)
+            || Some(keys.values.len())
+                != n.checked_mul(keys.per_expert)
+                    .and_then(|x| x.checked_mul(keys.dim))
             || mu.len() != var.len()
             || !mu.len().is_multiple_of(n)
         {
@@ -210,9 +262,8 @@ impl Experts {
             .collect();
         Ok(Experts {
             meta,
-            emb_dim,
             dim,
-            desc_emb,
+            keys,
             params: Params::Memory { mu, var },
             lora_a: vec![],
         })
@@ -243,9 +294,16 @@ impl Experts {
         &self.meta
     }
 
-    /// Description embedding of expert `i`.
-    pub fn desc_emb(&self, i: usize) -> &[f32] {
-        &self.desc_emb[i * self.emb_dim..(i + 1) * self.emb_dim]
+    /// The retrieval keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Key `j` of expert `i` (`j` < [`Keys::per_expert`]).
+    pub fn key(&self, i: usize, j: usize) -> &[f32] {
+        let (m, e) = (self.keys.per_expert, self.keys.dim);
+        let at = (i * m + j) * e;
+        &self.keys.values[at..at + e]
     }
 
     /// Read `μ_i` into `out` (length [`Experts::dim`]); checked finite.
@@ -302,5 +360,108 @@ impl Experts {
             return Err(Error::model("experts", BAD_PARAMS));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// A two-expert bundle with 2-d embeddings, `m` keys per expert (tensor `keys` of
+    /// `key_shape`), a one-module LoRA of flat size 2, in a temporary directory; opened
+    /// unverified (only the experts files are read, and those are pinned).
+    fn tiny(
+        m: usize,
+        top: usize,
+        key_shape: &[usize],
+        keys: &[f32],
+    ) -> (tempfile::TempDir, Bundle) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut man: serde_json::Value =
+            serde_json::from_str(include_str!("../../../models/default/manifest.json")).unwrap();
+        let f32s = |v: &[f32]| crate::le::f32s_to_le(v);
+        let tensors: Vec<(&str, Vec<usize>, Vec<u8>)> = vec![
+            ("keys", key_shape.to_vec(), f32s(keys)),
+            ("mu", vec![2, 2], f32s(&[0.1, 0.2, 0.3, 0.4])),
+            ("var", vec![2, 2], f32s(&[0.01; 4])),
+            ("norm_mean", vec![2], f32s(&[0.0; 2])),
+            ("norm_std", vec![2], f32s(&[1.0; 2])),
+            ("lora_A", vec![1, 1, 2], f32s(&[1.0, 0.0])),
+        ];
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.to_string(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let st = safetensors::serialize(views, None).unwrap();
+        let meta = serde_json::json!({"experts": [
+            {"name": "a", "description": "da", "relation": "hypernym"},
+            {"name": "b", "description": "db", "relation": "antonym"},
+        ]});
+        let meta = serde_json::to_vec(&meta).unwrap();
+        for (name, bytes) in [("experts.safetensors", &st), ("experts.json", &meta)] {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+            man["files"][name] = serde_json::json!({
+                "sha256": crate::bundle::sha256_hex(bytes), "bytes": bytes.len()});
+        }
+        man["encoder"]["dim"] = 2.into();
+        man["experts"]["count"] = 2.into();
+        man["retrieval"]["keys_per_expert"] = m.into();
+        man["retrieval"]["top"] = top.into();
+        man["lora"]["r"] = 1.into();
+        man["lora"]["flat_dim"] = 2.into();
+        man["lora"]["layout"] = serde_json::json!([{
+            "module": "m", "lora_A": "a", "lora_A_shape": [1, 2], "lora_B": "b",
+            "lora_B_shape": [2, 1], "offset": 0, "len": 2}]);
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&man).unwrap(),
+        )
+        .unwrap();
+        let b = Bundle::open_unverified(dir.path()).unwrap();
+        (dir, b)
+    }
+
+    const KEYS: [f32; 8] = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8, -0.8, 0.6];
+
+    #[test]
+    fn keys_load_with_the_manifest_shape() {
+        let (_d, b) = tiny(2, 1, &[2, 2, 2], &KEYS);
+        let (ex, _) = Experts::load(&b).unwrap();
+        assert_eq!((ex.keys().per_expert, ex.keys().top), (2, 1));
+        assert_eq!(ex.key(1, 1), &[-0.8, 0.6]);
+        assert_eq!(ex.meta(1).relation, "antonym");
+        // q = [0, 1]: expert 0's best key is [0, 1] (1), expert 1's [0.6, 0.8] (0.8).
+        let s = crate::prior::similarities(&[0.0, 1.0], &ex);
+        assert_eq!(s, vec![1.0, f64::from(0.8f32)]);
+    }
+
+    #[test]
+    fn keys_of_another_shape_or_not_unit_are_refused() {
+        // The manifest says 1 key per expert, the file holds 2.
+        let (_d, b) = tiny(1, 1, &[2, 2, 2], &KEYS);
+        let e = Experts::load(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor keys has shape [2, 2, 2], expected [2, 1, 2]"),
+            "{e}"
+        );
+        let mut bad = KEYS;
+        bad[6] = f32::NAN;
+        let (_d, b) = tiny(2, 1, &[2, 2, 2], &bad);
+        let e = Experts::load(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("key 1 of expert 1") && e.contains("L2-normalised"),
+            "{e}"
+        );
+        let mut bad = KEYS;
+        bad[4] = 0.5;
+        let (_d, b) = tiny(2, 1, &[2, 2, 2], &bad);
+        let e = Experts::load(&b).unwrap_err().to_string();
+        assert!(e.contains("key 0 of expert 1"), "{e}");
     }
 }

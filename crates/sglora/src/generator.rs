@@ -14,6 +14,7 @@ use crate::cvae::Cvae;
 use crate::encoder::{Encoder, Runtime};
 use crate::error::{Error, Result};
 use crate::experts::Experts;
+use crate::gain::{Features, GainModel};
 use crate::options::{GenerateOptions, ResolvedOptions};
 use crate::prior::{self, Retrieved};
 use crate::stages::{Description, Embedded, ExpertChoice, Explanation, Generation, Timings};
@@ -25,6 +26,7 @@ pub struct Generator {
     encoder: Encoder,
     experts: Experts,
     cvae: Cvae,
+    gain: GainModel,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -50,6 +52,8 @@ impl Generator {
 
     /// [`Generator::from_bundle`] on the given runtime.
     pub fn from_bundle_with(bundle: Bundle, runtime: Runtime) -> Result<Generator> {
+        let gain = GainModel::new(&bundle.manifest.expected_gain)
+            .map_err(|what| Error::bundle(bundle.path("manifest.json"), what))?;
         let (experts, norm) = Experts::load(&bundle)?;
         let encoder = Encoder::load_with(&bundle, runtime)?;
         let cvae = Cvae::load(&bundle, runtime, norm)?;
@@ -58,6 +62,7 @@ impl Generator {
             encoder,
             experts,
             cvae,
+            gain,
         })
     }
 
@@ -108,13 +113,16 @@ impl Generator {
         })
     }
 
-    /// Stage 2: retrieval and weights for an embedded description. Never fails for OOD; the
-    /// result says whether it is out of distribution.
+    /// Stage 2: retrieval, weights and the expected gain for an embedded description. Never
+    /// fails for OOD or a low expected gain; [`Explanation::check`] says whether a generation
+    /// may go ahead.
     pub fn explain(&self, e: &Embedded, opts: ResolvedOptions) -> Explanation {
         let mut timings = e.timings.clone();
         let t0 = Instant::now();
         let sims = prior::similarities(&e.embedding.vector, &self.experts);
         let picked = prior::retrieve(&sims, opts.top_k, opts.temperature);
+        let features = Features::of(&picked, |i| self.experts.meta(i).relation.as_str());
+        let expected_gain = self.gain.estimate(&features);
         timings.retrieve_ms = ms(t0);
         let best = picked.first().map(|r| r.similarity).unwrap_or(-1.0);
         let experts = picked
@@ -137,26 +145,18 @@ impl Generator {
             experts,
             best_similarity: best,
             out_of_distribution: best < opts.min_similarity,
+            expected_gain,
             options: opts,
             timings,
         }
     }
 
     /// Stage 3: the flat LoRA vector for an embedded description (retrieval included). Refuses
-    /// an out-of-distribution description unless the options allow it.
+    /// an out-of-distribution description unless the options allow it, and one whose expected
+    /// gain is below the options' `min_expected_gain` ([`Explanation::check`]).
     pub fn generate(&self, e: Embedded, opts: ResolvedOptions) -> Result<Generation> {
         let mut ex = self.explain(&e, opts);
-        if ex.out_of_distribution && !opts.allow_ood {
-            return Err(Error::OutOfDistribution {
-                best: ex.best_similarity as f32,
-                threshold: opts.min_similarity as f32,
-                expert: ex
-                    .experts
-                    .first()
-                    .map(|e| e.name.clone())
-                    .unwrap_or_default(),
-            });
-        }
+        ex.check()?;
         let t0 = Instant::now();
         let picked: Vec<Retrieved> = ex
             .experts

@@ -29,6 +29,7 @@ mod cvae;
 mod encoder;
 mod error;
 mod experts;
+mod gain;
 mod generator;
 mod kernels;
 mod le;
@@ -44,13 +45,15 @@ pub use adapter::{
     Provenance, ProvenanceBundle, CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE,
 };
 pub use bundle::{
-    sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpertsSpec, FileEntry, FileProblem,
-    LayoutEntry, LoraSpec, Manifest, OodSpec, PriorSpec, FORMAT_VERSION,
+    sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpectedGainSpec, ExpertsSpec, FileEntry,
+    FileProblem, GainIntervalSpec, LayoutEntry, LoraSpec, Manifest, OodSpec, PriorSpec,
+    RetrievalSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
 };
 pub use cvae::{Cvae, LatentPrior, Normalisation};
 pub use encoder::{Embedding, Encoder, Runtime};
 pub use error::{Error, Result};
-pub use experts::{ExpertMeta, Experts};
+pub use experts::{ExpertMeta, Experts, Keys};
+pub use gain::{ExpectedGain, Feature, Features, GainModel};
 pub use generator::Generator;
 pub use le::{f32s_from_le, f32s_to_le};
 pub use options::{GenerateOptions, ResolvedOptions};

@@ -18,7 +18,7 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Number of experts mixed (1 ..= the number of experts).
     pub top_k: Option<usize>,
-    /// Softmax temperature τ over the similarities (0.0001 ..= 100).
+    /// Softmax temperature τ over the retrieval scores (0.0001 ..= 100).
     pub temperature: Option<f64>,
     /// Scale of the latent noise, 0 ..= 10 (0 decodes the prior mean).
     pub noise_scale: Option<f64>,
@@ -27,6 +27,9 @@ pub struct GenerateOptions {
     /// Override of the bundle's out-of-distribution threshold on the best similarity (0 ..= 1:
     /// below 0 the guard would accept anything, which `allow_ood` says openly instead).
     pub min_similarity: Option<f64>,
+    /// Refuse to generate when the bundle's expected R@1 gain estimate is below this many R@1
+    /// points (0 ..= 100); `None`: no minimum. `allow_ood` does not lift it.
+    pub min_expected_gain: Option<f64>,
 }
 
 /// Options after the bundle's defaults were applied and ranges checked: what a generation ran
@@ -45,6 +48,8 @@ pub struct ResolvedOptions {
     pub min_similarity: f64,
     /// Whether out-of-distribution generation was allowed.
     pub allow_ood: bool,
+    /// Minimum expected R@1 gain, in points (`None`: no minimum).
+    pub min_expected_gain: Option<f64>,
 }
 
 impl GenerateOptions {
@@ -77,6 +82,15 @@ impl GenerateOptions {
                     .into(),
             ));
         }
+        if let Some(g) = self.min_expected_gain {
+            if !(g.is_finite() && (0.0..=100.0).contains(&g)) {
+                return Err(Error::InvalidOption(
+                    "min_expected_gain must be between 0 and 100 (R@1 points), or unset for no \
+                     minimum"
+                        .into(),
+                ));
+            }
+        }
         Ok(ResolvedOptions {
             seed: self.seed,
             top_k,
@@ -84,6 +98,7 @@ impl GenerateOptions {
             noise_scale,
             min_similarity,
             allow_ood: self.allow_ood,
+            min_expected_gain: self.min_expected_gain,
         })
     }
 }
@@ -135,5 +150,39 @@ mod tests {
             };
             assert_eq!(o.resolve(&m, m.experts.count).unwrap().min_similarity, ok);
         }
+    }
+
+    #[test]
+    fn min_expected_gain_is_range_checked() {
+        let m: Manifest =
+            serde_json::from_str(include_str!("../../../models/default/manifest.json"))
+                .expect("the default bundle's manifest");
+        let resolve = |g| {
+            GenerateOptions {
+                min_expected_gain: g,
+                ..Default::default()
+            }
+            .resolve(&m, m.experts.count)
+        };
+        for bad in [
+            -1.0,
+            -1e-9,
+            100.5,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let e = resolve(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("min_expected_gain") && e.contains("between 0 and 100"),
+                "{bad}: {e}"
+            );
+        }
+        for ok in [Some(0.0), Some(2.5), Some(100.0), None] {
+            assert_eq!(resolve(ok).unwrap().min_expected_gain, ok);
+        }
+        let o: GenerateOptions = serde_json::from_str(r#"{"min_expected_gain": 3}"#).unwrap();
+        assert_eq!(o.min_expected_gain, Some(3.0));
+        assert!(serde_json::from_str::<GenerateOptions>(r#"{"min_expected_gain": "3"}"#).is_err());
     }
 }

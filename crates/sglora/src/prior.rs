@@ -1,6 +1,8 @@
-//! Semantic prior: top-K experts by description similarity and their moment-matched mixture.
+//! Semantic prior: top-K experts by retrieval score and their moment-matched mixture.
 //!
-//! `α = softmax(sim/τ)` over the K most similar experts; `μ* = Σ α_k μ_k` and
+//! An expert's score for a query `q` is the mean of the `t` largest dot products `q · key_{k,j}`
+//! over its `m` keys (`manifest.retrieval`, `score = "mean_top"`; with one key, the cosine
+//! similarity of the descriptions). `α = softmax(score/τ)` over the K best-scoring experts; `μ* = Σ α_k μ_k` and
 //! `σ*² = Σ α_k σ²_k + Σ α_k (μ_k − μ*)²`, accumulated in f64 in retrieval order (as the Python
 //! reference `models/pipeline/prior.py` does).
 
@@ -12,27 +14,45 @@ use crate::experts::Experts;
 pub struct Retrieved {
     /// Index in the expert repository.
     pub index: usize,
-    /// Cosine similarity of the descriptions.
+    /// Retrieval score (mean of the expert's `top` largest key similarities).
     pub similarity: f64,
     /// Mixture weight α.
     pub weight: f64,
 }
 
-/// Cosine similarity of the (L2-normalised) query to every expert description.
+/// The retrieval score of every expert for the (L2-normalised) query: for expert `k`, the mean
+/// of the `top` largest of `q · key_{k,j}` (each accumulated in f64 from f32 products in element
+/// order), summed largest first and divided by `top`.
 pub fn similarities(query: &[f32], experts: &Experts) -> Vec<f64> {
+    let keys = experts.keys();
+    let mut dots = Vec::with_capacity(keys.per_expert);
     (0..experts.len())
         .map(|i| {
-            experts
-                .desc_emb(i)
-                .iter()
-                .zip(query)
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum()
+            dots.clear();
+            dots.extend((0..keys.per_expert).map(|j| {
+                experts
+                    .key(i, j)
+                    .iter()
+                    .zip(query)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum::<f64>()
+            }));
+            mean_top(&mut dots, keys.top)
         })
         .collect()
 }
 
-/// The `k` most similar experts (ties broken by index) with softmax weights at temperature `tau`.
+/// Mean of the `t` largest values (`1 ≤ t ≤ values.len()`), summed largest first; reorders
+/// `values`.
+fn mean_top(values: &mut [f64], t: usize) -> f64 {
+    if t == 1 {
+        return values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    }
+    values.sort_unstable_by(|a, b| b.total_cmp(a));
+    values[..t].iter().sum::<f64>() / t as f64
+}
+
+/// The `k` best-scoring experts (ties broken by index) with softmax weights at temperature `tau`.
 pub fn retrieve(sims: &[f64], k: usize, tau: f64) -> Vec<Retrieved> {
     let mut order: Vec<usize> = (0..sims.len()).collect();
     order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]).then(a.cmp(&b)));
@@ -99,6 +119,46 @@ pub fn mixture(experts: &Experts, picked: &[Retrieved]) -> Result<Prior> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::experts::Keys;
+
+    /// Two experts with three 2-d keys each; for q = [1, 0] expert 0's key similarities are
+    /// 1, 0 and 0.6, expert 1's 0.8 three times.
+    fn three_keys(top: usize) -> Experts {
+        let keys = Keys {
+            dim: 2,
+            per_expert: 3,
+            top,
+            values: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8, 0.8, 0.6, 0.8, 0.6, 0.8, 0.6],
+        };
+        let names = vec!["e0".to_string(), "e1".to_string()];
+        Experts::from_parts(names.clone(), names, keys, vec![0.0; 2], vec![0.0; 2]).unwrap()
+    }
+
+    #[test]
+    fn score_is_the_mean_of_the_top_key_similarities() {
+        let q = [1.0f32, 0.0];
+        let (six, eight) = (f64::from(0.6f32), f64::from(0.8f32));
+        // t = 1: the best key.
+        let s = similarities(&q, &three_keys(1));
+        assert_eq!(s, vec![1.0, eight]);
+        // t = 2 (between 1 and m): (1 + 0.6) / 2, which ties expert 1's 0.8 exactly in f32
+        // terms (13421773 / 2^24 both); the tie goes to the lower index.
+        let s = similarities(&q, &three_keys(2));
+        assert_eq!(s, vec![(1.0 + six) / 2.0, eight]);
+        assert_eq!(s[0], s[1]);
+        let order: Vec<usize> = retrieve(&s, 2, 0.1).iter().map(|r| r.index).collect();
+        assert_eq!(order, vec![0, 1]);
+        // t = m: the mean of all, (1 + 0 + 0.6) / 3 < 0.8: expert 1 now ranks first.
+        let s = similarities(&q, &three_keys(3));
+        assert!(
+            (s[0] - 1.6 / 3.0).abs() < 1e-7 && (s[1] - 0.8).abs() < 1e-7,
+            "{s:?}"
+        );
+        assert_eq!(s[0], (1.0 + six + 0.0) / 3.0);
+        assert_eq!(s[1], (eight + eight + eight) / 3.0);
+        let order: Vec<usize> = retrieve(&s, 2, 0.1).iter().map(|r| r.index).collect();
+        assert_eq!(order, vec![1, 0]);
+    }
 
     #[test]
     fn softmax_weights_sum_to_one_and_follow_similarity() {
@@ -133,8 +193,7 @@ mod tests {
         let ex = Experts::from_parts(
             names.clone(),
             names,
-            1,
-            vec![0.0; k],
+            Keys::single(1, vec![0.0; k]),
             mu.clone(),
             var.clone(),
         )
@@ -170,8 +229,7 @@ mod tests {
         let ex = Experts::from_parts(
             vec!["a".into(), "b".into()],
             vec!["da".into(), "db".into()],
-            2,
-            vec![1.0, 0.0, 0.0, 1.0],
+            Keys::single(2, vec![1.0, 0.0, 0.0, 1.0]),
             vec![1.0, 3.0, 2.0, 5.0],
             vec![0.5, 0.5, 1.0, 1.0],
         )

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::bundle::sha256_hex;
 use crate::encoder::Embedding;
 use crate::error::{Error, Result};
+use crate::gain::ExpectedGain;
 use crate::options::ResolvedOptions;
 
 /// Longest accepted description, in bytes.
@@ -81,7 +82,7 @@ pub struct Timings {
     pub tokenize_ms: f64,
     /// Encoder forward pass, pooling and normalisation.
     pub encode_ms: f64,
-    /// Similarities to every expert and top-K.
+    /// Scores of every expert, top-K and the expected gain.
     pub retrieve_ms: f64,
     /// Moment-matched mixture and normalisation.
     pub prior_ms: f64,
@@ -100,7 +101,7 @@ pub struct Embedded {
     pub timings: Timings,
 }
 
-/// An expert with its similarity and mixture weight.
+/// An expert with its retrieval score and mixture weight.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpertChoice {
     /// Position in the expert repository (what the mixture reads).
@@ -109,7 +110,8 @@ pub struct ExpertChoice {
     pub name: String,
     /// Its description.
     pub description: String,
-    /// Cosine similarity to the request.
+    /// Retrieval score for the request (the mean of its `retrieval.top` best key similarities;
+    /// the name is kept from format 1, where it was one cosine similarity).
     pub similarity: f64,
     /// Mixture weight α.
     pub weight: f64,
@@ -127,14 +129,48 @@ pub struct Explanation {
     pub truncated: bool,
     /// Chosen experts, most similar first.
     pub experts: Vec<ExpertChoice>,
-    /// Best similarity to any expert (-1 for an empty repository).
+    /// Best retrieval score of any expert (-1 for an empty repository).
     pub best_similarity: f64,
-    /// Whether the best similarity is below the threshold.
+    /// Whether the best score is below the threshold.
     pub out_of_distribution: bool,
+    /// The bundle's estimate of the adapter's R@1 gain over the base model.
+    pub expected_gain: ExpectedGain,
     /// Options used.
     pub options: ResolvedOptions,
     /// Stage timings so far.
     pub timings: Timings,
+}
+
+impl Explanation {
+    /// Whether a generation for this explanation may go ahead under its options: the error
+    /// [`crate::Generator::generate`] refuses with, if any. Out of distribution (unless
+    /// `allow_ood`) first, then an expected gain below `min_expected_gain` (which `allow_ood`
+    /// does not lift).
+    pub fn check(&self) -> Result<()> {
+        let o = &self.options;
+        if self.out_of_distribution && !o.allow_ood {
+            return Err(Error::OutOfDistribution {
+                best: self.best_similarity as f32,
+                threshold: o.min_similarity as f32,
+                expert: self
+                    .experts
+                    .first()
+                    .map(|e| e.name.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        match o.min_expected_gain {
+            Some(threshold) if self.expected_gain.estimate < threshold => {
+                Err(Error::LowExpectedGain {
+                    estimate: self.expected_gain.estimate,
+                    low: self.expected_gain.low,
+                    high: self.expected_gain.high,
+                    threshold,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Stage 3: a generated adapter in memory.

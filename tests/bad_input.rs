@@ -145,6 +145,31 @@ async fn dbus_description_and_option_matrix() {
             o(vec![("allow_ood", Variant::U32(1))]),
             "boolean",
         ),
+        (
+            "min_expected_gain text",
+            o(vec![("min_expected_gain", Variant::from("2"))]),
+            "number",
+        ),
+        (
+            "min_expected_gain negative",
+            o(vec![("min_expected_gain", Variant::F64(-0.5))]),
+            "min_expected_gain must be between 0 and 100",
+        ),
+        (
+            "min_expected_gain NaN",
+            o(vec![("min_expected_gain", Variant::F64(f64::NAN))]),
+            "min_expected_gain must be between 0 and 100",
+        ),
+        (
+            "min_expected_gain infinite",
+            o(vec![("min_expected_gain", Variant::F64(f64::INFINITY))]),
+            "min_expected_gain must be between 0 and 100",
+        ),
+        (
+            "min_expected_gain too large",
+            o(vec![("min_expected_gain", Variant::I32(101))]),
+            "min_expected_gain must be between 0 and 100",
+        ),
     ] {
         let e = dbus_error(generate(&c, ANIMAL, &opts).await.expect_err(name));
         assert!(
@@ -256,6 +281,42 @@ fn drop_folder_bad_file_matrix() {
                 .unwrap()
             }),
             "temperature",
+        ),
+        (
+            "gaintext",
+            Box::new(|| {
+                std::fs::write(
+                    inbox.join("gaintext.json"),
+                    format!(r#"{{"description": "{ANIMAL}", "min_expected_gain": "high"}}"#),
+                )
+                .unwrap()
+            }),
+            "invalid JSON",
+        ),
+        (
+            "gainneg",
+            Box::new(|| {
+                std::fs::write(
+                    inbox.join("gainneg.json"),
+                    format!(r#"{{"description": "{ANIMAL}", "min_expected_gain": -1}}"#),
+                )
+                .unwrap()
+            }),
+            "min_expected_gain must be between 0 and 100",
+        ),
+        (
+            // No adapter is expected to gain 100 R@1 points: refused, with what to do.
+            "gainhigh",
+            Box::new(|| {
+                std::fs::write(
+                    inbox.join("gainhigh.json"),
+                    format!(
+                        r#"{{"description": "{ANIMAL}", "min_expected_gain": 100, "allow_ood": true}}"#
+                    ),
+                )
+                .unwrap()
+            }),
+            "low expected gain",
         ),
         (
             "ext",

@@ -11,6 +11,25 @@ use common::bus::*;
 use common::*;
 use zbus::Variant;
 
+/// A re-wording of [`ANIMAL`] within the cache's near-duplicate threshold.
+const PARAPHRASE: &str =
+    "Given the name of an animal, find the broader category that it is a kind of.";
+
+/// Cosine similarity of two descriptions' embeddings, by the bundle's encoder.
+fn cosine_of(g: &sglora::Generator, a: &str, b: &str) -> f64 {
+    sglora::similarities(
+        &g.encoder().embed(a).unwrap().vector,
+        &sglora::Experts::from_parts(
+            vec!["q".into()],
+            vec!["q".into()],
+            sglora::Keys::single(384, g.encoder().embed(b).unwrap().vector),
+            vec![0.0],
+            vec![0.0],
+        )
+        .unwrap(),
+    )[0]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
     let bus = Bus::start();
@@ -33,19 +52,9 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
 
     // A re-wording above the threshold is served from the cache; the similarity is measured
     // with the same encoder first so the test states its premise.
-    let paraphrase = "Given the name of an animal, find the broader category that it is a kind of.";
+    let paraphrase = PARAPHRASE;
     let g = sglora::Generator::load(bundle_dir()).unwrap();
-    let cos = sglora::similarities(
-        &g.encoder().embed(paraphrase).unwrap().vector,
-        &sglora::Experts::from_parts(
-            vec!["q".into()],
-            vec!["q".into()],
-            sglora::Keys::single(384, g.encoder().embed(ANIMAL).unwrap().vector),
-            vec![0.0],
-            vec![0.0],
-        )
-        .unwrap(),
-    )[0];
+    let cos = cosine_of(&g, paraphrase, ANIMAL);
     println!("paraphrase cosine {cos:.4}");
     assert!(
         cos >= 0.97,
@@ -471,6 +480,67 @@ async fn a_lowered_threshold_does_not_leak_through_the_cache() {
         e.starts_with("org.sglora.Generator1.Error.OutOfDistribution"),
         "{e}"
     );
+    d.stop();
+}
+
+/// A minimum expected gain cannot be bypassed through the cache: an adapter made without a
+/// minimum is not served to a request whose minimum it does not meet (same text), and one made
+/// under a minimum it met is not served to a near-duplicate description whose own estimate is
+/// below that minimum: both are refused as a fresh generation would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minimum_expected_gain_does_not_leak_through_the_cache() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let with_min = |min: f64| {
+        let mut o = opts(1);
+        o.insert("min_expected_gain".to_string(), Variant::F64(min));
+        o
+    };
+    let low_gain = "org.sglora.Generator1.Error.LowExpectedGain";
+
+    // Same text: cached without a minimum, asked for again with one above its estimate.
+    let (_, _, hit, prov) = generate(&c, ANIMAL, &opts(1)).await.unwrap();
+    assert!(!hit);
+    let prov: serde_json::Value = serde_json::from_str(&prov).unwrap();
+    let est = prov["expected_gain"]["estimate"].as_f64().unwrap();
+    let above = (est + 1.0).clamp(0.0, 100.0);
+    assert!(est < above, "premise: the estimate {est} must be below 100");
+    let e = dbus_error(generate(&c, ANIMAL, &with_min(above)).await.unwrap_err());
+    assert!(
+        e.starts_with(low_gain) && e.contains("min_expected_gain"),
+        "{e}"
+    );
+
+    // Near duplicates: the one with the higher estimate is generated under a minimum between
+    // the two; the other, a near-duplicate hit in the same scope, must still be refused.
+    let g = sglora::Generator::load(bundle_dir()).unwrap();
+    let cos = cosine_of(&g, PARAPHRASE, ANIMAL);
+    assert!(cos >= 0.97, "premise: a near duplicate ({cos})");
+    let o = sglora::GenerateOptions {
+        seed: 1,
+        allow_ood: true,
+        ..Default::default()
+    };
+    let gain = |t: &str| g.explain_text(t, &o).unwrap().expected_gain.estimate;
+    let (a, p) = (gain(ANIMAL), gain(PARAPHRASE));
+    let (hi, lo) = if a > p {
+        (ANIMAL, PARAPHRASE)
+    } else {
+        (PARAPHRASE, ANIMAL)
+    };
+    let mid = (a + p) / 2.0;
+    println!("expected gain: animal {a}, paraphrase {p}");
+    assert!(
+        a != p && (0.0..=100.0).contains(&mid) && a.min(p) < mid,
+        "premise: two different estimates around a valid minimum ({a}, {p})"
+    );
+    let (_, _, hit, _) = generate(&c, hi, &with_min(mid)).await.unwrap();
+    assert!(!hit);
+    let e = dbus_error(generate(&c, lo, &with_min(mid)).await.unwrap_err());
+    assert!(e.starts_with(low_gain), "{e}");
+    assert_eq!(prop_u64(&c, "CacheEntries").await, 2);
     d.stop();
 }
 

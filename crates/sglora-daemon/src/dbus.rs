@@ -30,6 +30,8 @@ pub enum DbusError {
     InvalidOption(String),
     /// No expert is close enough to the description.
     OutOfDistribution(String),
+    /// The expected gain of the adapter is below the caller's `min_expected_gain`.
+    LowExpectedGain(String),
     /// Too many requests queued.
     Busy(String),
     /// Unknown adapter id.
@@ -49,6 +51,9 @@ impl From<Error> for DbusError {
                 e @ sglora::Error::OutOfDistribution { .. } => {
                     DbusError::OutOfDistribution(e.to_string())
                 }
+                e @ sglora::Error::LowExpectedGain { .. } => {
+                    DbusError::LowExpectedGain(e.to_string())
+                }
                 e => DbusError::Internal(e.to_string()),
             },
             e @ Error::Busy { .. } => DbusError::Busy(e.detail()),
@@ -61,7 +66,8 @@ impl From<Error> for DbusError {
 }
 
 /// Parse the `a{sv}` options of `Generate`/`Explain`: `seed` (t/u/i/x ≥ 0), `top_k` (u/i/t/x),
-/// `temperature`, `noise_scale`, `min_similarity` (d), `allow_ood` (b): the vocabulary of
+/// `temperature`, `noise_scale`, `min_similarity`, `min_expected_gain` (d, or an integer),
+/// `allow_ood` (b): the vocabulary of
 /// [`GenerateOptions`], typed as D-Bus types them. Unknown keys are errors.
 pub fn parse_options(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, Error> {
     parse(opts).map_err(|m| sglora::Error::InvalidOption(m).into())
@@ -111,10 +117,11 @@ fn parse(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> 
             "temperature" => o.temperature = Some(float(k, v)?),
             "noise_scale" => o.noise_scale = Some(float(k, v)?),
             "min_similarity" => o.min_similarity = Some(float(k, v)?),
+            "min_expected_gain" => o.min_expected_gain = Some(float(k, v)?),
             "allow_ood" => o.allow_ood = bool::try_from(v).map_err(|_| "allow_ood must be a boolean (b)".to_string())?,
             other => {
                 return Err(format!(
-                    "unknown option {other:?}; known: seed, top_k, temperature, noise_scale, min_similarity, allow_ood"
+                    "unknown option {other:?}; known: seed, top_k, temperature, noise_scale, min_similarity, min_expected_gain, allow_ood"
                 ))
             }
         }
@@ -327,6 +334,32 @@ mod tests {
                 .unwrap()
                 .temperature,
             Some(0.5)
+        );
+        let gain = |v| parse_options(&map(vec![("min_expected_gain", v)]));
+        assert_eq!(gain(Value::F64(2.5)).unwrap().min_expected_gain, Some(2.5));
+        assert_eq!(gain(Value::U32(3)).unwrap().min_expected_gain, Some(3.0));
+        let e = gain(Value::from("3")).unwrap_err().to_string();
+        assert!(
+            e.contains("min_expected_gain") && e.contains("number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_low_expected_gain_has_its_own_error_name() {
+        let e = DbusError::from(Error::from(sglora::Error::LowExpectedGain {
+            estimate: 1.0,
+            low: -1.0,
+            high: 3.0,
+            threshold: 2.0,
+        }));
+        assert!(
+            matches!(&e, DbusError::LowExpectedGain(m) if m.contains("min_expected_gain")),
+            "{e:?}"
+        );
+        assert_eq!(
+            zbus::DBusError::name(&e).as_str(),
+            "org.sglora.Generator1.Error.LowExpectedGain"
         );
     }
 }

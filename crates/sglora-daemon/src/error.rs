@@ -13,7 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The library refused or failed the request (bad description or option, out of
-    /// distribution, bundle or model failure, output).
+    /// distribution, low expected gain, bundle or model failure, output).
     #[error("{}", generation_message(.0))]
     Generation(Arc<sglora::Error>),
     /// The compute stage is full: `capacity` requests are already queued or running.
@@ -75,6 +75,7 @@ fn generation_message(e: &sglora::Error) -> String {
         sglora::Error::InvalidDescription(m) => format!("invalid description: {m}"),
         sglora::Error::InvalidOption(m) => format!("invalid option: {m}"),
         e @ sglora::Error::OutOfDistribution { .. } => format!("out of distribution: {e}"),
+        e @ sglora::Error::LowExpectedGain { .. } => format!("low expected gain: {e}"),
         e => format!("internal error: {e}"),
     }
 }

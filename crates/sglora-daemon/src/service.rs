@@ -89,10 +89,14 @@ impl std::fmt::Debug for Service {
 
 /// What a cached adapter may be reused for: the bundle and every resolved option that changes
 /// what is generated or whether it may be generated at all (the out-of-distribution threshold
-/// too, so an adapter made under a lowered threshold is never served to a default request).
+/// and the minimum expected gain too, so an adapter made under a lowered threshold or without a
+/// minimum is never served to a request that would have been refused).
 fn scope(bundle_hash: &str, o: &ResolvedOptions) -> String {
+    let min_gain = o
+        .min_expected_gain
+        .map_or_else(|| "none".to_string(), |g| g.to_string());
     format!(
-        "{bundle_hash};seed={};k={};tau={};noise={};ood={};min_sim={}",
+        "{bundle_hash};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
         o.seed, o.top_k, o.temperature, o.noise_scale, o.allow_ood, o.min_similarity
     )
 }
@@ -281,7 +285,14 @@ impl Service {
     ) -> Result<Served> {
         let _slot = self.enter().await?;
         let g = generator.clone();
-        let embedded = tokio::task::spawn_blocking(move || g.embed(description)).await??;
+        let embedded = tokio::task::spawn_blocking(move || {
+            let e = g.embed(description)?;
+            // Refuse what a fresh generation would refuse before a near-duplicate's adapter is
+            // served: the cached neighbour passed the checks for its own text, not this one's.
+            g.explain(&e, opts).check()?;
+            Ok::<_, sglora::Error>(e)
+        })
+        .await??;
         if let Some((entry, m)) = self.cache().lookup(
             &embedded.description,
             &scope,

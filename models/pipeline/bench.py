@@ -123,7 +123,7 @@ def main(argv=None):
 
     from . import lora as lora_mod
     from .export import OnnxEmbedder
-    from .prior import denormalise, mixture, noise, normalise, normalise_spread, retrieve
+    from .prior import Keys, denormalise, mixture, noise, normalise, normalise_spread, retrieve
 
     torch.set_num_threads(1)
     with open(os.path.join(REPO, "benches/descriptions.json")) as f:
@@ -155,8 +155,9 @@ def main(argv=None):
 
     # ---- generation with the pipeline's PyTorch stack ----------------------------------------
     ex = load_file(os.path.join(a.bundle, manifest["experts"]["file"]))
-    keys, mu, var = ex[manifest["retrieval"]["keys"]].astype(np.float64), ex["mu"], ex["var"]
-    top = manifest["retrieval"]["top"]
+    rs = manifest["retrieval"]
+    keys = Keys(ex[rs["keys"]], rs["top"], ex[rs["projection"]] if rs.get("projection") else None)
+    mu, var = ex["mu"], ex["var"]
     nm, ns, lora_a = ex["norm_mean"], ex["norm_std"], ex["lora_A"]
     model, wl = load_cvae(a.bundle, manifest)
     # The reference must compute what the bundle computes: compare with onnxruntime once.
@@ -215,7 +216,7 @@ def main(argv=None):
                 q = st.forward(feats)["sentence_embedding"]
                 q = torch.nn.functional.normalize(q, dim=1)[0].numpy().astype(np.float64)
                 t2 = time.perf_counter()
-                idx, sims, w = retrieve(q, keys, k, tau, top=top)
+                idx, sims, w = retrieve(q, keys, k, tau)
                 t3 = time.perf_counter()
                 m, v = mixture(mu, var, idx, w)
                 M = torch.from_numpy(normalise(m, nm, ns)[None])

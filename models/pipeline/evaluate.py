@@ -34,7 +34,7 @@ def stage(w: Work):
     experts = w.suite["experts"]
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    keys, top = w.keys()
+    keys = w.keys()
     pr = jload(w.p("prior.json"))["best"]
     model = w.load_cvae()
     E = w.embedder()
@@ -44,8 +44,8 @@ def stage(w: Work):
     for t in tqdm(w.suite["unseen"], desc="eval unseen"):
         res = cache.get(t.name, {})
         q = E(t.description)
-        gen_mean, mstar, idx, wts = generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns, top=top)
-        sims = scores(q, keys, top)
+        gen_mean, mstar, idx, wts = generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns)
+        sims = scores(q, keys)
         top1 = int(np.argmax(sims))
         oracle = w.load_trained("oracles", t.name)[0][-1]
         g = float(pr.get("gain", 1.0))
@@ -66,9 +66,7 @@ def stage(w: Work):
                 res[name] = evaluate(w.lora, t.test, v)
         if "sglora_seeds" not in res:
             runs = [
-                evaluate(
-                    w.lora, t.test, generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns, seed=s, top=top)[0]
-                )
+                evaluate(w.lora, t.test, generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns, seed=s)[0])
                 for s in range(1, c["sample_seeds"] + 1)
             ]
             res["sglora_seeds"] = {m: float(np.mean([r[m] for r in runs])) for m in ("r1", "r5", "mrr")}

@@ -38,7 +38,7 @@ def stage(w: Work):
     man = jload(os.path.join(w.bundle, "manifest.json"))
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    keys, top = w.keys()
+    keys = w.keys()
     gm = man["expected_gain"]
     rel = [t.relation for t in w.suite["experts"]]
     E = w.embedder()
@@ -49,7 +49,7 @@ def stage(w: Work):
     tensors, cases = {}, []
     for i, text in enumerate(FIXTURE_DESCRIPTIONS):
         e = E(text)
-        idx, sims, wts, m, v = semantic_prior(e, keys, mu, var, k, tau, top=top)
+        idx, sims, wts, m, v = semantic_prior(e, keys, mu, var, k, tau)
         M, S = normalise(m, nm, ns)[None], normalise_spread(v, ns)[None]
         cnd, zm, zlv = ps.run(None, {"mu_star": M, "std_star": S})
         seed = 7 + i

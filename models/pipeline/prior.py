@@ -8,26 +8,50 @@ and the `cvae` and `tune` stages all go through these functions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .rng import Rng
 
 
-def scores(query_emb: np.ndarray, keys: np.ndarray, top: int = 1) -> np.ndarray:
-    """Every expert's retrieval score for one query (float64): with one key per expert (`keys`
-    [n, d]) the cosine similarity; with a key set (`keys` [n, m, d], bundle format 2) the mean of
-    the `top` largest similarities to the expert's m keys (`top` = 1: the best key)."""
-    if keys.ndim == 2:
-        return (keys @ query_emb).astype(np.float64)
-    sims = np.sort((keys @ query_emb).astype(np.float64), axis=1)[:, ::-1]
-    return sims[:, :top].mean(axis=1)
+@dataclass
+class Keys:
+    """An expert repository's retrieval keys (bundle format 2, BUNDLE.md): `keys` [n, m, d'] (each
+    row L2-normalised, in the projected space when there is a projection), how many of an
+    expert's best key similarities its score averages (`top`), and the optional linear
+    projection [d', d] a request embedding goes through (then L2-normalised) first."""
+
+    keys: np.ndarray
+    top: int = 1
+    proj: np.ndarray | None = None
+
+    def project(self, query_emb) -> np.ndarray:
+        """The request in key space: P q / |P q| (float64 accumulation, float32 result)."""
+        if self.proj is None:
+            return np.asarray(query_emb, dtype=np.float32)
+        q = self.proj.astype(np.float64) @ np.asarray(query_emb, dtype=np.float64)
+        return (q / np.linalg.norm(q)).astype(np.float32)
+
+    def scores(self, query_emb) -> np.ndarray:
+        """Every expert's score (float64): the mean of its `top` largest key similarities."""
+        sims = np.sort((self.keys @ self.project(query_emb)).astype(np.float64), axis=1)[:, ::-1]
+        return sims[:, : self.top].mean(axis=1)
 
 
-def retrieve(query_emb: np.ndarray, keys: np.ndarray, k: int, tau: float, exclude=None, top: int = 1):
+def scores(query_emb: np.ndarray, keys) -> np.ndarray:
+    """Every expert's retrieval score for one query (float64): `Keys.scores`, or for a plain
+    array of one key per expert ([n, d], bundle format 1 and the ablations) the cosine similarity."""
+    if isinstance(keys, Keys):
+        return keys.scores(query_emb)
+    return (keys @ query_emb).astype(np.float64)
+
+
+def retrieve(query_emb: np.ndarray, keys, k: int, tau: float, exclude=None):
     """Indices of the top-k experts by retrieval score (`scores`), their scores and
     softmax(score/tau). `exclude`: an expert index or a list of them that may not be retrieved
     (pipeline only)."""
-    sims = scores(query_emb, keys, top)
+    sims = scores(query_emb, keys)
     if exclude is not None:
         sims = sims.copy()
         sims[exclude] = -np.inf
@@ -52,9 +76,9 @@ def mixture(mu: np.ndarray, var: np.ndarray, idx, w) -> tuple[np.ndarray, np.nda
     return m, v
 
 
-def semantic_prior(query_emb, keys, mu, var, k: int, tau: float, exclude=None, top: int = 1):
+def semantic_prior(query_emb, keys, mu, var, k: int, tau: float, exclude=None):
     """`retrieve` then `mixture`: (idx, sims, weights, mu*, var*) for one description embedding."""
-    idx, sims, w = retrieve(query_emb, keys, k, tau, exclude=exclude, top=top)
+    idx, sims, w = retrieve(query_emb, keys, k, tau, exclude=exclude)
     m, v = mixture(mu, var, idx, w)
     return idx, sims, w, m, v
 
@@ -90,13 +114,13 @@ def noise(seed: int, zdim: int) -> np.ndarray:
     return np.array([Rng(seed).normals(zdim)], dtype=np.float32)
 
 
-def generate(model, query_emb, keys, mu, var, k: int, tau: float, nm, ns, seed=None, top: int = 1):
+def generate(model, query_emb, keys, mu, var, k: int, tau: float, nm, ns, seed=None):
     """Description embedding -> flat adapter with the PyTorch CVAE (`cvae.CVAE`): the semantic
     prior, normalised, through the generator with z = the prior mean, or with `seed` a sample
     with the portable noise. Returns (adapter, mu*, retrieved indices, their weights)."""
     import torch
 
-    idx, _, w, m, v = semantic_prior(query_emb, keys, mu, var, k, tau, top=top)
+    idx, _, w, m, v = semantic_prior(query_emb, keys, mu, var, k, tau)
     M = torch.from_numpy(normalise(m, nm, ns)[None])
     S = torch.from_numpy(normalise_spread(v, ns)[None])
     eps = None if seed is None else torch.from_numpy(noise(seed, model.zdim))

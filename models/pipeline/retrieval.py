@@ -24,11 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .descriptions import description_set
-from .prior import scores, semantic_prior
+from .prior import Keys, scores, semantic_prior
 from .work import MODELS, Work, jdump, jload, log
 
 FEATURES = ["best_score", "margin", "weight_entropy", "relation_agreement"]
 GUARD_FALSE_ACCEPT = 0.02
+RELATION_BETAS = (2, 4, 10, 25, 100)
 USER_WORDING = os.path.join(MODELS, "eval", "user_wording.json")
 
 
@@ -58,22 +59,57 @@ def predict(model: dict, f) -> tuple[float, float, float]:
     return est, est + model["interval"]["low"], est + model["interval"]["high"]
 
 
-def _score_kinds(n_keys: int) -> dict:
-    return {
-        "templated": {"slice": 1, "centroid": False, "top": 1},
-        "centroid": {"slice": n_keys, "centroid": True, "top": 1},
-        "max": {"slice": n_keys, "centroid": False, "top": 1},
-        "mean_top3": {"slice": n_keys, "centroid": False, "top": 3},
-        "mean_top5": {"slice": n_keys, "centroid": False, "top": 5},
+def relation_projection(x: np.ndarray, labels, beta: float, lam: float = 0.1) -> np.ndarray:
+    """`[I; sqrt(beta) W]`: the embedding itself stacked on its coordinates along the relations'
+    linear discriminants `W` (Fisher LDA of the key embeddings `x` by relation, the within-class
+    scatter shrunk by `lam`; unit-norm rows). In the projected space a request's similarity to a
+    key adds beta x its similarity in the relation subspace, so the relation a description asks for
+    outweighs the domain words it mentions."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels)
+    d = x.shape[1]
+    m = x.mean(0)
+    rels = sorted(set(labels.tolist()))
+    sb, sw = np.zeros((d, d)), np.zeros((d, d))
+    for r in rels:
+        xr = x[labels == r]
+        c = xr.mean(0)
+        sb += len(xr) * np.outer(c - m, c - m)
+        sw += (xr - c).T @ (xr - c)
+    sb, sw = sb / len(x), sw / len(x)
+    a = np.linalg.solve(sw + lam * np.trace(sw) / d * np.eye(d), sb)
+    vals, vecs = np.linalg.eig(a)
+    order = np.argsort(-vals.real)[: max(len(rels) - 1, 1)]
+    wd = vecs[:, order].real.T
+    wd /= np.linalg.norm(wd, axis=1, keepdims=True)
+    return np.vstack([np.eye(d), np.sqrt(beta) * wd]).astype(np.float32)
+
+
+def _candidates(emb: np.ndarray, relations, n_keys: int) -> dict:
+    """Ways of scoring a request against the expert sets (`prior.Keys`)."""
+    k = emb[:, :n_keys]
+    cen = k.mean(1)
+    out = {
+        "templated": Keys(np.ascontiguousarray(emb[:, :1])),
+        "centroid": Keys((cen / np.linalg.norm(cen, axis=1, keepdims=True))[:, None, :].astype(np.float32)),
+        "max": Keys(np.ascontiguousarray(k)),
+        "mean_top3": Keys(np.ascontiguousarray(k), top=3),
     }
+    flat, labels = k.reshape(-1, k.shape[-1]), np.repeat(relations, n_keys)
+    for beta in RELATION_BETAS:
+        p = relation_projection(flat, labels, beta)
+        pk = np.einsum("od,nmd->nmo", p.astype(np.float64), k.astype(np.float64))
+        pk /= np.linalg.norm(pk, axis=-1, keepdims=True)
+        out[f"relation_projection_b{beta:g}"] = Keys(pk.astype(np.float32), 1, p)
+    return out
 
 
-def _keys_of(emb: np.ndarray, kind: dict) -> np.ndarray:
-    k = emb[:, : kind["slice"]]
-    if kind["centroid"]:
-        c = k.mean(1)
-        k = (c / np.linalg.norm(c, axis=1, keepdims=True))[:, None, :]
-    return np.ascontiguousarray(k, dtype=np.float32)
+def threshold_for(off_scores) -> float:
+    """The guard's rule: the lowest best score whose false acceptance on the off-topic
+    calibration descriptions is at most GUARD_FALSE_ACCEPT."""
+    off = np.sort(np.asarray(off_scores, dtype=np.float64))
+    allowed = int(np.floor(GUARD_FALSE_ACCEPT * len(off)))  # off-topic descriptions that may pass
+    return float(np.nextafter(off[len(off) - allowed - 1], np.inf)) if len(off) else 0.0
 
 
 def keys_stage(w: Work):
@@ -83,57 +119,65 @@ def keys_stage(w: Work):
     c = w.cfg
     n, n_keys = c["desc_set_size"], c["desc_keys"]
     E = w.embedder()
-    sets = {}
-    embs = {}
-    for group in ("experts", "unseen"):
-        sets[group] = [description_set(t, n) for t in w.suite[group]]
-        embs[group] = np.stack(
-            [np.stack([E(x) for x in s]) for s in tqdm(sets[group], desc=f"description sets ({group})")]
-        )
-    jdump(w.p("desc_sets.json"), {g: {t.name: s for t, s in zip(w.suite[g], sets[g])} for g in sets})
-    np.savez(w.p("desc_sets.npz"), **embs)
+    if os.path.exists(w.p("desc_sets.npz")):
+        embs = dict(np.load(w.p("desc_sets.npz")))
+    else:
+        sets = {g: [description_set(t, n) for t in w.suite[g]] for g in ("experts", "unseen")}
+        embs = {
+            g: np.stack([np.stack([E(x) for x in s]) for s in tqdm(sets[g], desc=f"description sets ({g})")])
+            for g in sets
+        }
+        jdump(w.p("desc_sets.json"), {g: {t.name: s for t, s in zip(w.suite[g], sets[g])} for g in sets})
+        np.savez(w.p("desc_sets.npz"), **embs)
     experts = w.suite["experts"]
     rel = [t.relation for t in experts]
-    dom = [t.domain for t in experts]
+    off = np.stack([E(x) for x in user_wording()["off_calibration"]])
     table = {}
-    for name, kind in _score_kinds(n_keys).items():
-        keys = _keys_of(embs["experts"], kind)
-        hits, dhits, best = [], [], []
+    cands = _candidates(embs["experts"], rel, n_keys)
+    for name, keys in cands.items():
+        thr = threshold_for([scores(q, keys).max() for q in off])
+        hits, ok, best = [], [], []
         for i, t in enumerate(experts):
             for h in embs["experts"][i, n_keys:]:
-                s = scores(h, keys, kind["top"])
+                s = scores(h, keys)
                 s[w.held_out_for(i)] = -np.inf
                 j = int(np.argmax(s))
                 hits.append(rel[j] == t.relation)
-                dhits.append(dom[j] == t.domain)
+                ok.append(rel[j] == t.relation and s[j] >= thr)
                 best.append(float(s[j]))
-        uh = []
-        for u, t in enumerate(w.suite["unseen"]):
-            for h in embs["unseen"][u, 1:]:
-                uh.append(rel[int(np.argmax(scores(h, keys, kind["top"])))] == t.relation)
+        uh = [
+            rel[int(np.argmax(scores(h, keys)))] == t.relation
+            for u, t in enumerate(w.suite["unseen"])
+            for h in embs["unseen"][u, 1:]
+        ]
         table[name] = {
+            "accepted_and_right_relation_expert_heldout": float(np.mean(ok)),
             "relation_top1_expert_heldout": float(np.mean(hits)),
-            "domain_top1_expert_heldout": float(np.mean(dhits)),
+            "accepted_expert_heldout": float(np.mean(np.array(best) >= thr)),
+            "threshold": thr,
             "relation_top1_unseen_bank": float(np.mean(uh)) if uh else None,
-            "best_score_mean": float(np.mean(best)),
-            "keys_per_expert": int(keys.shape[1]),
-            "top": kind["top"],
+            "keys_per_expert": int(keys.keys.shape[1]),
+            "top": keys.top,
         }
         log(f"retrieval scoring {name}: {table[name]}")
-    chosen = max(table, key=lambda k: (table[k]["relation_top1_expert_heldout"], -list(table).index(k)))
-    keys = _keys_of(embs["experts"], _score_kinds(n_keys)[chosen])
-    np.save(w.p("keys.npy"), keys)
+    order = list(table)
+    chosen = max(order, key=lambda k: (table[k]["accepted_and_right_relation_expert_heldout"], -order.index(k)))
+    keys = cands[chosen]
+    np.save(w.p("keys.npy"), keys.keys)
+    if keys.proj is not None:
+        np.save(w.p("projection.npy"), keys.proj)
     jdump(
         w.p("retrieval.json"),
         {
             "chosen": chosen,
-            "top": table[chosen]["top"],
-            "keys_per_expert": int(keys.shape[1]),
+            "top": keys.top,
+            "projection": keys.proj is not None,
+            "keys_per_expert": int(keys.keys.shape[1]),
             "set_size": n,
             "n_keys": n_keys,
             "table": table,
-            "selection": "share of held-out bank paraphrases of the expert tasks whose top expert (leave-out) "
-            "has the task's relation",
+            "selection": "share of held-out bank paraphrases of the expert tasks (leave-out) that the guard accepts "
+            "(its rule applied to each candidate) and whose top expert has the task's relation",
         },
     )
     log(f"retrieval: {chosen} ({table[chosen]})")
@@ -147,7 +191,7 @@ def guard_stage(w: Work):
     from .lora import evaluate
 
     c = w.cfg
-    keys, top = w.keys()
+    keys = w.keys()
     pr = jload(w.p("prior.json"))["best"]
     k, tau, gain = pr["k"], pr["tau"], float(pr.get("gain", 1.0))
     _, mu, var = w.expert_arrays()
@@ -164,7 +208,7 @@ def guard_stage(w: Work):
             n_keys + int(j) for j in rng.choice(len(held), size=min(c["gain_queries"], len(held)), replace=False)
         ]
         for p in picks:
-            idx, sims, wts, m, _ = semantic_prior(embs[i, p], keys, mu, var, k, tau, exclude=w.held_out_for(i), top=top)
+            idx, sims, wts, m, _ = semantic_prior(embs[i, p], keys, mu, var, k, tau, exclude=w.held_out_for(i))
             g = 100 * (evaluate(w.lora, t.val, gain * m)["r1"] - zs[t.name]["val"]["r1"])
             rows.append(
                 {
@@ -204,10 +248,8 @@ def guard_stage(w: Work):
     E = w.embedder()
     uw = user_wording()
     inscope = [r["features"][0] for r in rows if r["query"] != 0]
-    off = [float(scores(E(x), keys, top).max()) for x in tqdm(uw["off_calibration"], desc="off-topic calibration")]
-    cands = sorted(set(inscope + off + [1.0]))
-    ok = [t for t in cands if np.mean([o >= t for o in off]) <= GUARD_FALSE_ACCEPT]
-    thr = round(min(ok), 3)
+    off = [float(scores(E(x), keys).max()) for x in tqdm(uw["off_calibration"], desc="off-topic calibration")]
+    thr = threshold_for(off)
     acc_in = float(np.mean([s >= thr for s in inscope]))
     benefit_in = float(np.mean([r["gain"] for r in rows if r["query"] != 0 and r["features"][0] >= thr]))
     guard = {

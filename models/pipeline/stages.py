@@ -230,7 +230,7 @@ def prior(w: Work):
     experts = w.suite["experts"]
     demb = np.stack([E(t.description) for t in experts])
     np.save(w.p("desc_emb.npy"), demb)  # the templated descriptions (format 1's keys; the ablations)
-    keys, top = w.keys()
+    keys = w.keys()
     queries = w.loo_queries()
     _, mu, var = w.expert_arrays()
     zs = jload(w.p("zeroshot.json"))
@@ -239,7 +239,7 @@ def prior(w: Work):
     def score(k, tau, gain):
         gains = []
         for i, t in enumerate(experts):
-            m = semantic_prior(queries[i], keys, mu, var, k, tau, exclude=w.held_out_for(i), top=top)[3]
+            m = semantic_prior(queries[i], keys, mu, var, k, tau, exclude=w.held_out_for(i))[3]
             gains.append(evaluate(w.lora, t.val, gain * m)["r1"] - zval[i])
         return float(np.mean(gains))
 
@@ -458,12 +458,15 @@ def bundle(w: Work):
     experts = w.suite["experts"]
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
-    keys, top = w.keys()
+    keys = w.keys()
     guard = jload(w.p("guard.json"))
+    tensors = {"keys": keys.keys}
+    if keys.proj is not None:
+        tensors["projection"] = np.ascontiguousarray(keys.proj, dtype=np.float32)
     L = w.lora
     shared_a = np.stack([a.numpy() for a in L.shared_A]).astype(np.float32)
     save_file(
-        {"keys": keys, "mu": mu, "var": var, "norm_mean": nm, "norm_std": ns, "lora_A": shared_a},
+        dict(tensors, mu=mu, var=var, norm_mean=nm, norm_std=ns, lora_A=shared_a),
         os.path.join(w.bundle, "experts.safetensors"),
     )
     zs = jload(w.p("zeroshot.json"))
@@ -539,7 +542,7 @@ def bundle(w: Work):
             "meta": "experts.json",
             "count": len(experts),
             "tensors": {
-                "keys": list(keys.shape),
+                **{name: list(t.shape) for name, t in tensors.items()},
                 "mu": list(mu.shape),
                 "var": list(var.shape),
                 "norm_mean": [int(mu.shape[1])],
@@ -568,9 +571,11 @@ def bundle(w: Work):
         },
         "retrieval": {
             "keys": "keys",
-            "keys_per_expert": int(keys.shape[1]),
+            "keys_per_expert": int(keys.keys.shape[1]),
+            "key_dim": int(keys.keys.shape[2]),
+            "projection": "projection" if keys.proj is not None else None,
             "score": "mean_top",
-            "top": top,
+            "top": keys.top,
             "selection": jload(w.p("retrieval.json"))["selection"]
             + "; chose "
             + jload(w.p("retrieval.json"))["chosen"],

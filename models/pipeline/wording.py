@@ -38,7 +38,7 @@ def evaluate_wording(w: Work, model) -> dict:
 
     path = w.p("wording_cache.json")
     cache = jload(path) if os.path.exists(path) else {}
-    keys, top = w.keys()
+    keys = w.keys()
     old_keys = np.load(w.p("desc_emb.npy"))
     pr = jload(w.p("prior.json"))["best"]
     k, tau, gain = pr["k"], pr["tau"], float(pr.get("gain", 1.0))
@@ -55,7 +55,7 @@ def evaluate_wording(w: Work, model) -> dict:
 
     def record(text, relation=None):
         q = E(text)
-        idx, sims, wts = retrieve(q, keys, k, tau, top=top)
+        idx, sims, wts = retrieve(q, keys, k, tau)
         est, lo, hi = predict(gm, features(idx, sims, wts, rel))
         old = old_keys @ q
         return (
@@ -89,7 +89,7 @@ def evaluate_wording(w: Work, model) -> dict:
                 j = int(idx[0])
                 if (t.name, j) not in top1_cache:
                     top1_cache[(t.name, j)] = evaluate(w.lora, t.test, mu[j])["r1"]
-                gen, mstar, _, _ = generate(model, q, keys, mu, var, k, tau, nm, ns, top=top)
+                gen, mstar, _, _ = generate(model, q, keys, mu, var, k, tau, nm, ns)
                 r.update(
                     task=t.name,
                     kind=kind,
@@ -115,7 +115,7 @@ def evaluate_wording(w: Work, model) -> dict:
 def quality_vs_coverage(w: Work, cache) -> list[dict]:
     """Per unseen task (templated description): best-expert score, SG-LoRA's R@1 gain, the
     oracle's, and the share of the oracle gain, sorted by score."""
-    keys, top = w.keys()
+    keys = w.keys()
     E = w.embedder()
     rows = []
     for t in w.suite["unseen"]:
@@ -125,7 +125,7 @@ def quality_vs_coverage(w: Work, cache) -> list[dict]:
         rows.append(
             {
                 "task": t.name,
-                "best_score": float(scores(E(t.description), keys, top).max()),
+                "best_score": float(scores(E(t.description), keys).max()),
                 "gain": 100 * g,
                 "oracle_gain": 100 * o,
                 "share": g / o if o > 0.01 else None,

@@ -192,9 +192,12 @@ class Work:
         return list(self._held_out[i])
 
     def keys(self):
-        """The `keys` stage's retrieval keys ([experts, keys per expert, dim]) and how many of
-        the best key similarities an expert's score averages (`prior.scores`)."""
-        return np.load(self.p("keys.npy")), int(jload(self.p("retrieval.json"))["top"])
+        """The `keys` stage's retrieval keys (`prior.Keys`: keys, top, projection)."""
+        from .prior import Keys
+
+        r = jload(self.p("retrieval.json"))
+        proj = np.load(self.p("projection.npy")) if r.get("projection") else None
+        return Keys(np.load(self.p("keys.npy")), int(r["top"]), proj)
 
     def loo_queries(self):
         """Each expert task's stand-in request for leave-out validation: one held-out bank
@@ -209,10 +212,10 @@ class Work:
         stand-in requests `queries` (`loo_queries`) scored against the retrieval keys."""
         from .prior import semantic_prior
 
-        keys, top = self.keys()
+        keys = self.keys()
         out_m, out_v = [], []
         for i in range(len(mu)):
-            _, _, _, m, v = semantic_prior(queries[i], keys, mu, var, k, tau, exclude=self.held_out_for(i), top=top)
+            _, _, _, m, v = semantic_prior(queries[i], keys, mu, var, k, tau, exclude=self.held_out_for(i))
             out_m.append(m)
             out_v.append(v)
         return np.stack(out_m), np.stack(out_v)

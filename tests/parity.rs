@@ -115,16 +115,40 @@ fn retrieval_and_prior_match_reference() {
                 w
             );
         }
-        // The expected gain, where the fixtures record it (`expected_gain.estimate`): the
-        // features are computed from the same retrieval, so only the weights' rounding differs.
-        if let Some(want) = c["expected_gain"]["estimate"].as_f64() {
-            let model = sglora::GainModel::new(&m.expected_gain).unwrap();
-            let f = sglora::Features::of(&picked, |i| g.experts().meta(i).relation.as_str());
-            let got = model.estimate(&f).estimate;
+        for (r, want) in picked.iter().zip(c["similarities"].as_array().unwrap()) {
+            let want = want.as_f64().unwrap();
             assert!(
-                (got - want).abs() <= 1e-4,
-                "case {i}: expected gain {got} vs {want}"
+                (r.similarity - want).abs() < 1e-5,
+                "case {i}: score {} vs {want}",
+                r.similarity
             );
+        }
+        // The expected gain's features and (estimate, low, high), where the fixtures record them
+        // (format 2): computed from the same retrieval, so only the scores' rounding differs.
+        let f = sglora::Features::of(&picked, |i| g.experts().meta(i).relation.as_str());
+        if let Some(want) = c["features"].as_array() {
+            let names = sglora::Feature::ALL;
+            assert_eq!(want.len(), names.len(), "case {i}: features");
+            for (name, w) in names.iter().zip(want) {
+                let (got, w) = (f.get(*name), w.as_f64().unwrap());
+                assert!(
+                    (got - w).abs() <= 1e-5,
+                    "case {i}: feature {} {got} vs {w}",
+                    name.name()
+                );
+            }
+        }
+        if let Some(want) = c["expected_gain"].as_array() {
+            let e = sglora::GainModel::new(&m.expected_gain)
+                .unwrap()
+                .estimate(&f);
+            for (got, w) in [e.estimate, e.low, e.high].iter().zip(want) {
+                let w = w.as_f64().unwrap();
+                assert!(
+                    (got - w).abs() <= 1e-4,
+                    "case {i}: expected gain {got} vs {w}"
+                );
+            }
         }
         let p = sglora::mixture(g.experts(), &picked).unwrap();
         let dm = max_abs_diff(&p.mean, &tensor(&ctx().tensors, &format!("{i}.mu_star")));

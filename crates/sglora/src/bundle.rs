@@ -160,6 +160,14 @@ pub struct RetrievalSpec {
     pub keys: String,
     /// Keys per expert, m ≥ 1.
     pub keys_per_expert: usize,
+    /// Size of a key: `encoder.dim` without a projection (absent means that), the projection's
+    /// output size with one.
+    #[serde(default)]
+    pub key_dim: Option<usize>,
+    /// Name of the optional projection tensor in the experts file (F32 `[key_dim, encoder.dim]`):
+    /// a request embedding `q` is scored as `P q / |P q|`; `null` or absent: none.
+    #[serde(default)]
+    pub projection: Option<String>,
     /// Score kind; only `"mean_top"` (the mean of the `top` largest dot products).
     pub score: String,
     /// How many of an expert's key similarities are averaged, 1 ..= `keys_per_expert`.
@@ -167,6 +175,13 @@ pub struct RetrievalSpec {
     /// How the keys and `top` were chosen (documentation).
     #[serde(default)]
     pub selection: String,
+}
+
+impl RetrievalSpec {
+    /// The size of a key (`key_dim`, or `encoder.dim` when absent).
+    pub fn key_dim(&self, encoder_dim: usize) -> usize {
+        self.key_dim.unwrap_or(encoder_dim)
+    }
 }
 
 /// The linear model of the expected R@1 gain: `manifest.expected_gain`. Keys other than these
@@ -510,6 +525,25 @@ impl Bundle {
                 r.top, r.keys_per_expert
             ));
         }
+        let key_dim = r.key_dim(m.encoder.dim);
+        match &r.projection {
+            None if key_dim != m.encoder.dim => {
+                return bad(format!(
+                    "retrieval.key_dim {key_dim} differs from encoder.dim {} without a \
+                     retrieval.projection",
+                    m.encoder.dim
+                ))
+            }
+            Some(_) if r.key_dim.is_none() => {
+                return bad("retrieval.projection needs retrieval.key_dim".into())
+            }
+            Some(_) if !(1..=16384).contains(&key_dim) => {
+                return bad(format!(
+                    "retrieval.key_dim is {key_dim}, expected 1 ..= 16384"
+                ))
+            }
+            _ => {}
+        }
         if let Err(what) = crate::gain::GainModel::new(&m.expected_gain) {
             return bad(what);
         }
@@ -657,6 +691,18 @@ mod tests {
             m.as_object_mut().unwrap().remove("retrieval");
         });
         assert!(e.contains("retrieval"), "{e}");
+        let e = refusal(|m| m["retrieval"]["key_dim"] = 100.into());
+        assert!(e.contains("retrieval.key_dim 100 differs"), "{e}");
+        let e = refusal(|m| m["retrieval"]["projection"] = "projection".into());
+        assert!(e.contains("needs retrieval.key_dim"), "{e}");
+        let b = open_edited(|m| {
+            m["retrieval"]["projection"] = "projection".into();
+            m["retrieval"]["key_dim"] = 400.into();
+        })
+        .unwrap();
+        assert_eq!(b.manifest.retrieval.key_dim(384), 400);
+        let b = open_edited(|m| m["retrieval"]["projection"] = serde_json::Value::Null).unwrap();
+        assert_eq!(b.manifest.retrieval.projection, None);
         // Within range, any m and t are accepted.
         let b = open_edited(|m| {
             m["retrieval"]["keys_per_expert"] = 4.into();

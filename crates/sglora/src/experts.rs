@@ -56,10 +56,10 @@ enum Params {
 
 /// The experts' retrieval keys: `values` is `[n, per_expert, dim]`, row-major, each row
 /// L2-normalised; an expert's score for a query is the mean of the `top` largest dot products of
-/// the query with its keys.
+/// the query (first projected, `P q / |P q|`, when there is a projection) with its keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Keys {
-    /// Embedding size.
+    /// Size of a key (the embedding size, or the projection's output size).
     pub dim: usize,
     /// Keys per expert, m ≥ 1.
     pub per_expert: usize,
@@ -67,17 +67,42 @@ pub struct Keys {
     pub top: usize,
     /// The keys.
     pub values: Vec<f32>,
+    /// The projection P, `[dim, embedding size]` row-major, or `None`.
+    pub projection: Option<Vec<f32>>,
 }
 
 impl Keys {
-    /// One key per expert (`values` is `[n, dim]`): the score is the dot product with it.
+    /// One key per expert (`values` is `[n, dim]`), no projection: the score is the dot product
+    /// with it.
     pub fn single(dim: usize, values: Vec<f32>) -> Keys {
         Keys {
             dim,
             per_expert: 1,
             top: 1,
             values,
+            projection: None,
         }
+    }
+
+    /// The query in key space: itself without a projection, else `P q / |P q|` (each output
+    /// accumulated in f64 from f32 products in element order, normalised in f64, rounded to
+    /// f32; a zero `P q` stays zero).
+    pub fn project<'q>(&self, query: &'q [f32]) -> std::borrow::Cow<'q, [f32]> {
+        let Some(p) = &self.projection else {
+            return std::borrow::Cow::Borrowed(query);
+        };
+        let rows: Vec<f64> = p
+            .chunks_exact(query.len().max(1))
+            .map(|row| {
+                row.iter()
+                    .zip(query)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum()
+            })
+            .collect();
+        let norm = rows.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+        std::borrow::Cow::Owned(rows.iter().map(|x| (x * scale) as f32).collect())
     }
 }
 
@@ -184,13 +209,28 @@ impl Experts {
             ));
         }
         let r = &m.retrieval;
+        let kd = r.key_dim(e);
+        let projection = match &r.projection {
+            None => None,
+            Some(name) => {
+                let p = f32_tensor(&st, name, &[kd, e], &file)?;
+                if p.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::bundle(
+                        &file,
+                        format!("tensor {name} (the retrieval projection) is not finite"),
+                    ));
+                }
+                Some(p)
+            }
+        };
         let keys = Keys {
-            dim: e,
+            dim: kd,
             per_expert: r.keys_per_expert,
             top: r.top,
-            values: f32_tensor(&st, &r.keys, &[n, r.keys_per_expert, e], &file)?,
+            values: f32_tensor(&st, &r.keys, &[n, r.keys_per_expert, kd], &file)?,
+            projection,
         };
-        if let Some(row) = keys.values.chunks_exact(e).position(|k| !unit_norm(k)) {
+        if let Some(row) = keys.values.chunks_exact(kd).position(|k| !unit_norm(k)) {
             return Err(Error::bundle(
                 &file,
                 format!(
@@ -244,6 +284,10 @@ impl Experts {
             || Some(keys.values.len())
                 != n.checked_mul(keys.per_expert)
                     .and_then(|x| x.checked_mul(keys.dim))
+            || keys
+                .projection
+                .as_ref()
+                .is_some_and(|p| keys.dim == 0 || p.is_empty() || !p.len().is_multiple_of(keys.dim))
             || mu.len() != var.len()
             || !mu.len().is_multiple_of(n)
         {
@@ -377,11 +421,22 @@ mod tests {
         key_shape: &[usize],
         keys: &[f32],
     ) -> (tempfile::TempDir, Bundle) {
+        tiny_projected(m, top, key_shape, keys, None)
+    }
+
+    /// [`tiny`] with a projection tensor `projection` of the given shape (`key_dim` its rows).
+    fn tiny_projected(
+        m: usize,
+        top: usize,
+        key_shape: &[usize],
+        keys: &[f32],
+        projection: Option<(&[usize], &[f32])>,
+    ) -> (tempfile::TempDir, Bundle) {
         let dir = tempfile::tempdir().unwrap();
         let mut man: serde_json::Value =
             serde_json::from_str(include_str!("../../../models/default/manifest.json")).unwrap();
         let f32s = |v: &[f32]| crate::le::f32s_to_le(v);
-        let tensors: Vec<(&str, Vec<usize>, Vec<u8>)> = vec![
+        let mut tensors: Vec<(&str, Vec<usize>, Vec<u8>)> = vec![
             ("keys", key_shape.to_vec(), f32s(keys)),
             ("mu", vec![2, 2], f32s(&[0.1, 0.2, 0.3, 0.4])),
             ("var", vec![2, 2], f32s(&[0.01; 4])),
@@ -389,6 +444,11 @@ mod tests {
             ("norm_std", vec![2], f32s(&[1.0; 2])),
             ("lora_A", vec![1, 1, 2], f32s(&[1.0, 0.0])),
         ];
+        if let Some((shape, p)) = projection {
+            tensors.push(("projection", shape.to_vec(), f32s(p)));
+            man["retrieval"]["projection"] = "projection".into();
+            man["retrieval"]["key_dim"] = shape[0].into();
+        }
         let views: Vec<(String, TensorView)> = tensors
             .iter()
             .map(|(n, s, b)| {
@@ -463,5 +523,30 @@ mod tests {
         let (_d, b) = tiny(2, 1, &[2, 2, 2], &bad);
         let e = Experts::load(&b).unwrap_err().to_string();
         assert!(e.contains("key 0 of expert 1"), "{e}");
+    }
+
+    #[test]
+    fn a_projection_is_loaded_and_applied() {
+        // P = [[1, 0], [0, 0], [1, 1]] maps 2-d embeddings to 3-d keys; q = [1, 0] becomes
+        // [1, 0, 1] / √2. Expert 0's key [1, 0, 0] scores 1/√2, expert 1's [0.6, 0, 0.8] 1.4/√2.
+        let p = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+        let keys = [1.0, 0.0, 0.0, 0.6, 0.0, 0.8];
+        let (_d, b) = tiny_projected(1, 1, &[2, 1, 3], &keys, Some((&[3, 2], &p)));
+        let (ex, _) = Experts::load(&b).unwrap();
+        assert_eq!(ex.keys().projection.as_deref(), Some(&p[..]));
+        let s = crate::prior::similarities(&[1.0, 0.0], &ex);
+        let h = f64::from(std::f32::consts::FRAC_1_SQRT_2);
+        assert_eq!(s[0], h);
+        assert!((s[1] - 1.4 * h).abs() < 1e-7, "{s:?}");
+        // The projection's shape must be [key_dim, encoder.dim].
+        let (_d, b) = tiny_projected(1, 1, &[2, 1, 3], &keys, Some((&[3, 2], &p)));
+        let mut man = b.manifest.clone();
+        man.retrieval.key_dim = Some(2);
+        let wrong = Bundle { manifest: man, ..b };
+        let e = Experts::load(&wrong).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor projection has shape [3, 2], expected [2, 2]"),
+            "{e}"
+        );
     }
 }

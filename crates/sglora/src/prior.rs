@@ -20,11 +20,14 @@ pub struct Retrieved {
     pub weight: f64,
 }
 
-/// The retrieval score of every expert for the (L2-normalised) query: for expert `k`, the mean
-/// of the `top` largest of `q · key_{k,j}` (each accumulated in f64 from f32 products in element
+/// The retrieval score of every expert for the (L2-normalised) query `q` (projected first,
+/// [`crate::Keys::project`], when the keys have a projection): for expert `k`, the mean of the
+/// `top` largest of `q · key_{k,j}` (each accumulated in f64 from f32 products in element
 /// order), summed largest first and divided by `top`.
 pub fn similarities(query: &[f32], experts: &Experts) -> Vec<f64> {
     let keys = experts.keys();
+    let projected = keys.project(query);
+    let query: &[f32] = &projected;
     let mut dots = Vec::with_capacity(keys.per_expert);
     (0..experts.len())
         .map(|i| {
@@ -129,6 +132,7 @@ mod tests {
             per_expert: 3,
             top,
             values: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8, 0.8, 0.6, 0.8, 0.6, 0.8, 0.6],
+            projection: None,
         };
         let names = vec!["e0".to_string(), "e1".to_string()];
         Experts::from_parts(names.clone(), names, keys, vec![0.0; 2], vec![0.0; 2]).unwrap()

@@ -160,6 +160,7 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
     for member in [
         ".Generate",
         ".Explain",
+        ".ExplainJson",
         ".ListExperts",
         ".GetAdapter",
         ".Evict",
@@ -201,6 +202,35 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("antonym"), "{out}");
+    // the whole explanation, expected gain included
+    let reply = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "ExplainJson",
+            &(ANTONYM, opts(0)),
+        )
+        .await
+        .expect("ExplainJson");
+    let json: String = reply.body().deserialize().expect("a string");
+    let ex: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let g = &ex["expected_gain"];
+    let (est, lo, hi) = (
+        g["estimate"].as_f64(),
+        g["low"].as_f64(),
+        g["high"].as_f64(),
+    );
+    assert!(
+        matches!((est, lo, hi), (Some(e), Some(l), Some(h)) if l <= e && e <= h),
+        "{json}"
+    );
+    assert!(
+        ex["experts"][0]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("antonym")),
+        "{json}"
+    );
     let o = tool(
         "gdbus",
         &[

@@ -208,6 +208,21 @@ impl Generator1 {
             .collect())
     }
 
+    /// The whole explanation as JSON, what `sglora explain --json` prints: the experts with
+    /// their scores and weights, `best_similarity`, `out_of_distribution`, the `expected_gain`
+    /// (estimate and interval, R@1 points), the resolved options and timings. `Explain` keeps
+    /// its `a(sdd)` signature for existing clients.
+    async fn explain_json(
+        &self,
+        description: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<String, DbusError> {
+        let opts = parse_options(&options)?;
+        let ex = self.svc.explain(&description, &opts).await?;
+        serde_json::to_string(&ex)
+            .map_err(|e| DbusError::Internal(format!("serialising the explanation: {e}")))
+    }
+
     /// The expert repository: (name, description).
     async fn list_experts(&self) -> Vec<(String, String)> {
         self.svc

@@ -630,6 +630,11 @@ mod tests {
     fn open_edited(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Bundle> {
         let mut m: serde_json::Value =
             serde_json::from_str(include_str!("../../../models/default/manifest.json")).unwrap();
+        // the edits start from a bundle without a retrieval projection
+        if let Some(r) = m["retrieval"].as_object_mut() {
+            r.remove("projection");
+            r.remove("key_dim");
+        }
         edit(&mut m);
         let dir = tempfile::tempdir().unwrap();
         fs::write(

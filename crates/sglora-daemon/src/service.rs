@@ -285,12 +285,13 @@ impl Service {
     ) -> Result<Served> {
         let _slot = self.enter().await?;
         let g = generator.clone();
-        let embedded = tokio::task::spawn_blocking(move || {
+        let (embedded, explanation) = tokio::task::spawn_blocking(move || {
             let e = g.embed(description)?;
             // Refuse what a fresh generation would refuse before a near-duplicate's adapter is
             // served: the cached neighbour passed the checks for its own text, not this one's.
-            g.explain(&e, opts).check()?;
-            Ok::<_, sglora::Error>(e)
+            let ex = g.explain(&e, opts);
+            ex.check()?;
+            Ok::<_, sglora::Error>((e, ex))
         })
         .await??;
         if let Some((entry, m)) = self.cache().lookup(
@@ -306,7 +307,7 @@ impl Service {
             });
         }
         let (generation, files) = tokio::task::spawn_blocking(move || {
-            let generation = generator.generate(embedded, opts)?;
+            let generation = generator.generate_explained(embedded, explanation)?;
             let files = generator.adapter_files(&generation)?;
             Ok::<_, sglora::Error>((generation, files))
         })

@@ -155,8 +155,16 @@ impl Generator {
     /// an out-of-distribution description unless the options allow it, and one whose expected
     /// gain is below the options' `min_expected_gain` ([`Explanation::check`]).
     pub fn generate(&self, e: Embedded, opts: ResolvedOptions) -> Result<Generation> {
-        let mut ex = self.explain(&e, opts);
+        let ex = self.explain(&e, opts);
+        self.generate_explained(e, ex)
+    }
+
+    /// Stage 3 after a caller already ran stage 2 on `e` (the daemon checks the explanation
+    /// before it looks up its cache): the same refusals, then the prior and the CVAE, without
+    /// retrieving again. `ex` must be [`Generator::explain`] of `e`.
+    pub fn generate_explained(&self, e: Embedded, mut ex: Explanation) -> Result<Generation> {
         ex.check()?;
+        let opts = ex.options;
         let t0 = Instant::now();
         let picked: Vec<Retrieved> = ex
             .experts

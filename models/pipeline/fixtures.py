@@ -50,6 +50,7 @@ def stage(w: Work):
     for i, text in enumerate(FIXTURE_DESCRIPTIONS):
         e = E(text)
         idx, sims, wts, m, v = semantic_prior(e, keys, mu, var, k, tau)
+        f = features(idx, sims, wts, rel)
         M, S = normalise(m, nm, ns)[None], normalise_spread(v, ns)[None]
         cnd, zm, zlv = ps.run(None, {"mu_star": M, "std_star": S})
         seed = 7 + i
@@ -76,8 +77,8 @@ def stage(w: Work):
                 "experts": [int(j) for j in idx],
                 "similarities": [float(s) for s in sims],
                 "weights": [float(a) for a in wts],
-                "features": features(idx, sims, wts, rel),
-                "expected_gain": list(predict(gm, features(idx, sims, wts, rel))),
+                "features": f,
+                "expected_gain": list(predict(gm, f)),
                 "seed": seed,
             }
         )

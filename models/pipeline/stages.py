@@ -459,6 +459,7 @@ def bundle(w: Work):
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
     keys = w.keys()
+    retrieval = jload(w.p("retrieval.json"))
     guard = jload(w.p("guard.json"))
     tensors = {"keys": keys.keys}
     if keys.proj is not None:
@@ -576,9 +577,7 @@ def bundle(w: Work):
             "projection": "projection" if keys.proj is not None else None,
             "score": "mean_top",
             "top": keys.top,
-            "selection": jload(w.p("retrieval.json"))["selection"]
-            + "; chose "
-            + jload(w.p("retrieval.json"))["chosen"],
+            "selection": f"{retrieval['selection']}; chose {retrieval['chosen']}",
         },
         "expected_gain": guard["expected_gain"],
         "ood": guard["ood"],

@@ -72,6 +72,11 @@ async fn nothing_is_world_accessible_even_with_umask_000() {
                 p.display()
             );
         }
+        // The adapter cache and its database are the service's alone: callers get adapters as
+        // file descriptors (OpenAdapter).
+        if p.starts_with(st.join("cache")) || p.starts_with(st.join("cache.db")) {
+            assert_eq!(mode & 0o077, 0, "{} is not private: {mode:o}", p.display());
+        }
         if p.to_string_lossy().ends_with(".error.txt") {
             // Another member must not be able to rewrite a failure report.
             assert_eq!(*mode, 0o640, "{}: {mode:o}", p.display());

@@ -163,8 +163,8 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
         ".ExplainJson",
         ".ListExperts",
         ".GetAdapter",
+        ".OpenAdapter",
         ".Evict",
-        ".ReloadExperts",
         ".AdapterReady",
         ".GenerationFailed",
         ".CacheHitRatio",
@@ -255,11 +255,22 @@ async fn dbus_api_cache_hits_paraphrases_and_stock_tools() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+    // The administrator's interface (this test's uid runs the daemon, so it is the service user).
     let m = c
-        .call_method(Some(NAME), PATH, Some(NAME), "ReloadExperts", &())
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some("org.sglora.Admin1"),
+            "ReloadExperts",
+            &(),
+        )
         .await
         .unwrap();
     assert!(m.body().deserialize::<u32>().unwrap() > 0);
+    let gone = c
+        .call_method(Some(NAME), PATH, Some(NAME), "ReloadExperts", &())
+        .await;
+    assert!(gone.is_err(), "ReloadExperts moved to org.sglora.Admin1");
 
     let log = d.stop();
     assert!(log.contains("stopped"), "{log}");

@@ -4,6 +4,12 @@
 //! Invariants: a row is inserted only after its adapter files are durable; on open, rows whose
 //! directory is missing or incomplete are dropped and directories without a row are removed; a
 //! hit re-checks the weights' SHA-256 and a mismatch drops the row (the caller regenerates).
+//!
+//! Every row has an owner, the uid of the caller it was generated for. The cache is private to
+//! the service (the database file 0600, the adapter directory reachable by the service user
+//! alone): callers get their adapters as file descriptors, never by path. Past the byte budget,
+//! the least recently used adapter of the owner holding the most bytes goes first, so one
+//! caller's flood of misses evicts its own adapters, not the others'.
 
 use std::collections::HashMap;
 use std::fs;
@@ -18,13 +24,15 @@ use crate::error::{Error, Result};
 use crate::index::EmbeddingIndex;
 
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A cached adapter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     /// Adapter id (directory name).
     pub id: String,
+    /// The uid of the caller it was generated for.
+    pub owner: u32,
     /// Adapter directory.
     pub dir: PathBuf,
     /// The description it was generated for.
@@ -36,6 +44,10 @@ pub struct Entry {
     /// `provenance.json` contents.
     pub provenance: String,
 }
+
+/// One row as the administrator sees it: (id, owner uid, bytes, last used in ms since the
+/// epoch, hits). No description.
+pub type Listed = (String, u32, u64, i64, u64);
 
 /// How a lookup matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +168,11 @@ impl Cache {
         if let Some(p) = db_path.parent() {
             fs::create_dir_all(p).map_err(|e| Error::io("creating", p, e))?;
         }
+        // A database that cannot be made private here (a read-only state directory) is left to
+        // SQLite, whose error then says why it cannot be written.
+        if let Err(e) = private_file(db_path) {
+            crate::log::warn(&format!("cache: {e}"));
+        }
         let db = Connection::open(db_path).db(db_path)?;
         db.busy_timeout(std::time::Duration::from_secs(5))
             .db(db_path)?;
@@ -204,6 +221,28 @@ impl Cache {
                  COMMIT;",
             )
             .db(db_path)?;
+        }
+        if version < 2 {
+            // Version 1 rows have no owner and their scopes name none, so no request could match
+            // them again: they go (start-up reconciliation removes their directories).
+            db.execute_batch(
+                "BEGIN;
+                 DELETE FROM adapters;
+                 ALTER TABLE adapters ADD COLUMN owner INTEGER NOT NULL DEFAULT -1;
+                 CREATE INDEX IF NOT EXISTS adapters_owner ON adapters(owner, last_used);
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )
+            .db(db_path)?;
+        }
+        // SQLite gives its -wal and -shm files the database's mode, but files from an older
+        // version may be group-readable: the whole cache is the service's alone.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = db_path.as_os_str().to_owned();
+            p.push(suffix);
+            if let Err(e) = private_file_if_exists(Path::new(&p)) {
+                crate::log::warn(&format!("cache: {e}"));
+            }
         }
         let mut cache = Cache {
             db,
@@ -341,16 +380,16 @@ impl Cache {
     /// Fetch a row, check its files (weights hash), bump its LRU time; drop it if damaged.
     fn touch_verified(&mut self, id: &str) -> Result<Option<Entry>> {
         let dbp = self.db_path();
-        let row: Option<(String, i64, String, String)> = self
+        let row: Option<(String, i64, String, String, i64)> = self
             .db
             .query_row(
-                "SELECT description, bytes, weights_sha256, provenance FROM adapters WHERE id = ?1",
+                "SELECT description, bytes, weights_sha256, provenance, owner FROM adapters WHERE id = ?1",
                 params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .db(&dbp)?;
-        let Some((description, bytes, sha, provenance)) = row else {
+        let Some((description, bytes, sha, provenance, owner)) = row else {
             return Ok(None);
         };
         let dir = self.dir.join(id);
@@ -373,6 +412,7 @@ impl Cache {
         }
         Ok(Some(Entry {
             id: id.to_string(),
+            owner: u32::try_from(owner).unwrap_or(u32::MAX),
             dir,
             description,
             bytes: bytes as u64,
@@ -389,12 +429,13 @@ impl Cache {
         self.touch_verified(id)
     }
 
-    /// Store a freshly generated adapter: write its files atomically under the cache directory,
-    /// then insert the row, then evict least-recently-used rows beyond the byte budget.
+    /// Store a freshly generated adapter for `owner`: write its files atomically under the cache
+    /// directory, then insert the row, then evict beyond the byte budget ([`Cache::evict_to_budget`]).
     pub fn insert(
         &mut self,
         description: &Description,
         scope: &str,
+        owner: u32,
         embedding: &[f32],
         files: &AdapterFiles,
     ) -> Result<Entry> {
@@ -404,12 +445,15 @@ impl Cache {
         let dir = self.dir.join(&id);
         let old = self.row_bytes(&id)?;
         sglora::write_atomic(&dir, files, true)?;
+        // Already unreachable through the 0700 cache directory; private themselves too, so a
+        // mistaken chmod of the parent exposes nothing.
+        make_private(&dir)?;
         let bytes = dir_bytes(&dir);
         let t = now();
         let inserted = self.db.execute(
-            "INSERT OR REPLACE INTO adapters(id, text_sha, scope, embedding, description, bytes, weights_sha256, provenance, created, last_used, hits)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, 0)",
-            params![id, text_sha, scope, emb_to_blob(embedding), text, bytes as i64, files.weights_sha256, String::from_utf8_lossy(&files.provenance), t],
+            "INSERT OR REPLACE INTO adapters(id, text_sha, scope, embedding, description, bytes, weights_sha256, provenance, created, last_used, hits, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, 0, ?10)",
+            params![id, text_sha, scope, emb_to_blob(embedding), text, bytes as i64, files.weights_sha256, String::from_utf8_lossy(&files.provenance), t, i64::from(owner)],
         );
         if let Err(e) = inserted {
             // No row, so no directory either (unless an older row still points at it).
@@ -431,6 +475,7 @@ impl Cache {
         self.evict_to_budget(Some(&id))?;
         Ok(Entry {
             id,
+            owner,
             dir,
             description: text.to_string(),
             bytes,
@@ -439,7 +484,9 @@ impl Cache {
         })
     }
 
-    /// Remove least-recently-used entries until the total is within the budget (never `keep`).
+    /// Remove entries until the total is within the budget (never `keep`): each time the least
+    /// recently used entry of the owner who holds the most bytes, so a caller alone may use the
+    /// whole budget, and a caller who floods the cache evicts its own entries first.
     pub fn evict_to_budget(&mut self, keep: Option<&str>) -> Result<u64> {
         let dbp = self.db_path();
         let mut evicted = 0;
@@ -447,7 +494,11 @@ impl Cache {
             let victim: Option<String> = self
                 .db
                 .query_row(
-                    "SELECT id FROM adapters WHERE id != ?1 ORDER BY last_used ASC LIMIT 1",
+                    "SELECT id FROM adapters
+                     WHERE id != ?1 AND owner = (
+                       SELECT owner FROM adapters WHERE id != ?1
+                       GROUP BY owner ORDER BY SUM(bytes) DESC, MIN(last_used) ASC LIMIT 1)
+                     ORDER BY last_used ASC LIMIT 1",
                     params![keep.unwrap_or("")],
                     |r| r.get(0),
                 )
@@ -462,6 +513,30 @@ impl Cache {
             }
         }
         Ok(evicted)
+    }
+
+    /// Every row, for the administrator: (id, owner, bytes, last used in ms since the epoch,
+    /// hits), most recently used first. Descriptions are not listed.
+    pub fn list(&self) -> Result<Vec<Listed>> {
+        let dbp = self.db_path();
+        let mut st = self
+            .db
+            .prepare(
+                "SELECT id, owner, bytes, last_used, hits FROM adapters ORDER BY last_used DESC",
+            )
+            .db(&dbp)?;
+        let it = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)? as u64,
+                ))
+            })
+            .db(&dbp)?;
+        it.collect::<std::result::Result<_, _>>().db(&dbp)
     }
 
     /// Bytes recorded for row `id`, if the row exists.
@@ -553,6 +628,55 @@ impl Cache {
     }
 }
 
+/// Mode 0700 on an adapter directory and 0600 on its files (not following links).
+fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("making private", p, e))
+    };
+    for name in [WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE] {
+        let p = dir.join(name);
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+            set(&p, 0o600)?;
+        }
+    }
+    set(dir, 0o700)
+}
+
+/// Create `path` as an empty file of mode 0600 if it is missing (SQLite then creates the
+/// database in it), and make an existing one 0600.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::io("creating", path, e))?;
+    private_file_if_exists(path)
+}
+
+fn private_file_if_exists(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::io(
+            "opening",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a symbolic link; the cache database must be a regular file",
+            ),
+        )),
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io("making private", path, e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Adapter ids are 24 lowercase hex digits; anything else is refused before touching the disk.
 pub fn is_valid_id(id: &str) -> bool {
     id.len() == 24
@@ -590,7 +714,9 @@ mod tests {
         let dir = d.path().join("adapters");
         let mut c = Cache::open(&db, &dir, 10_000, 0.97).unwrap();
         let e1 = unit(&[1.0, 0.0, 0.0]);
-        let a = c.insert(&desc("task a"), "s1", &e1, &files("a")).unwrap();
+        let a = c
+            .insert(&desc("task a"), "s1", 1000, &e1, &files("a"))
+            .unwrap();
         assert_eq!(
             c.lookup(&desc("task a"), "s1", None).unwrap().unwrap().1,
             Match::Exact
@@ -629,16 +755,16 @@ mod tests {
         // eviction keeps the total within budget, least recently used first
         let mut c = Cache::open(&db, &dir, 2 * 104 + 10, 0.97).unwrap();
         let x = c
-            .insert(&desc("x"), "s", &unit(&[1.0, 0.0, 0.0]), &files("x"))
+            .insert(&desc("x"), "s", 1000, &unit(&[1.0, 0.0, 0.0]), &files("x"))
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         let y = c
-            .insert(&desc("y"), "s", &unit(&[0.0, 1.0, 0.0]), &files("y"))
+            .insert(&desc("y"), "s", 1000, &unit(&[0.0, 1.0, 0.0]), &files("y"))
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         c.lookup(&desc("x"), "s", None).unwrap().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        c.insert(&desc("z"), "s", &unit(&[0.0, 0.0, 1.0]), &files("z"))
+        c.insert(&desc("z"), "s", 1000, &unit(&[0.0, 0.0, 1.0]), &files("z"))
             .unwrap();
         let s = c.stats().unwrap();
         assert!(s.bytes <= 2 * 104 + 10, "{s:?}");
@@ -651,14 +777,57 @@ mod tests {
         assert_eq!(c.integrity_check().unwrap(), "ok");
     }
 
+    /// Past the budget, the owner holding the most bytes loses its least recently used entry:
+    /// a flood of one owner's misses evicts that owner's entries, not another's.
+    #[test]
+    fn a_flooding_owner_evicts_its_own_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(
+            &d.path().join("c.db"),
+            &d.path().join("a"),
+            4 * 104 + 10,
+            0.97,
+        )
+        .unwrap();
+        let quiet = c
+            .insert(&desc("quiet"), "s", 2000, &[1.0], &files("q"))
+            .unwrap();
+        for i in 0..20 {
+            let tag = format!("f{i:02}");
+            c.insert(&desc(&tag), "s", 1000, &[1.0], &files(&tag[..1]))
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(c.stats().unwrap().bytes <= 4 * 104 + 10);
+        assert!(
+            c.get(&quiet.id).unwrap().is_some(),
+            "the quiet owner's adapter was evicted by another owner's flood"
+        );
+        let owners: Vec<u32> = c.list().unwrap().iter().map(|r| r.1).collect();
+        assert_eq!(
+            owners.iter().filter(|o| **o == 1000).count(),
+            3,
+            "{owners:?}"
+        );
+        // Alone, an owner may fill the whole budget.
+        c.remove(&quiet.id).unwrap();
+        c.insert(&desc("f-last"), "s", 1000, &[1.0], &files("l"))
+            .unwrap();
+        assert_eq!(c.stats().unwrap().entries, 4);
+    }
+
     #[test]
     fn reconcile_drops_orphans_both_ways() {
         let d = tempfile::tempdir().unwrap();
         let db = d.path().join("cache.db");
         let dir = d.path().join("adapters");
         let mut c = Cache::open(&db, &dir, 1 << 20, 0.97).unwrap();
-        let a = c.insert(&desc("a"), "s", &[1.0], &files("a")).unwrap();
-        let b = c.insert(&desc("b"), "s", &[1.0], &files("b")).unwrap();
+        let a = c
+            .insert(&desc("a"), "s", 1000, &[1.0], &files("a"))
+            .unwrap();
+        let b = c
+            .insert(&desc("b"), "s", 1000, &[1.0], &files("b"))
+            .unwrap();
         drop(c);
         fs::remove_dir_all(&a.dir).unwrap();
         fs::create_dir(dir.join("stray")).unwrap();

@@ -90,6 +90,10 @@ pub struct ServiceConfig {
     pub max_concurrent: usize,
     /// Requests waiting for a generation slot; past it callers get `Busy`.
     pub max_queue: usize,
+    /// Places in the compute stage (running or waiting) one caller may hold; past it that
+    /// caller gets `Busy` while the others are still served. Default: a quarter of
+    /// `max_concurrent + max_queue` (at least 1).
+    pub max_queue_per_caller: Option<usize>,
     /// Seconds to let in-flight work finish on SIGTERM.
     pub shutdown_grace_secs: u64,
 }
@@ -119,7 +123,8 @@ impl Default for ServiceConfig {
         ServiceConfig {
             max_concurrent: 2,
             max_queue: 64,
-            shutdown_grace_secs: 10,
+            max_queue_per_caller: None,
+            shutdown_grace_secs: 2,
         }
     }
 }
@@ -137,6 +142,15 @@ impl Default for Config {
             service: ServiceConfig::default(),
             model: ModelConfig::default(),
         }
+    }
+}
+
+impl ServiceConfig {
+    /// The places one caller may hold in the compute stage.
+    pub fn per_caller(&self) -> usize {
+        self.max_queue_per_caller
+            .unwrap_or((self.max_concurrent + self.max_queue) / 4)
+            .max(1)
     }
 }
 
@@ -182,6 +196,19 @@ impl Config {
         }
         if self.service.max_concurrent == 0 {
             return bad("service.max_concurrent must be at least 1");
+        }
+        let stage = self.service.max_concurrent + self.service.max_queue;
+        if self
+            .service
+            .max_queue_per_caller
+            .is_some_and(|n| n == 0 || n > stage)
+        {
+            return bad(
+                "service.max_queue_per_caller must be between 1 and max_concurrent + max_queue",
+            );
+        }
+        if self.service.shutdown_grace_secs > 60 {
+            return bad("service.shutdown_grace_secs must be at most 60");
         }
         if self.dropbox.max_file_bytes == 0 || self.dropbox.max_file_bytes > 16 * 1024 * 1024 {
             return bad("dropbox.max_file_bytes must be between 1 and 16 MiB");

@@ -10,7 +10,7 @@ use sglora::Generator;
 
 use crate::cache::Cache;
 use crate::config::{BusKind, Config};
-use crate::dbus::{Generator1, BUS_NAME, OBJECT_PATH};
+use crate::dbus::{Admin1, Callers, Generator1, BUS_NAME, OBJECT_PATH};
 use crate::dropbox::Dropbox;
 use crate::error::{Error, Result};
 use crate::log;
@@ -150,11 +150,12 @@ fn code_regions(smaps: &str, ino: u64) -> Vec<(usize, usize)> {
     out
 }
 
-/// Create `dir` if needed and make it 0750: group members read what is inside but cannot
-/// rename or replace its entries (only the drop folder's inbox is theirs to write). A link there
-/// is refused ([`crate::dirs::real_dir`]).
-fn private_dir(dir: &std::path::Path) -> Result<()> {
-    crate::dirs::real_dir(dir, 0o750).map_err(|e| Error::io("preparing", dir, e))
+/// Create `dir` if needed and give it `mode`: 0750 for the state directory (group members pass
+/// through it to the drop folder, and cannot rename or replace its entries), 0700 for the
+/// adapter cache (callers get their adapters as file descriptors, so nobody but the service
+/// reads the cache). A link there is refused ([`crate::dirs::real_dir`]).
+fn private_dir(dir: &std::path::Path, mode: u32) -> Result<()> {
+    crate::dirs::real_dir(dir, mode).map_err(|e| Error::io("preparing", dir, e))
 }
 
 /// [`run`] on a runtime of its own, sized for the daemon: model work runs on blocking threads,
@@ -185,9 +186,9 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
         g.experts().len(),
         t0.elapsed().as_secs_f64() * 1e3
     ));
-    private_dir(&cfg.state_dir)?;
-    private_dir(&cfg.cache_dir)?;
-    private_dir(&cfg.cache_dir.join("adapters"))?;
+    private_dir(&cfg.state_dir, 0o750)?;
+    private_dir(&cfg.cache_dir, 0o700)?;
+    private_dir(&cfg.cache_dir.join("adapters"), 0o700)?;
     let db = cfg.state_dir.join("cache.db");
     let cache = Cache::open(
         &db,
@@ -201,6 +202,7 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
         cache,
         cfg.service.max_concurrent,
         cfg.service.max_queue,
+        cfg.service.per_caller(),
     ));
 
     let builder = match (&cfg.bus_address, &cfg.bus) {
@@ -208,9 +210,11 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
         (None, BusKind::Session) => zbus::connection::Builder::session(),
         (None, BusKind::System) => zbus::connection::Builder::system(),
     };
+    let callers = Arc::new(Callers::default());
     let conn = builder
         .name(BUS_NAME)
-        .serve_at(OBJECT_PATH, Generator1::new(svc.clone()))
+        .serve_at(OBJECT_PATH, Generator1::new(svc.clone(), callers.clone()))
+        .serve_at(OBJECT_PATH, Admin1::new(svc.clone(), callers))
         .build()
         .await
         .map_err(|e| Error::from(e).context(format!("connecting to the bus and owning {BUS_NAME} (is another sglorad running? does the bus policy allow it?)")))?;
@@ -230,6 +234,11 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
         tasks.push(tokio::spawn(db.run(watch, svc2, rx)));
         log::info(&format!("watching {}", root.join("inbox").display()));
     }
+    tasks.push(tokio::spawn(crate::dbus::notify_properties(
+        conn.clone(),
+        Duration::from_secs(1),
+        stop_rx.clone(),
+    )));
     if let Some(every) = watchdog_interval() {
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -264,7 +273,8 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
         _ = int.recv() => {}
     }
     sd_notify("STOPPING=1");
-    log::info("stopping: no new drop-folder work; finishing in-flight requests");
+    svc.stop();
+    log::info("stopping: no new work is taken; finishing in-flight requests");
     let _ = stop_tx.send(true);
     let deadline = Instant::now() + Duration::from_secs(cfg.service.shutdown_grace_secs);
     for t in tasks {

@@ -1,8 +1,15 @@
-//! The D-Bus interface `org.sglora.Generator1` at `/org/sglora/Generator1` (zbus).
+//! The D-Bus interfaces at `/org/sglora/Generator1` (zbus): `org.sglora.Generator1` for every
+//! caller the bus policy admits, `org.sglora.Admin1` for root and the service user.
+//!
+//! This is the one place that knows the wire: who the caller is (the bus says, by
+//! `GetConnectionUnixUser`), how options are typed, how errors are named. Arguments are bounded
+//! while they are decoded (options at most [`MAX_OPTIONS`] keys, a description at most 64 KiB
+//! before the library's own limit), so an oversized call is refused before it is held in memory
+//! as a map or a string: the message itself is all it costs (the bus bounds its size).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use zbus::object_server::SignalEmitter;
 use zbus::OwnedVariant as OwnedValue;
@@ -10,12 +17,19 @@ use zbus::OwnedVariant as OwnedValue;
 use sglora::GenerateOptions;
 
 use crate::error::Error;
-use crate::service::Service;
+use crate::service::{Caller, Service};
 
 /// Well-known bus name.
 pub const BUS_NAME: &str = "org.sglora.Generator1";
 /// Object path.
 pub const OBJECT_PATH: &str = "/org/sglora/Generator1";
+/// The administrator's interface (same object).
+pub const ADMIN_INTERFACE: &str = "org.sglora.Admin1";
+/// Most keys an options dictionary may have (seven are known; the rest is room for clients
+/// that send a few extra and get a clear error naming them).
+pub const MAX_OPTIONS: usize = 32;
+/// Longest option name.
+const MAX_OPTION_NAME: usize = 64;
 
 /// Errors returned over D-Bus as `org.sglora.Generator1.Error.*`.
 #[derive(Debug, zbus::DBusError)]
@@ -34,8 +48,12 @@ pub enum DbusError {
     LowExpectedGain(String),
     /// Too many requests queued.
     Busy(String),
-    /// Unknown adapter id.
+    /// No cached adapter of the caller's has this id.
     NotFound(String),
+    /// The caller may not call this method (an administrator's).
+    AccessDenied(String),
+    /// The service is stopping and takes no new work.
+    Stopping(String),
     /// Anything else.
     Internal(String),
 }
@@ -56,8 +74,10 @@ impl From<Error> for DbusError {
                 }
                 e => DbusError::Internal(e.to_string()),
             },
-            e @ Error::Busy { .. } => DbusError::Busy(e.detail()),
+            e @ (Error::Busy { .. } | Error::CallerBusy { .. }) => DbusError::Busy(e.detail()),
             e @ Error::NotFound { .. } => DbusError::NotFound(e.detail()),
+            Error::AccessDenied(m) => DbusError::AccessDenied(m),
+            e @ Error::Stopping => DbusError::Stopping(e.to_string()),
             Error::Config(m) => DbusError::InvalidOption(m),
             Error::Internal(m) => DbusError::Internal(m),
             e => DbusError::Internal(e.to_string()),
@@ -129,6 +149,190 @@ fn parse(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> 
     Ok(o)
 }
 
+/// An `a{sv}` options argument, decoded up to [`MAX_OPTIONS`] keys of at most 64 bytes: past
+/// that, the rest is skipped unread and the call is refused with `InvalidOption` (so a call
+/// with 500,000 keys costs no more memory than its message).
+#[derive(Debug, Default)]
+pub struct Options {
+    /// The options, when within the bounds.
+    pub map: HashMap<String, OwnedValue>,
+    /// Why they were not decoded (too many keys, or too long a name).
+    pub refused: Option<String>,
+}
+
+impl Options {
+    fn parse(&self) -> Result<GenerateOptions, String> {
+        match &self.refused {
+            Some(m) => Err(m.clone()),
+            None => parse(&self.map),
+        }
+    }
+}
+
+impl zbus::zvariant::Type for Options {
+    const SIGNATURE: &'static zbus::Signature =
+        <HashMap<String, OwnedValue> as zbus::zvariant::Type>::SIGNATURE;
+}
+
+impl<'de> serde::Deserialize<'de> for Options {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Options;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an options dictionary a{{sv}}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Options, A::Error> {
+                use serde::de::IgnoredAny;
+                let mut out = Options::default();
+                let mut seen = 0usize;
+                while let Some(k) = m.next_key::<Bounded<MAX_OPTION_NAME>>()? {
+                    seen += 1;
+                    if out.refused.is_some() {
+                        m.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                    match k.0 {
+                        Ok(k) if seen <= MAX_OPTIONS => {
+                            out.map.insert(k, m.next_value::<OwnedValue>()?);
+                        }
+                        Ok(_) => {
+                            m.next_value::<IgnoredAny>()?;
+                            out.map.clear();
+                            out.refused = Some(format!(
+                                "more than {MAX_OPTIONS} options; known: seed, top_k, \
+                                 temperature, noise_scale, min_similarity, min_expected_gain, \
+                                 allow_ood"
+                            ));
+                        }
+                        Err(n) => {
+                            m.next_value::<IgnoredAny>()?;
+                            out.map.clear();
+                            out.refused = Some(format!(
+                                "an option name is {n} bytes; unknown option (known: seed, \
+                                 top_k, temperature, noise_scale, min_similarity, \
+                                 min_expected_gain, allow_ood)"
+                            ));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A string argument of at most `N` bytes, or the length of one that was longer (which is not
+/// copied out of the message).
+#[derive(Debug)]
+pub struct Bounded<const N: usize>(pub Result<String, usize>);
+
+/// A description argument: decoded up to 64 KiB (the library then trims it and applies its own
+/// limit of [`sglora::MAX_DESCRIPTION_BYTES`]); past that it is refused unread.
+pub type Text = Bounded<65536>;
+
+impl<const N: usize> Bounded<N> {
+    /// The string, or `refuse(length)`'s error for one past the bound.
+    fn take<E>(self, refuse: impl FnOnce(usize) -> E) -> Result<String, E> {
+        self.0.map_err(refuse)
+    }
+}
+
+impl<const N: usize> zbus::zvariant::Type for Bounded<N> {
+    const SIGNATURE: &'static zbus::Signature = <String as zbus::zvariant::Type>::SIGNATURE;
+}
+
+impl<'de, const N: usize> serde::Deserialize<'de> for Bounded<N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<const N: usize>;
+        impl<const N: usize> serde::de::Visitor<'_> for V<N> {
+            type Value = Bounded<N>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Bounded<N>, E> {
+                Ok(Bounded(if v.len() > N {
+                    Err(v.len())
+                } else {
+                    Ok(v.to_owned())
+                }))
+            }
+        }
+        d.deserialize_str(V::<N>)
+    }
+}
+
+/// The description argument, or the library's own refusal of one past the byte limit.
+fn description_arg(t: Text) -> Result<String, DbusError> {
+    t.take(|n| {
+        DbusError::InvalidDescription(format!(
+            "it is {n} bytes long; the limit is {} bytes (a task description is a sentence or two)",
+            sglora::MAX_DESCRIPTION_BYTES
+        ))
+    })
+}
+
+/// An id argument (ids are 24 hex digits; a longer string is no id of anyone's).
+fn id_arg(id: Bounded<64>) -> String {
+    id.0.unwrap_or_default()
+}
+
+/// Who called: the bus's word for the uid behind the sender's connection, remembered per
+/// unique name (never reused on a bus) in a bounded map; on a peer-to-peer connection, the
+/// peer's credentials.
+#[derive(Debug, Default)]
+pub struct Callers {
+    known: Mutex<HashMap<String, u32>>,
+}
+
+impl Callers {
+    const KEEP: usize = 4096;
+
+    async fn of(
+        &self,
+        conn: &zbus::Connection,
+        header: &zbus::message::Header<'_>,
+    ) -> Result<Caller, DbusError> {
+        let unknown =
+            |e: zbus::Error| DbusError::AccessDenied(format!("cannot tell who the caller is: {e}"));
+        let Some(sender) = header.sender() else {
+            let creds = conn
+                .peer_creds()
+                .await
+                .map_err(|e| unknown(zbus::Error::InputOutput(Arc::new(e))))?;
+            return creds
+                .unix_user_id()
+                .map(Caller::uid)
+                .ok_or_else(|| DbusError::AccessDenied("the peer has no uid".into()));
+        };
+        let name = sender.as_str().to_string();
+        if let Some(uid) = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+        {
+            return Ok(Caller::uid(*uid));
+        }
+        let uid = zbus::fdo::DBusProxy::new(conn)
+            .await
+            .map_err(unknown)?
+            .get_connection_unix_user(zbus::names::BusName::Unique(sender.to_owned()))
+            .await
+            .map_err(|e| unknown(e.into()))?;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= Self::KEEP {
+            known.clear();
+        }
+        known.insert(name, uid);
+        Ok(Caller::uid(uid))
+    }
+}
+
 /// The emitter of signals addressed to the caller of the current method only; `None` where the
 /// call has no sender to address (a peer-to-peer connection), so nothing is ever broadcast.
 fn to_caller<'s>(
@@ -139,16 +343,39 @@ fn to_caller<'s>(
     Some(emitter.set_destination(zbus::names::BusName::Unique(sender)))
 }
 
-/// The exported object.
+/// The exported object's caller interface.
 pub struct Generator1 {
     svc: Arc<Service>,
+    callers: Arc<Callers>,
 }
 
 impl Generator1 {
     /// Wrap the service.
-    pub fn new(svc: Arc<Service>) -> Self {
-        Generator1 { svc }
+    pub fn new(svc: Arc<Service>, callers: Arc<Callers>) -> Self {
+        Generator1 { svc, callers }
     }
+}
+
+/// The files of an adapter opened read-only, by file name.
+fn open_files(dir: &std::path::Path) -> Result<HashMap<String, zbus::OwnedFd>, DbusError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = HashMap::new();
+    for name in [
+        sglora::WEIGHTS_FILE,
+        sglora::CONFIG_FILE,
+        sglora::PROVENANCE_FILE,
+    ] {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(dir.join(name))
+            .map_err(|e| DbusError::Internal(format!("opening the adapter's {name}: {e}")))?;
+        out.insert(
+            name.to_string(),
+            zbus::OwnedFd::from(std::os::fd::OwnedFd::from(f)),
+        );
+    }
+    Ok(out)
 }
 
 #[zbus::interface(name = "org.sglora.Generator1")]
@@ -159,15 +386,29 @@ impl Generator1 {
     /// description is the caller's private data, and nobody else on the bus learns it, nor which
     /// adapters another caller was handed.
     #[zbus(out_args("adapter_dir", "adapter_id", "cache_hit", "provenance_json"))]
+    ///
+    /// `adapter_dir` is readable by root and the service user only; other callers get the
+    /// files with `OpenAdapter(adapter_id)`.
     async fn generate(
         &self,
-        description: String,
-        options: HashMap<String, OwnedValue>,
+        description: Text,
+        options: Options,
         #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(String, String, bool, String), DbusError> {
+        let caller = self.callers.of(conn, &header).await?;
         let emitter = to_caller(emitter, &header);
-        let opts = match parse(&options) {
+        let description = match description_arg(description) {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some(emitter) = &emitter {
+                    let _ = Self::generation_failed(emitter, "", &e.to_string()).await;
+                }
+                return Err(e);
+            }
+        };
+        let opts = match options.parse() {
             Ok(o) => o,
             Err(m) => {
                 if let Some(emitter) = &emitter {
@@ -176,7 +417,7 @@ impl Generator1 {
                 return Err(DbusError::InvalidOption(m));
             }
         };
-        match self.svc.generate(&description, &opts).await {
+        match self.svc.generate(&description, &opts, caller).await {
             Ok(s) => {
                 let dir = s.entry.dir.to_string_lossy().into_owned();
                 if let Some(emitter) = &emitter {
@@ -196,11 +437,17 @@ impl Generator1 {
     /// Retrieval only: (expert name, similarity, weight), most similar first.
     async fn explain(
         &self,
-        description: String,
-        options: HashMap<String, OwnedValue>,
+        description: Text,
+        options: Options,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<Vec<(String, f64, f64)>, DbusError> {
-        let opts = parse_options(&options)?;
-        let ex = self.svc.explain(&description, &opts).await?;
+        let caller = self.callers.of(conn, &header).await?;
+        let description = description_arg(description)?;
+        let opts = options
+            .parse()
+            .map_err(|m| Error::from(sglora::Error::InvalidOption(m)))?;
+        let ex = self.svc.explain(&description, &opts, caller).await?;
         Ok(ex
             .experts
             .into_iter()
@@ -214,11 +461,17 @@ impl Generator1 {
     /// its `a(sdd)` signature for existing clients.
     async fn explain_json(
         &self,
-        description: String,
-        options: HashMap<String, OwnedValue>,
+        description: Text,
+        options: Options,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<String, DbusError> {
-        let opts = parse_options(&options)?;
-        let ex = self.svc.explain(&description, &opts).await?;
+        let caller = self.callers.of(conn, &header).await?;
+        let description = description_arg(description)?;
+        let opts = options
+            .parse()
+            .map_err(|m| Error::from(sglora::Error::InvalidOption(m)))?;
+        let ex = self.svc.explain(&description, &opts, caller).await?;
         serde_json::to_string(&ex)
             .map_err(|e| DbusError::Internal(format!("serialising the explanation: {e}")))
     }
@@ -234,22 +487,45 @@ impl Generator1 {
             .collect()
     }
 
-    /// A cached adapter: (adapter_dir, provenance_json).
+    /// One of the caller's cached adapters: (adapter_dir, provenance_json). Another caller's
+    /// adapter is `NotFound`, as if it did not exist.
     #[zbus(out_args("adapter_dir", "provenance_json"))]
-    async fn get_adapter(&self, id: String) -> Result<(String, String), DbusError> {
-        let e = self.svc.get(&id)?;
+    async fn get_adapter(
+        &self,
+        id: Bounded<64>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(String, String), DbusError> {
+        let caller = self.callers.of(conn, &header).await?;
+        let e = self.svc.get(&id_arg(id), caller)?;
         Ok((e.dir.to_string_lossy().into_owned(), e.provenance))
     }
 
-    /// Remove an adapter from the cache; false if it was not there.
-    async fn evict(&self, id: String) -> Result<bool, DbusError> {
-        Ok(self.svc.evict(&id)?)
+    /// One of the caller's adapters as read-only file descriptors, by file name
+    /// (`adapter_config.json`, `adapter_model.safetensors`, `provenance.json`): the cache stays
+    /// private to the service, and the caller needs no access to it. Another caller's adapter
+    /// is `NotFound`.
+    async fn open_adapter(
+        &self,
+        id: Bounded<64>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<HashMap<String, zbus::OwnedFd>, DbusError> {
+        let caller = self.callers.of(conn, &header).await?;
+        let e = self.svc.get(&id_arg(id), caller)?;
+        open_files(&e.dir)
     }
 
-    /// Re-read the bundle (expert repository and models) from disk without a restart; returns
-    /// the number of experts. A bundle that fails verification leaves the old one in service.
-    async fn reload_experts(&self) -> Result<u32, DbusError> {
-        Ok(self.svc.reload().await? as u32)
+    /// Remove one of the caller's adapters from the cache; false if the caller has none with
+    /// this id (another caller's is not touched: the administrator's `Evict` removes any).
+    async fn evict(
+        &self,
+        id: Bounded<64>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<bool, DbusError> {
+        let caller = self.callers.of(conn, &header).await?;
+        Ok(self.svc.evict(&id_arg(id), caller)?)
     }
 
     /// sglora version.
@@ -259,43 +535,43 @@ impl Generator1 {
     }
 
     /// Bundle id of the loaded bundle.
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn bundle_id(&self) -> String {
         self.svc.generator().bundle().manifest.bundle_id.clone()
     }
 
     /// Cached adapters.
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn cache_entries(&self) -> u64 {
         self.svc.cache_stats().entries
     }
 
     /// Bytes of cached adapters.
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn cache_bytes(&self) -> u64 {
         self.svc.cache_stats().bytes
     }
 
     /// Requests now queued or running in the compute stage (0 when idle).
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn pending(&self) -> u64 {
         self.svc.pending().0 as u64
     }
 
     /// Successful Generate requests.
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn requests_served(&self) -> u64 {
         self.svc.counters.served.load(Ordering::Relaxed)
     }
 
     /// Generations actually run (cache misses that produced an adapter).
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn generations_run(&self) -> u64 {
         self.svc.counters.generated.load(Ordering::Relaxed)
     }
 
     /// Share of served requests answered from the cache.
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     fn cache_hit_ratio(&self) -> f64 {
         let served = self.svc.counters.served.load(Ordering::Relaxed);
         if served == 0 {
@@ -316,6 +592,140 @@ impl Generator1 {
         request: &str,
         error: &str,
     ) -> zbus::Result<()>;
+}
+
+/// The administrator's interface, `org.sglora.Admin1` on the same object: the shipped policy
+/// lets only root and the service user call it, and each method checks the caller again.
+pub struct Admin1 {
+    svc: Arc<Service>,
+    callers: Arc<Callers>,
+}
+
+impl Admin1 {
+    /// Wrap the service.
+    pub fn new(svc: Arc<Service>, callers: Arc<Callers>) -> Self {
+        Admin1 { svc, callers }
+    }
+
+    async fn admin(
+        &self,
+        conn: &zbus::Connection,
+        header: &zbus::message::Header<'_>,
+    ) -> Result<Caller, DbusError> {
+        let caller = self.callers.of(conn, header).await?;
+        if caller.is_admin() {
+            Ok(caller)
+        } else {
+            Err(DbusError::AccessDenied(format!(
+                "{ADMIN_INTERFACE} is for root and the service user; uid {} is neither",
+                caller.uid
+            )))
+        }
+    }
+}
+
+#[zbus::interface(name = "org.sglora.Admin1")]
+impl Admin1 {
+    /// Remove any adapter from the cache; false if it was not there.
+    async fn evict(
+        &self,
+        id: Bounded<64>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<bool, DbusError> {
+        self.admin(conn, &header).await?;
+        Ok(self.svc.evict_any(&id_arg(id))?)
+    }
+
+    /// Re-read the bundle (expert repository and models) from disk without a restart; returns
+    /// the number of experts. A bundle that fails verification leaves the old one in service.
+    /// Reloads run one at a time; one asked for during another returns that one's result.
+    async fn reload_experts(
+        &self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<u32, DbusError> {
+        self.admin(conn, &header).await?;
+        let n = self.svc.reload().await? as u32;
+        if let Ok(iface) = server.interface::<_, Generator1>(OBJECT_PATH).await {
+            let _ = iface
+                .get()
+                .await
+                .bundle_id_changed(iface.signal_emitter())
+                .await;
+        }
+        Ok(n)
+    }
+
+    /// Every cached adapter: (id, owner uid, bytes, last used in ms since the epoch, hits),
+    /// most recently used first. Descriptions are not listed.
+    async fn list_adapters(
+        &self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<Vec<crate::cache::Listed>, DbusError> {
+        self.admin(conn, &header).await?;
+        Ok(self.svc.list()?)
+    }
+}
+
+/// Emit `PropertiesChanged` for the counters that changed, at most once per `every`, until
+/// `stop` fires: clients watch the service without polling, and a burst of requests costs one
+/// signal per interval, not one per request.
+pub async fn notify_properties(
+    conn: zbus::Connection,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(iface) = conn
+        .object_server()
+        .interface::<_, Generator1>(OBJECT_PATH)
+        .await
+    else {
+        return;
+    };
+    let mut last: Option<[u64; 6]> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let g = iface.get().await;
+        let now = [
+            g.cache_entries(),
+            g.cache_bytes(),
+            g.pending(),
+            g.requests_served(),
+            g.generations_run(),
+            g.cache_hit_ratio().to_bits(),
+        ];
+        let e = iface.signal_emitter();
+        if let Some(before) = last {
+            let changed = |i: usize| before[i] != now[i];
+            if changed(0) {
+                let _ = g.cache_entries_changed(e).await;
+            }
+            if changed(1) {
+                let _ = g.cache_bytes_changed(e).await;
+            }
+            if changed(2) {
+                let _ = g.pending_changed(e).await;
+            }
+            if changed(3) {
+                let _ = g.requests_served_changed(e).await;
+            }
+            if changed(4) {
+                let _ = g.generations_run_changed(e).await;
+            }
+            if changed(5) {
+                let _ = g.cache_hit_ratio_changed(e).await;
+            }
+        }
+        last = Some(now);
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,12 @@
 //! request moved to `done/` (or to `failed/` with `NAME.error.txt`).
 //!
 //! Only completed writes are read: inotify close-after-write and rename-into events (a regular
-//! file's creation is not one: it is still being written), then the file's size and mtime must
-//! hold still for `settle_ms`. Dotfiles, `*.tmp`, `*.part` and
+//! file's creation is not one: it is still being written), and then only a file that nobody
+//! holds open for writing (a read lease, `F_SETLEASE`, is refused while a writer has it open,
+//! so a file renamed in mid-write waits for its writer's close). Where the kernel grants no
+//! lease (the service user lacks `CAP_LEASE`), the file's size and mtime must instead hold
+//! still for `settle_ms`. A request is made for its file's owner, who must be a member of the
+//! inbox's group (or root, or the service user). Dotfiles, `*.tmp`, `*.part` and
 //! directories are ignored; symlinks, FIFOs, devices, oversized, non-UTF-8 or malformed requests
 //! are moved to `failed/` with a reason (the link itself is moved, never followed). Names are
 //! sanitised and never clobber an existing output. Files present at start-up are processed, and
@@ -18,10 +22,10 @@ use std::time::Duration;
 
 use sglora::{AdapterFiles, GenerateOptions};
 
-use crate::service::Service;
+use crate::service::{Caller, Service};
 
 /// The four folders.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Dropbox {
     /// Requests arrive here.
     pub inbox: PathBuf,
@@ -33,6 +37,20 @@ pub struct Dropbox {
     pub failed: PathBuf,
     max_bytes: u64,
     settle: Duration,
+    /// Whether leases tell us that a file is still open for writing (cleared, with one warning,
+    /// the first time the kernel refuses one).
+    leases: std::sync::atomic::AtomicBool,
+    /// The inbox's group: the callers the service serves.
+    group: u32,
+}
+
+/// Why a request file was not read.
+#[derive(Debug, PartialEq, Eq)]
+enum Unread {
+    /// Some process still holds it open for writing: its close-after-write event comes later.
+    StillOpen,
+    /// Refused, with the reason for `failed/`.
+    Refused(String),
 }
 
 /// What to do with a directory entry of the inbox.
@@ -157,6 +175,8 @@ impl Dropbox {
             failed: root.join("failed"),
             max_bytes,
             settle: Duration::from_millis(settle_ms),
+            leases: std::sync::atomic::AtomicBool::new(true),
+            group: nix::unistd::getegid().as_raw(),
         };
         // inbox: the group (clients) drops requests, sticky so a member can neither remove nor
         // replace another member's pending request; the rest: the group reads, only we write.
@@ -171,6 +191,8 @@ impl Dropbox {
             crate::dirs::real_dir(p, mode)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
         }
+        let group = std::os::unix::fs::MetadataExt::gid(&fs::symlink_metadata(&d.inbox)?);
+        let d = Dropbox { group, ..d };
         // Half-written outputs of a killed predecessor (hidden temporaries) go; complete ones
         // were published by an atomic rename and stay.
         let stale = sglora::remove_stale_temps(&d.outbox);
@@ -240,23 +262,24 @@ impl Dropbox {
             Triage::Reject(r) => return self.fail(path, &r),
             Triage::Process => {}
         }
-        if !self.settled(path).await {
-            return;
-        }
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or("")
             .to_string();
-        let bytes = match read_regular(path, self.max_bytes) {
+        let (bytes, owner) = match self.read_request(path).await {
             Ok(b) => b,
-            Err(r) => return self.fail(path, &r),
+            Err(Unread::StillOpen) => return,
+            Err(Unread::Refused(r)) => return self.fail(path, &r),
         };
+        if let Err(r) = self.check_member(owner) {
+            return self.fail(path, &r);
+        }
         let (desc, opts) = match parse_request(&ext, &bytes) {
             Ok(x) => x,
             Err(r) => return self.fail(path, &r),
         };
-        let served = match svc.generate(&desc, &opts).await {
+        let served = match svc.generate(&desc, &opts, Caller::uid(owner)).await {
             Ok(s) => s,
             Err(e) => return self.fail(path, &e.to_string()),
         };
@@ -306,6 +329,59 @@ impl Dropbox {
             served.entry.id,
             served.cache_hit
         ));
+    }
+
+    /// [`read_regular`], and with leases, only once nobody holds the file open for writing;
+    /// the first refused lease switches to the settle rule for good, with one warning.
+    async fn read_request(&self, path: &Path) -> Result<(Vec<u8>, u32), Unread> {
+        let leases = self.leases.load(std::sync::atomic::Ordering::Relaxed);
+        if leases {
+            match read_regular(path, self.max_bytes, true) {
+                Err(Unread::Refused(r)) if r == NO_LEASE => {
+                    self.leases
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    crate::log::warn(
+                        "dropbox: the kernel refuses file leases to the service (it needs \
+                         CAP_LEASE, which the shipped unit grants): a request is read once its \
+                         size and mtime hold still for settle_ms, so a file renamed into inbox/ \
+                         while still being written may be read early",
+                    );
+                }
+                r => return r,
+            }
+        }
+        if !self.settled(path).await {
+            return Err(Unread::StillOpen);
+        }
+        read_regular(path, self.max_bytes, false)
+    }
+
+    /// Requests are made for their file's owner, who must be root, the service user or a
+    /// member of the inbox's group (a file of anyone else's may be moved in by a member, but it
+    /// is not theirs to spend).
+    fn check_member(&self, uid: u32) -> Result<(), String> {
+        if Caller::uid(uid).is_admin() {
+            return Ok(());
+        }
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten();
+        let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(self.group))
+            .ok()
+            .flatten();
+        let member = match (&user, &group) {
+            (Some(u), Some(g)) => u.gid.as_raw() == self.group || g.mem.contains(&u.name),
+            _ => false,
+        };
+        if member {
+            Ok(())
+        } else {
+            Err(format!(
+                "the file's owner (uid {uid}) is not a member of the inbox's group (gid {}); \
+                 only members may drop requests, in files of their own",
+                self.group
+            ))
+        }
     }
 
     /// Write `files` to a free `outbox/STEM[-N]` atomically. A concurrent writer may take the
@@ -444,37 +520,71 @@ impl std::fmt::Debug for Watch {
     }
 }
 
+/// The reason [`read_regular`] gives when the kernel refuses a lease (not a refusal of the
+/// request: [`Dropbox::read_request`] switches rules and reads again).
+const NO_LEASE: &str = "\u{0}no lease";
+
+/// Whether some process holds the open file `f` open for writing: a read lease is granted
+/// only when nobody does. `Err(NO_LEASE)` when the kernel grants no lease at all.
+fn open_for_writing(f: &fs::File) -> Result<bool, Unread> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a file descriptor we own, with integer arguments only.
+    let r = unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_SETLEASE, nix::libc::F_RDLCK) };
+    if r == 0 {
+        // Released at once: the lease is only the question "is anyone writing?", and holding
+        // it would make a writer's open wait for us.
+        // SAFETY: as above.
+        unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_SETLEASE, nix::libc::F_UNLCK) };
+        return Ok(false);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(nix::libc::EAGAIN) | Some(nix::libc::EBUSY) => Ok(true),
+        _ => Err(Unread::Refused(NO_LEASE.into())),
+    }
+}
+
 /// Open without following links and without blocking on FIFOs; accept only regular files up to
-/// `max` bytes.
-fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+/// `max` bytes that are not hard links, and with `leases` only once nobody holds them open for
+/// writing. Returns the bytes and the file's owner.
+fn read_regular(path: &Path, max: u64, leases: bool) -> Result<(Vec<u8>, u32), Unread> {
+    let refuse = Unread::Refused;
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_flags())
         .open(path)
-        .map_err(|e| format!("cannot open: {e}"))?;
-    let meta = f.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+        .map_err(|e| refuse(format!("cannot open: {e}")))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| refuse(format!("cannot stat: {e}")))?;
     if !meta.file_type().is_file() {
-        return Err("only regular files are accepted".into());
+        return Err(refuse("only regular files are accepted".into()));
     }
     // A hard link (where the kernel allows linking files one does not own) would hand the
-    // service a file of someone else's, whose text then lands in a group-readable provenance.
+    // service a file of someone else's, whose text then lands in a provenance file.
     if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
-        return Err("hard links are not accepted; drop a file of your own".into());
+        return Err(refuse(
+            "hard links are not accepted; drop a file of your own".into(),
+        ));
+    }
+    if leases && open_for_writing(&f)? {
+        return Err(Unread::StillOpen);
     }
     if meta.len() > max {
-        return Err(format!(
+        return Err(refuse(format!(
             "the file is {} bytes; the limit is {max} bytes",
             meta.len()
-        ));
+        )));
     }
     let mut buf = Vec::with_capacity(meta.len() as usize);
     f.take(max + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(|e| refuse(format!("cannot read: {e}")))?;
     if buf.len() as u64 > max {
-        return Err(format!("the file grew beyond the limit of {max} bytes"));
+        return Err(refuse(format!(
+            "the file grew beyond the limit of {max} bytes"
+        )));
     }
-    Ok(buf)
+    Ok((buf, std::os::unix::fs::MetadataExt::uid(&meta)))
 }
 
 fn libc_flags() -> i32 {
@@ -546,10 +656,30 @@ mod tests {
         assert!(matches!(triage(&p("c.bin")), Triage::Reject(_)));
         assert!(matches!(triage(&p("link.txt")), Triage::Reject(_)));
         assert!(matches!(triage(&p("fifo.txt")), Triage::Reject(_)));
-        assert!(read_regular(&p("link.txt"), 100).is_err());
+        assert!(read_regular(&p("link.txt"), 100, false).is_err());
         fs::hard_link(p("a.txt"), p("hard.txt")).unwrap();
-        assert!(read_regular(&p("hard.txt"), 100)
-            .unwrap_err()
-            .contains("hard links"));
+        assert!(matches!(
+            read_regular(&p("hard.txt"), 100, false).unwrap_err(),
+            Unread::Refused(r) if r.contains("hard links")
+        ));
+    }
+
+    /// A file some process still holds open for writing is not read; once it is closed, it is.
+    /// (Leases need the file's owner or CAP_LEASE: the test's own files qualify.)
+    #[test]
+    fn a_file_open_for_writing_is_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r.txt");
+        let mut w = fs::File::create(&path).unwrap();
+        std::io::Write::write_all(&mut w, b"first sentence.").unwrap();
+        assert_eq!(
+            read_regular(&path, 100, true).unwrap_err(),
+            Unread::StillOpen
+        );
+        std::io::Write::write_all(&mut w, b" second sentence.").unwrap();
+        drop(w);
+        let (bytes, owner) = read_regular(&path, 100, true).unwrap();
+        assert_eq!(bytes, b"first sentence. second sentence.");
+        assert_eq!(owner, nix::unistd::geteuid().as_raw());
     }
 }

@@ -22,6 +22,18 @@ pub enum Error {
         /// `max_concurrent + max_queue`.
         capacity: usize,
     },
+    /// This caller already holds `limit` places in the compute stage.
+    #[error("busy: {}", self.detail())]
+    CallerBusy {
+        /// `max_queue_per_caller`.
+        limit: usize,
+    },
+    /// The service is shutting down and takes no new work.
+    #[error("the service is stopping; retry once it is back")]
+    Stopping,
+    /// The caller may not do this (an administrator's method).
+    #[error("access denied: {0}")]
+    AccessDenied(String),
     /// No cached adapter has this id.
     #[error("not found: {}", self.detail())]
     NotFound {
@@ -120,6 +132,9 @@ impl Error {
             Error::Busy { capacity } => {
                 format!("{capacity} requests are already queued or running; retry later")
             }
+            Error::CallerBusy { limit } => format!(
+                "you already have {limit} requests queued or running; wait for one to finish"
+            ),
             Error::NotFound { id } => format!("no cached adapter with id {id:?}"),
             e => e.to_string(),
         }

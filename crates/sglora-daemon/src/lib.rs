@@ -7,7 +7,7 @@
 //!
 //! [`run`] is the whole daemon for a configuration ([`Config`]); the pieces are public for tests
 //! and tools: [`Service`] (cache first, coalescing, bounded compute stage), [`Cache`],
-//! [`Dropbox`] and the interface object [`Generator1`].
+//! [`Dropbox`] and the interface objects [`Generator1`] and [`Admin1`].
 #![deny(missing_docs)]
 
 mod cache;
@@ -21,13 +21,16 @@ mod index;
 mod log;
 mod service;
 
-pub use cache::{is_valid_id, Cache, Entry, Match, Stats, SCHEMA_VERSION};
+pub use cache::{is_valid_id, Cache, Entry, Listed, Match, Stats, SCHEMA_VERSION};
 pub use config::{
     BusKind, CacheConfig, Config, DropboxConfig, ModelConfig, Overrides, ServiceConfig,
     DEFAULT_CONFIG,
 };
 pub use daemon::{run, run_blocking, sd_notify};
-pub use dbus::{parse_options, DbusError, Generator1, BUS_NAME, OBJECT_PATH};
+pub use dbus::{
+    notify_properties, parse_options, Admin1, Bounded, Callers, DbusError, Generator1, Options,
+    Text, ADMIN_INTERFACE, BUS_NAME, MAX_OPTIONS, OBJECT_PATH,
+};
 pub use dropbox::{parse_request, sanitize, triage, Dropbox, Triage, Watch};
 pub use error::{Error, Result};
-pub use service::{Counters, Served, Service};
+pub use service::{Caller, Counters, Served, Service};

@@ -1,5 +1,10 @@
 //! The generation service shared by the D-Bus interface and the drop folder: cache lookup,
 //! coalescing of identical concurrent requests, bounded concurrency and queue, statistics.
+//!
+//! Every request carries its [`Caller`] (the uid the bus or the file system vouches for). A
+//! caller's adapters are its own: its cache scope names it, only it (or an administrator) may
+//! read or evict them, and it may hold at most `max_queue_per_caller` places in the compute
+//! stage, so one caller's flood cannot make the others `Busy`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +42,27 @@ pub struct Counters {
     pub generated: AtomicU64,
 }
 
+/// Who a request is for: the uid that the bus (`GetConnectionUnixUser`) or the drop folder
+/// (the request file's owner) vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Caller {
+    /// The caller's uid.
+    pub uid: u32,
+}
+
+impl Caller {
+    /// The caller with uid `uid`.
+    pub fn uid(uid: u32) -> Caller {
+        Caller { uid }
+    }
+
+    /// Root and the service's own user administer the service: they may evict any adapter,
+    /// reload the bundle and list the cache.
+    pub fn is_admin(&self) -> bool {
+        self.uid == 0 || self.uid == nix::unistd::geteuid().as_raw()
+    }
+}
+
 type Shared = Arc<OnceCell<Result<Served>>>;
 
 struct Leave<'a>(&'a AtomicUsize);
@@ -62,10 +88,29 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// Gives a caller's place back when its request leaves the compute stage.
+struct LeaveCaller<'a> {
+    map: &'a Mutex<HashMap<u32, usize>>,
+    uid: u32,
+}
+
+impl Drop for LeaveCaller<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// A place in the compute stage (released on drop).
 struct Slot<'a> {
     _permit: tokio::sync::SemaphorePermit<'a>,
     _leave: Leave<'a>,
+    _leave_caller: LeaveCaller<'a>,
 }
 
 /// The request path shared by D-Bus and the drop folder: cache first, coalescing of identical
@@ -76,6 +121,10 @@ pub struct Service {
     permits: Semaphore,
     in_stage: AtomicUsize,
     capacity: usize,
+    per_caller: usize,
+    by_caller: Mutex<HashMap<u32, usize>>,
+    stopping: std::sync::atomic::AtomicBool,
+    reloading: tokio::sync::Mutex<()>,
     inflight: Mutex<HashMap<String, Shared>>,
     /// Request counters, exposed as D-Bus properties.
     pub counters: Counters,
@@ -87,34 +136,44 @@ impl std::fmt::Debug for Service {
     }
 }
 
-/// What a cached adapter may be reused for: the bundle and every resolved option that changes
-/// what is generated or whether it may be generated at all (the out-of-distribution threshold
-/// and the minimum expected gain too, so an adapter made under a lowered threshold or without a
-/// minimum is never served to a request that would have been refused).
-fn scope(bundle_hash: &str, o: &ResolvedOptions) -> String {
+/// What a cached adapter may be reused for: the caller it was made for, the bundle and every
+/// resolved option that changes what is generated or whether it may be generated at all (the
+/// out-of-distribution threshold and the minimum expected gain too, so an adapter made under a
+/// lowered threshold or without a minimum is never served to a request that would have been
+/// refused). The caller is part of it so that nobody is served, or learns from a cache hit,
+/// what another caller asked for.
+fn scope(caller: Caller, bundle_hash: &str, o: &ResolvedOptions) -> String {
     let min_gain = o
         .min_expected_gain
         .map_or_else(|| "none".to_string(), |g| g.to_string());
     format!(
-        "{bundle_hash};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
-        o.seed, o.top_k, o.temperature, o.noise_scale, o.allow_ood, o.min_similarity
+        "uid={};{bundle_hash};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
+        caller.uid, o.seed, o.top_k, o.temperature, o.noise_scale, o.allow_ood, o.min_similarity
     )
 }
 
 impl Service {
-    /// A service around a loaded generator and an opened cache.
+    /// A service around a loaded generator and an opened cache: at most `max_concurrent`
+    /// generations at once, `max_queue` more waiting, of which one caller may hold
+    /// `max_queue_per_caller` (at least 1, at most the whole stage).
     pub fn new(
         generator: Generator,
         cache: Cache,
         max_concurrent: usize,
         max_queue: usize,
+        max_queue_per_caller: usize,
     ) -> Service {
+        let capacity = max_concurrent.max(1) + max_queue;
         Service {
             generator: RwLock::new(Arc::new(generator)),
             cache: Mutex::new(cache),
             permits: Semaphore::new(max_concurrent.max(1)),
             in_stage: AtomicUsize::new(0),
-            capacity: max_concurrent.max(1) + max_queue,
+            capacity,
+            per_caller: max_queue_per_caller.clamp(1, capacity),
+            by_caller: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
@@ -132,8 +191,19 @@ impl Service {
     /// it in service; returns the number of experts. A bundle that fails verification leaves the
     /// old one in service. Cached adapters of the old bundle are no longer served because the
     /// bundle hash is part of every cache key.
+    ///
+    /// Reloads run one at a time, and one asked for while another runs waits for it and then
+    /// returns without reading the bundle again (it was just read): a flood of reloads holds
+    /// at most one bundle besides the one in service.
     pub async fn reload(&self) -> Result<usize> {
-        let old = self.generator();
+        let before = self.generator();
+        let _one = self.reloading.lock().await;
+        let current = self.generator();
+        if !Arc::ptr_eq(&current, &before) {
+            return Ok(current.experts().len());
+        }
+        drop(before);
+        let old = current;
         let g = tokio::task::spawn_blocking(move || old.reload())
             .await?
             .map_err(|e| {
@@ -173,22 +243,59 @@ impl Service {
         self.cache().stats().unwrap_or_default()
     }
 
-    /// Look up an adapter by id.
-    pub fn get(&self, id: &str) -> Result<Entry> {
+    /// Stop taking work: from now on every request is refused (`Stopping`), while what is
+    /// already running finishes.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(Error::Stopping);
+        }
+        Ok(())
+    }
+
+    /// Look up one of the caller's adapters by id (an administrator's: any). Another caller's
+    /// adapter is `NotFound`, exactly like one that does not exist, so an id says nothing to
+    /// anyone but its owner.
+    pub fn get(&self, id: &str, caller: Caller) -> Result<Entry> {
         self.cache()
             .get(id)?
+            .filter(|e| e.owner == caller.uid || caller.is_admin())
             .ok_or_else(|| Error::NotFound { id: id.to_string() })
     }
 
-    /// Evict an adapter; false if there was none.
-    pub fn evict(&self, id: &str) -> Result<bool> {
+    /// Evict one of the caller's adapters; false if it has none with this id (another
+    /// caller's adapter included).
+    pub fn evict(&self, id: &str, caller: Caller) -> Result<bool> {
+        let mut cache = self.cache();
+        match cache.get(id)? {
+            Some(e) if e.owner == caller.uid => cache.remove(id),
+            _ => Ok(false),
+        }
+    }
+
+    /// Evict any adapter (the administrator's `Evict`); false if there was none.
+    pub fn evict_any(&self, id: &str) -> Result<bool> {
         self.cache().remove(id)
+    }
+
+    /// Every cached adapter (id, owner uid, bytes, last used in ms since the epoch, hits), for
+    /// the administrator.
+    pub fn list(&self) -> Result<Vec<crate::cache::Listed>> {
+        self.cache().list()
     }
 
     /// Serve an adapter for a description: exact-text cache hit, else embed and try a near
     /// duplicate, else generate (one generation for concurrent identical requests).
-    pub async fn generate(&self, description: &str, options: &GenerateOptions) -> Result<Served> {
-        let r = self.generate_inner(description, options).await;
+    pub async fn generate(
+        &self,
+        description: &str,
+        options: &GenerateOptions,
+        caller: Caller,
+    ) -> Result<Served> {
+        let r = self.generate_inner(description, options, caller).await;
         match &r {
             Ok(s) => {
                 self.counters.served.fetch_add(1, Ordering::Relaxed);
@@ -203,11 +310,17 @@ impl Service {
         r
     }
 
-    async fn generate_inner(&self, description: &str, options: &GenerateOptions) -> Result<Served> {
+    async fn generate_inner(
+        &self,
+        description: &str,
+        options: &GenerateOptions,
+        caller: Caller,
+    ) -> Result<Served> {
+        self.check_running()?;
         let generator = self.generator();
         let description = Description::new(description)?;
         let opts = generator.resolve(options)?;
-        let scope = scope(&generator.bundle().hash, &opts);
+        let scope = scope(caller, &generator.bundle().hash, &opts);
         if let Some((entry, _)) = self.cache().lookup(&description, &scope, None)? {
             return Ok(Served {
                 entry,
@@ -233,14 +346,31 @@ impl Service {
             map: &self.inflight,
             key,
         });
-        slot.get_or_init(|| self.embed_lookup_generate(generator, description, scope, opts))
+        slot.get_or_init(|| self.embed_lookup_generate(generator, description, scope, opts, caller))
             .await
             .clone()
     }
 
-    /// Take a place in the bounded compute stage: past `max_concurrent + max_queue` requests,
-    /// refuse with `Busy` instead of queueing without bound; then wait for a compute permit.
-    async fn enter(&self) -> Result<Slot<'_>> {
+    /// Take a place in the bounded compute stage: past the caller's `max_queue_per_caller`
+    /// places, or past `max_concurrent + max_queue` requests in all, refuse with `Busy`
+    /// instead of queueing without bound; then wait for a compute permit.
+    async fn enter(&self, caller: Caller) -> Result<Slot<'_>> {
+        {
+            let mut m = self.by_caller.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(caller.uid).or_insert(0);
+            if *n >= self.per_caller {
+                let limit = self.per_caller;
+                if *n == 0 {
+                    m.remove(&caller.uid);
+                }
+                return Err(Error::CallerBusy { limit });
+            }
+            *n += 1;
+        }
+        let leave_caller = LeaveCaller {
+            map: &self.by_caller,
+            uid: caller.uid,
+        };
         if self.in_stage.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.in_stage.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::Busy {
@@ -256,6 +386,7 @@ impl Service {
         Ok(Slot {
             _permit: permit,
             _leave: leave,
+            _leave_caller: leave_caller,
         })
     }
 
@@ -264,11 +395,13 @@ impl Service {
         &self,
         description: &str,
         options: &GenerateOptions,
+        caller: Caller,
     ) -> Result<Explanation> {
+        self.check_running()?;
         let generator = self.generator();
         let description = Description::new(description)?;
         let opts = generator.resolve(options)?;
-        let _slot = self.enter().await?;
+        let _slot = self.enter(caller).await?;
         Ok(tokio::task::spawn_blocking(move || {
             let e = generator.embed(description)?;
             Ok::<_, sglora::Error>(generator.explain(&e, opts))
@@ -282,8 +415,9 @@ impl Service {
         description: Description,
         scope: String,
         opts: ResolvedOptions,
+        caller: Caller,
     ) -> Result<Served> {
-        let _slot = self.enter().await?;
+        let _slot = self.enter(caller).await?;
         let g = generator.clone();
         let (embedded, explanation) = tokio::task::spawn_blocking(move || {
             let e = g.embed(description)?;
@@ -315,6 +449,7 @@ impl Service {
         let entry = self.cache().insert(
             &generation.description,
             &scope,
+            caller.uid,
             &generation.embedding,
             &files,
         )?;

@@ -273,6 +273,7 @@ fn bench_cache(g: &Generator, descs: &[String], quick: bool) -> Res<Value> {
         cache.insert(
             &generation.description,
             "real",
+            0,
             &generation.embedding,
             &files,
         )?;

@@ -615,5 +615,25 @@ fn a_paused_writer_is_read_only_after_it_closes() {
         !root.join("outbox/slow-1").exists(),
         "the request was processed twice"
     );
+
+    // Renamed into inbox/ while its writer still holds it open (the rename is a completion
+    // event, but the writer is not done): read only after the writer closes it.
+    let mut f = std::fs::File::create(root.join("inbox/.moved.txt.part")).unwrap();
+    f.write_all(first.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::fs::rename(root.join("inbox/.moved.txt.part"), root.join("inbox/moved.txt")).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    f.write_all(rest.as_bytes()).unwrap();
+    drop(f);
+    let prov = root.join("outbox/moved/provenance.json");
+    if !wait_for(&prov, 20) {
+        panic!("the moved request was not processed; daemon log:\n{}", d.stop());
+    }
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&prov).unwrap()).unwrap();
+    assert_eq!(
+        p["description"],
+        format!("{first}{rest}"),
+        "a file renamed in mid-write was read before its writer closed it"
+    );
     d.stop();
 }

@@ -621,13 +621,20 @@ fn a_paused_writer_is_read_only_after_it_closes() {
     let mut f = std::fs::File::create(root.join("inbox/.moved.txt.part")).unwrap();
     f.write_all(first.as_bytes()).unwrap();
     f.flush().unwrap();
-    std::fs::rename(root.join("inbox/.moved.txt.part"), root.join("inbox/moved.txt")).unwrap();
+    std::fs::rename(
+        root.join("inbox/.moved.txt.part"),
+        root.join("inbox/moved.txt"),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     f.write_all(rest.as_bytes()).unwrap();
     drop(f);
     let prov = root.join("outbox/moved/provenance.json");
     if !wait_for(&prov, 20) {
-        panic!("the moved request was not processed; daemon log:\n{}", d.stop());
+        panic!(
+            "the moved request was not processed; daemon log:\n{}",
+            d.stop()
+        );
     }
     let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&prov).unwrap()).unwrap();
     assert_eq!(

@@ -136,6 +136,8 @@ install: $(BIN)
 	install -Dm644 systemd/org.sglora.Generator1.conf $(DESTDIR)$(DBUSDIR)/system.d/org.sglora.Generator1.conf
 	install -Dm644 systemd/org.sglora.Generator1.service $(DESTDIR)$(DBUSDIR)/system-services/org.sglora.Generator1.service
 	install -Dm644 systemd/sglora.sysusers $(DESTDIR)$(LIBDIR)/sysusers.d/sglora.conf
+	install -Dm644 dbus/org.sglora.Generator1.xml $(DESTDIR)$(DBUSDIR)/interfaces/org.sglora.Generator1.xml
+	install -Dm644 dbus/org.sglora.Admin1.xml $(DESTDIR)$(DBUSDIR)/interfaces/org.sglora.Admin1.xml
 	install -Dm644 sglorad.toml.example $(DESTDIR)$(DOCDIR)/sglorad.toml.example
 	install -Dm644 README.md $(DESTDIR)$(DOCDIR)/README.md
 	test -e $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml || install -Dm644 sglorad.toml.example $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml
@@ -145,6 +147,7 @@ uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)/sglora $(DESTDIR)$(DOCDIR)
 	rm -f $(DESTDIR)$(DBUSDIR)/system.d/org.sglora.Generator1.conf $(DESTDIR)$(DBUSDIR)/system-services/org.sglora.Generator1.service
 	rm -f $(DESTDIR)$(LIBDIR)/sysusers.d/sglora.conf
+	rm -f $(DESTDIR)$(DBUSDIR)/interfaces/org.sglora.Generator1.xml $(DESTDIR)$(DBUSDIR)/interfaces/org.sglora.Admin1.xml
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml and /var/lib/sglora, /var/cache/sglora (remove by hand)"
 
 # --- ARM boards (cross/README.md) ------------------------------------------------------------

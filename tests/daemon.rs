@@ -644,3 +644,58 @@ fn a_paused_writer_is_read_only_after_it_closes() {
     );
     d.stop();
 }
+
+/// The interface descriptions installed under `/usr/share/dbus-1/interfaces/` are what the
+/// daemon answers to `Introspect`, interface by interface. `SGLORA_BLESS=1` rewrites them from
+/// the daemon after an API change, on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_interface_descriptions_match_the_daemon() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some("org.freedesktop.DBus.Introspectable"),
+            "Introspect",
+            &(),
+        )
+        .await
+        .unwrap();
+    let xml: String = m.body().deserialize().unwrap();
+    d.stop();
+    for iface in ["org.sglora.Generator1", "org.sglora.Admin1"] {
+        let start = xml
+            .find(&format!("<interface name=\"{iface}\">"))
+            .unwrap_or_else(|| panic!("{iface} not introspected: {xml}"));
+        let end = start + xml[start..].find("</interface>").unwrap() + "</interface>".len();
+        let live: String = xml[start..end]
+            .lines()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file = root().join(format!("dbus/{iface}.xml"));
+        let want = format!(
+            "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \
+             \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n\
+             <!-- {iface}, as sglorad answers Introspect at /org/sglora/Generator1. README.md \
+             (Daemon) documents the methods; written by tests/daemon.rs with SGLORA_BLESS=1. -->\n\
+             <node>\n{live}\n</node>\n"
+        );
+        if std::env::var_os("SGLORA_BLESS").is_some() {
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, &want).unwrap();
+            continue;
+        }
+        let have = std::fs::read_to_string(&file).unwrap_or_default();
+        assert_eq!(
+            have,
+            want,
+            "{} is not what the daemon introspects; after an intended API change, rerun with \
+             SGLORA_BLESS=1",
+            file.display()
+        );
+    }
+}

@@ -699,3 +699,89 @@ async fn installed_interface_descriptions_match_the_daemon() {
         );
     }
 }
+
+/// The drop folder under a flood: requests drain without a settle wait each (the lease says
+/// when a writer is done), `outbox/`, `done/` and `failed/` stay within `max_kept_bytes`
+/// (plus the eighth written between two prunes), and SIGTERM mid-flood stops the daemon
+/// within the unit's stop timeout with nothing started after "stopping".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().join("dropbox");
+    let budget: u64 = 4 * 1024 * 1024;
+    let d = Daemon::start_configured(
+        &bus,
+        state.path(),
+        &format!("[dropbox]\nmax_kept_bytes = {budget}\n[service]\nshutdown_grace_secs = 2\n"),
+        &[],
+    );
+    let n = 120;
+    let t = Instant::now();
+    for i in 0..n {
+        // Written elsewhere and renamed in, as integrators are told to; each seed a miss.
+        let tmp = root.join(format!("inbox/.r{i}.json.part"));
+        let req = serde_json::json!({"description": ANIMAL, "seed": i});
+        std::fs::write(&tmp, req.to_string()).unwrap();
+        std::fs::rename(&tmp, root.join(format!("inbox/r{i}.json"))).unwrap();
+    }
+    // Retention removes the oldest of done/ as the flood goes on: count what is left to do.
+    let left = || std::fs::read_dir(root.join("inbox")).unwrap().count();
+    while left() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "{} of {n} requests still in the inbox",
+            left()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t.elapsed().as_secs_f64();
+    let kept: u64 = ["outbox", "done", "failed"]
+        .iter()
+        .flat_map(|d| walkdir(&root.join(d)))
+        .sum();
+    println!(
+        "drop folder: {n} requests (distinct seeds, all generated) in {took:.2} s ({:.0}/s); outbox+done+failed hold {kept} bytes (budget {budget})",
+        n as f64 / took
+    );
+    assert!(
+        kept <= budget + budget / 8 + 400_000,
+        "the drop folder keeps {kept} bytes past its budget of {budget}"
+    );
+
+    // A second flood, stopped midway.
+    for i in 0..400 {
+        let tmp = root.join(format!("inbox/.s{i}.txt.part"));
+        std::fs::write(&tmp, ANIMAL).unwrap();
+        std::fs::rename(&tmp, root.join(format!("inbox/s{i}.txt"))).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (log, stop) = d.stop_timed();
+    println!("SIGTERM mid-flood: stopped in {:.2} s", stop.as_secs_f64());
+    assert!(
+        stop < Duration::from_secs(5),
+        "stopping took {stop:?}, past the unit's TimeoutStopSec=5s"
+    );
+    let after = log
+        .split("stopping")
+        .nth(1)
+        .expect("the daemon logged stopping");
+    // The drop folder works one request at a time: at most the one in flight finishes.
+    let finished = after.lines().filter(|l| l.contains(" -> ")).count();
+    assert!(finished <= 1, "work started after stopping: {after}");
+}
+
+fn walkdir(p: &Path) -> Vec<u64> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                out.extend(walkdir(&e.path()));
+            } else {
+                out.push(m.len());
+            }
+        }
+    }
+    out
+}

@@ -78,8 +78,15 @@ pub struct DropboxConfig {
     pub dir: Option<PathBuf>,
     /// Largest accepted request file in bytes.
     pub max_file_bytes: u64,
-    /// How long a file's size and mtime must stay unchanged before it is read (ms).
+    /// How long a file's size and mtime must stay unchanged before it is read (ms), where the
+    /// kernel grants the service no file lease to tell whether a writer still holds it.
     pub settle_ms: u64,
+    /// Outputs, processed requests and failure reports older than this are removed (seconds;
+    /// 0 keeps them until `max_kept_bytes` needs the room).
+    pub retention_secs: u64,
+    /// Bytes that `outbox/`, `done/` and `failed/` may hold together; past it the oldest entries
+    /// are removed first.
+    pub max_kept_bytes: u64,
 }
 
 /// Concurrency limits.
@@ -114,6 +121,8 @@ impl Default for DropboxConfig {
             dir: None,
             max_file_bytes: 64 * 1024,
             settle_ms: 200,
+            retention_secs: 7 * 24 * 3600,
+            max_kept_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -212,6 +221,9 @@ impl Config {
         }
         if self.dropbox.max_file_bytes == 0 || self.dropbox.max_file_bytes > 16 * 1024 * 1024 {
             return bad("dropbox.max_file_bytes must be between 1 and 16 MiB");
+        }
+        if self.dropbox.max_kept_bytes < 1024 * 1024 {
+            return bad("dropbox.max_kept_bytes must be at least 1 MiB (an adapter is ~300 KB)");
         }
         Ok(())
     }

@@ -224,7 +224,7 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
     if cfg.dropbox.enabled {
         let root = cfg.dropbox_dir();
         let db = Arc::new(
-            Dropbox::create(&root, cfg.dropbox.max_file_bytes, cfg.dropbox.settle_ms)
+            Dropbox::create(&root, &cfg.dropbox)
                 .map_err(|e| Error::io("creating the drop folder", &root, e))?,
         );
         let watch = db

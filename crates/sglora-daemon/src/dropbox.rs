@@ -42,6 +42,11 @@ pub struct Dropbox {
     leases: std::sync::atomic::AtomicBool,
     /// The inbox's group: the callers the service serves.
     group: u32,
+    /// Retention of outputs, processed requests and reports: age and total bytes.
+    retention: Option<Duration>,
+    max_kept_bytes: u64,
+    /// Bytes written since the last [`Dropbox::prune`].
+    written: std::sync::atomic::AtomicU64,
 }
 
 /// Why a request file was not read.
@@ -167,16 +172,19 @@ pub fn parse_request(ext: &str, bytes: &[u8]) -> Result<(String, GenerateOptions
 
 impl Dropbox {
     /// Create (if needed) the four folders under `root`.
-    pub fn create(root: &Path, max_bytes: u64, settle_ms: u64) -> std::io::Result<Dropbox> {
+    pub fn create(root: &Path, cfg: &crate::config::DropboxConfig) -> std::io::Result<Dropbox> {
         let d = Dropbox {
             inbox: root.join("inbox"),
             outbox: root.join("outbox"),
             done: root.join("done"),
             failed: root.join("failed"),
-            max_bytes,
-            settle: Duration::from_millis(settle_ms),
+            max_bytes: cfg.max_file_bytes,
+            settle: Duration::from_millis(cfg.settle_ms),
             leases: std::sync::atomic::AtomicBool::new(true),
             group: nix::unistd::getegid().as_raw(),
+            retention: (cfg.retention_secs > 0).then(|| Duration::from_secs(cfg.retention_secs)),
+            max_kept_bytes: cfg.max_kept_bytes,
+            written: std::sync::atomic::AtomicU64::new(0),
         };
         // inbox: the group (clients) drops requests, sticky so a member can neither remove nor
         // replace another member's pending request; the rest: the group reads, only we write.
@@ -204,6 +212,79 @@ impl Dropbox {
         Ok(d)
     }
 
+    /// Remove what `outbox/`, `done/` and `failed/` keep past the retention age, then the
+    /// oldest entries until they hold at most `max_kept_bytes` together. Returns the number
+    /// removed. Entries are removed as themselves (a link, never its target).
+    pub fn prune(&self) -> usize {
+        self.written.store(0, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now();
+        let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        for dir in [&self.outbox, &self.done, &self.failed] {
+            let Ok(rd) = fs::read_dir(dir) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                // Hidden temporaries are a writer's, in progress.
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let Ok(m) = fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                let bytes = if m.is_dir() {
+                    fs::read_dir(&p)
+                        .map(|rd| {
+                            rd.flatten()
+                                .filter_map(|f| fs::symlink_metadata(f.path()).ok())
+                                .map(|m| m.len())
+                                .sum()
+                        })
+                        .unwrap_or(0)
+                } else {
+                    m.len()
+                };
+                entries.push((m.modified().unwrap_or(now), bytes, p));
+            }
+        }
+        entries.sort();
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        let mut removed = 0;
+        for (t, bytes, p) in entries {
+            let old = self
+                .retention
+                .is_some_and(|r| now.duration_since(t).unwrap_or_default() > r);
+            if !old && total <= self.max_kept_bytes {
+                continue;
+            }
+            let gone = match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(&p).is_ok(),
+                Ok(_) => fs::remove_file(&p).is_ok(),
+                Err(_) => false,
+            };
+            if gone {
+                total = total.saturating_sub(bytes);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            crate::log::info(&format!(
+                "dropbox: removed {removed} old output(s), request(s) and report(s) (retention)"
+            ));
+        }
+        removed
+    }
+
+    /// Count bytes written, and prune once they reach an eighth of the budget, so a flood of
+    /// requests cannot outrun the budget by more than that between two rescans.
+    fn wrote(&self, bytes: u64) {
+        let w = self
+            .written
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
+            + bytes;
+        if w >= self.max_kept_bytes / 8 {
+            self.prune();
+        }
+    }
+
     fn fail(&self, path: &Path, reason: &str) {
         let name = path
             .file_name()
@@ -227,6 +308,7 @@ impl Dropbox {
             .unwrap_or(stem);
         let err_path = self.failed.join(format!("{dest_stem}.error.txt"));
         let _ = write_durable(&err_path, format!("{name}: {reason}\n").as_bytes());
+        self.wrote(reason.len() as u64 + 4096);
         if fs::rename(path, &dest).is_err() {
             let _ = fs::remove_file(path);
         }
@@ -315,6 +397,10 @@ impl Dropbox {
                 Err(e) => return self.fail(path, &e.to_string()),
             },
         };
+        self.wrote(
+            (files.weights.len() + files.config.len() + files.provenance.len() + bytes.len())
+                as u64,
+        );
         let done = unique(&self.done, &stem, &format!(".{ext}"));
         if let Err(e) = fs::rename(path, &done) {
             crate::log::warn(&format!(
@@ -471,6 +557,7 @@ impl Dropbox {
             events: mut rx,
             since,
         } = watch;
+        self.prune();
         for p in self.settled_before(since) {
             if *stop.borrow() {
                 return;
@@ -494,6 +581,7 @@ impl Dropbox {
                     }
                 }
                 _ = rescan.tick() => {
+                    self.prune();
                     let quiet = std::time::SystemTime::now() - Duration::from_secs(30);
                     for p in self.settled_before(quiet) {
                         if *stop.borrow() {
@@ -662,6 +750,49 @@ mod tests {
             read_regular(&p("hard.txt"), 100, false).unwrap_err(),
             Unread::Refused(r) if r.contains("hard links")
         ));
+    }
+
+    /// Retention: entries past the age go, then the oldest until the byte budget holds; hidden
+    /// temporaries and the inbox are never touched.
+    #[test]
+    fn prune_keeps_the_age_and_byte_budget() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = crate::config::DropboxConfig {
+            retention_secs: 3600,
+            max_kept_bytes: 1024 * 1024,
+            ..Default::default()
+        };
+        let b = Dropbox::create(d.path(), &cfg).unwrap();
+        let mb = vec![0u8; 400 * 1024];
+        let set_age = |p: &Path, secs: u64| {
+            let t = std::time::SystemTime::now() - Duration::from_secs(secs);
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .or_else(|_| fs::File::open(p))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        fs::write(b.done.join("ancient.txt"), b"x").unwrap();
+        set_age(&b.done.join("ancient.txt"), 7200);
+        for (i, age) in [(0, 300), (1, 200), (2, 100)] {
+            let out = b.outbox.join(format!("a{i}"));
+            fs::create_dir(&out).unwrap();
+            fs::write(out.join(sglora::WEIGHTS_FILE), &mb).unwrap();
+            set_age(&out, age);
+        }
+        fs::write(b.outbox.join(".a3.tmp-1"), &mb).unwrap();
+        fs::write(b.inbox.join("pending.txt"), b"x").unwrap();
+        set_age(&b.inbox.join("pending.txt"), 7200);
+        assert_eq!(b.prune(), 2);
+        assert!(!b.done.join("ancient.txt").exists(), "past the age");
+        assert!(
+            !b.outbox.join("a0").exists(),
+            "the oldest goes for the budget"
+        );
+        assert!(b.outbox.join("a1").exists() && b.outbox.join("a2").exists());
+        assert!(b.outbox.join(".a3.tmp-1").exists() && b.inbox.join("pending.txt").exists());
     }
 
     /// A file some process still holds open for writing is not read; once it is closed, it is.

@@ -91,8 +91,29 @@ impl Daemon {
         Daemon::spawn(&crate::sglora_bin(), &bundle_dir(), bus, state, extra)
     }
 
+    /// [`Daemon::start`] with `config` (TOML) instead of [`write_config`]'s.
+    pub fn start_configured(bus: &Bus, state: &Path, config: &str, extra: &[&str]) -> Daemon {
+        std::fs::create_dir_all(state).unwrap();
+        let p = state.join("sglorad.toml");
+        std::fs::write(&p, config).unwrap();
+        Daemon::launch(&crate::sglora_bin(), &bundle_dir(), bus, state, &p, extra)
+    }
+
     /// Start `bin daemon` on `bundle` and wait for its sd_notify READY=1 on a socket of our own.
     pub fn spawn(bin: &Path, bundle: &Path, bus: &Bus, state: &Path, extra: &[&str]) -> Daemon {
+        std::fs::create_dir_all(state).unwrap();
+        let config = write_config(state);
+        Daemon::launch(bin, bundle, bus, state, &config, extra)
+    }
+
+    fn launch(
+        bin: &Path,
+        bundle: &Path,
+        bus: &Bus,
+        state: &Path,
+        config: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         let notify_dir = tempfile::tempdir().unwrap();
         let notify_path = notify_dir.path().join("notify");
         let sock = UnixDatagram::bind(&notify_path).unwrap();
@@ -116,7 +137,7 @@ impl Daemon {
             .arg("--cache-dir")
             .arg(state.join("cache"))
             .arg("--config")
-            .arg(write_config(state))
+            .arg(config)
             .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
             .stderr(logf)
@@ -152,7 +173,12 @@ impl Daemon {
     }
 
     /// SIGTERM, wait for a clean exit (asserted), return the log.
-    pub fn stop(mut self) -> String {
+    pub fn stop(self) -> String {
+        self.stop_timed().0
+    }
+
+    /// [`Daemon::stop`], and the time from SIGTERM to the exit.
+    pub fn stop_timed(mut self) -> (String, Duration) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -168,9 +194,10 @@ impl Daemon {
                 t.elapsed() < Duration::from_secs(30),
                 "daemon did not stop on SIGTERM"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let took = t.elapsed();
+        (std::fs::read_to_string(&self.log).unwrap_or_default(), took)
     }
 }
 

@@ -728,6 +728,29 @@ fn members_cannot_read_or_disturb_each_other() {
         "{}",
         std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default()
     );
+    // The output and the kept request are A's to read and nobody else's among the members; the
+    // inbox cannot be listed by members.
+    for (user, can) in [(CLIENT, true), (CLIENT2, false)] {
+        for p in [
+            state.join("dropbox/outbox/mine/provenance.json"),
+            state.join("dropbox/done/mine.txt"),
+        ] {
+            let o = cmd_as(user, "cat").arg(&p).output().unwrap();
+            assert_eq!(
+                o.status.success(),
+                can,
+                "{user} reading {}: {}",
+                p.display(),
+                text(&o)
+            );
+        }
+    }
+    let o = cmd_as(CLIENT2, "ls").arg(&inbox).output().unwrap();
+    assert!(
+        !o.status.success(),
+        "a member listed the inbox: {}",
+        text(&o)
+    );
     let (uid_out, gid_out) = ids(OUTSIDER).unwrap();
     let theirs = inbox.join(".theirs.txt");
     std::fs::write(&theirs, ANIMAL).unwrap();

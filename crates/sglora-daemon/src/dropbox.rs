@@ -186,12 +186,14 @@ impl Dropbox {
             max_kept_bytes: cfg.max_kept_bytes,
             written: std::sync::atomic::AtomicU64::new(0),
         };
-        // inbox: the group (clients) drops requests, sticky so a member can neither remove nor
-        // replace another member's pending request; the rest: the group reads, only we write.
+        // inbox: the group (clients) drops requests but cannot list them (-wx), sticky so a
+        // member can neither remove nor replace another member's pending request, setgid so a
+        // request is the group's and 0640 lets the service read it; the rest: members pass
+        // through and find their own outputs, readable by them alone (acl.rs); only we write.
         let root = root.to_path_buf();
         for (p, mode) in [
             (&root, 0o750),
-            (&d.inbox, 0o1770),
+            (&d.inbox, 0o3730),
             (&d.outbox, 0o750),
             (&d.done, 0o750),
             (&d.failed, 0o750),
@@ -286,6 +288,12 @@ impl Dropbox {
     }
 
     fn fail(&self, path: &Path, reason: &str) {
+        // Reports and the failed request are for the file's owner alone (and the service).
+        let meta = fs::symlink_metadata(path).ok();
+        let owner = Caller::uid(meta.as_ref().map_or(
+            nix::unistd::geteuid().as_raw(),
+            std::os::unix::fs::MetadataExt::uid,
+        ));
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -307,9 +315,18 @@ impl Dropbox {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or(stem);
         let err_path = self.failed.join(format!("{dest_stem}.error.txt"));
-        let _ = write_durable(&err_path, format!("{name}: {reason}\n").as_bytes());
+        let _ = write_durable(&err_path, format!("{name}: {reason}\n").as_bytes(), owner);
         self.wrote(reason.len() as u64 + 4096);
-        if fs::rename(path, &dest).is_err() {
+        // A regular file we may read is kept as a private copy; anything else (a link, a FIFO,
+        // an oversized file) is moved unread, as itself.
+        let small = meta
+            .as_ref()
+            .is_some_and(|m| m.is_file() && m.len() <= self.max_bytes);
+        let copied = small
+            && read_regular(path, self.max_bytes, false)
+                .ok()
+                .is_some_and(|(b, _)| self.keep(path, &dest, &b, owner).is_ok());
+        if !copied && fs::rename(path, &dest).is_err() {
             let _ = fs::remove_file(path);
         }
         crate::log::warn(&format!("dropbox: {name} failed: {reason}"));
@@ -392,7 +409,7 @@ impl Dropbox {
             .find(|p| sglora::same_files(p, &files));
         let out = match delivered {
             Some(p) => p,
-            None => match self.publish(&stem, &files) {
+            None => match self.publish(&stem, &files, Caller::uid(owner)) {
                 Ok(p) => p,
                 Err(e) => return self.fail(path, &e.to_string()),
             },
@@ -402,7 +419,7 @@ impl Dropbox {
                 as u64,
         );
         let done = unique(&self.done, &stem, &format!(".{ext}"));
-        if let Err(e) = fs::rename(path, &done) {
+        if let Err(e) = self.keep(path, &done, &bytes, Caller::uid(owner)) {
             crate::log::warn(&format!(
                 "dropbox: cannot move {} to done/: {e}",
                 path.display()
@@ -472,10 +489,14 @@ impl Dropbox {
 
     /// Write `files` to a free `outbox/STEM[-N]` atomically. A concurrent writer may take the
     /// name between the check and the rename: retry with the next free name.
-    fn publish(&self, stem: &str, files: &AdapterFiles) -> sglora::Result<PathBuf> {
+    /// The output is readable by `caller` and the service alone from the moment it appears.
+    fn publish(&self, stem: &str, files: &AdapterFiles, caller: Caller) -> sglora::Result<PathBuf> {
+        let write = |out: &Path| {
+            sglora::write_atomic_with(out, files, false, |tmp| crate::acl::private_to(tmp, caller))
+        };
         let mut out = unique(&self.outbox, stem, "");
         for _ in 0..5 {
-            match sglora::write_atomic(&out, files, false) {
+            match write(&out) {
                 Ok(_) => return Ok(out),
                 Err(sglora::Error::Output { .. }) if out.exists() => {
                     out = unique(&self.outbox, stem, "")
@@ -483,7 +504,15 @@ impl Dropbox {
                 Err(e) => return Err(e),
             }
         }
-        sglora::write_atomic(&out, files, false)
+        write(&out)
+    }
+
+    /// Keep a request's `bytes` at `dest` as the service's own file, readable by `caller` alone
+    /// (the member's file keeps whatever mode its writer gave it, so it is not moved), then
+    /// remove the request from the inbox.
+    fn keep(&self, path: &Path, dest: &Path, bytes: &[u8], caller: Caller) -> std::io::Result<()> {
+        write_durable(dest, bytes, caller)?;
+        fs::remove_file(path)
     }
 
     /// Start watching the inbox (before the service reports ready, so every request dropped
@@ -680,13 +709,16 @@ fn libc_flags() -> i32 {
         .bits()
 }
 
-fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp-write");
+/// Write `bytes` to `path` through a hidden temporary, readable by `caller` alone besides the
+/// service from the start, and never writable by anyone else.
+fn write_durable(path: &Path, bytes: &[u8], caller: Caller) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-write"));
     // Never write through a link: drop whatever is there (the entry itself), then create anew
     // (O_EXCL does not follow symlinks); the rename replaces a link at `path`, not its target.
     let _ = fs::remove_file(&tmp);
-    // Error reports: the group reads them, nobody but the service writes them.
-    sglora::create_synced(&tmp, bytes, 0o640)?;
+    sglora::create_synced(&tmp, bytes, 0o600)?;
+    crate::acl::private_to(&tmp, caller)?;
     fs::rename(&tmp, path)
 }
 

@@ -324,6 +324,18 @@ pub fn same_files(dir: &Path, files: &AdapterFiles) -> bool {
 /// is moved aside first and removed only after the new one is in place); without it, an
 /// existing `dest` is an error and nothing is touched.
 pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<PathBuf> {
+    write_atomic_with(dest, files, force, |_| Ok(()))
+}
+
+/// [`write_atomic`], with `prepare` run on the finished temporary directory before it is
+/// published under `dest` (to set its permissions, say, so that it is never visible with
+/// others).
+pub fn write_atomic_with(
+    dest: &Path,
+    files: &AdapterFiles,
+    force: bool,
+    prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<PathBuf> {
     let name = dest.file_name().ok_or_else(|| Error::Output {
         path: dest.into(),
         what: "has no final path component".into(),
@@ -377,6 +389,10 @@ pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<Pa
         write_synced(&tmp.join(WEIGHTS_FILE), &files.weights)?;
         write_synced(&tmp.join(CONFIG_FILE), &files.config)?;
         write_synced(&tmp.join(PROVENANCE_FILE), &files.provenance)?;
+        prepare(&tmp).map_err(|e| Error::Output {
+            path: dest.into(),
+            what: format!("cannot set the permissions of the new adapter: {e}"),
+        })?;
         sync_dir(&tmp)?;
         publish(&tmp, dest, &parent, force)
     })();

@@ -41,8 +41,8 @@ mod stages;
 mod tokenizer;
 
 pub use adapter::{
-    create_synced, remove_stale_temps, same_files, weights_bytes, write_atomic, AdapterFiles,
-    Provenance, ProvenanceBundle, CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE,
+    create_synced, remove_stale_temps, same_files, weights_bytes, write_atomic, write_atomic_with,
+    AdapterFiles, Provenance, ProvenanceBundle, CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE,
 };
 pub use bundle::{
     sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpectedGainSpec, ExpertsSpec, FileEntry,

@@ -785,3 +785,48 @@ fn walkdir(p: &Path) -> Vec<u64> {
     }
     out
 }
+
+/// Counters announce themselves: after a burst of requests a watcher gets `PropertiesChanged`
+/// with the new `RequestsServed`, and the burst costs at most one signal per second, not one
+/// per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_emit_throttled_properties_changed() {
+    use futures_util::StreamExt;
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .build()
+        .unwrap();
+    let mut changes = zbus::MessageStream::for_match_rule(rule, &c, None)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for seed in 0..20 {
+        generate(&c, ANIMAL, &opts(seed)).await.unwrap();
+    }
+    let burst = t.elapsed();
+    let (mut signals, mut served) = (0, None);
+    let end = tokio::time::Instant::now() + Duration::from_millis(2500);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(end, changes.next()).await {
+        let (iface, changed, _): (String, HashMap<String, zbus::OwnedVariant>, Vec<String>) =
+            m.body().deserialize().unwrap();
+        assert_eq!(iface, NAME);
+        signals += 1;
+        if let Some(v) = changed.get("RequestsServed") {
+            served = Some(u64::try_from(&**v).unwrap());
+        }
+    }
+    d.stop();
+    println!("20 requests in {burst:?}: {signals} PropertiesChanged signals");
+    assert_eq!(served, Some(20), "the last RequestsServed announced");
+    let seconds = (burst + Duration::from_millis(2500)).as_secs() + 2;
+    assert!(
+        signals as u64 <= seconds,
+        "{signals} signals in about {seconds} s: not throttled"
+    );
+}

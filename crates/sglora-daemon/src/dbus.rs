@@ -702,26 +702,34 @@ pub async fn notify_properties(
             g.generations_run(),
             g.cache_hit_ratio().to_bits(),
         ];
-        let e = iface.signal_emitter();
+        let hit_ratio = g.cache_hit_ratio();
+        drop(g);
         if let Some(before) = last {
-            let changed = |i: usize| before[i] != now[i];
-            if changed(0) {
-                let _ = g.cache_entries_changed(e).await;
+            // One signal for all that changed, as the specification intends.
+            let names = [
+                "CacheEntries",
+                "CacheBytes",
+                "Pending",
+                "RequestsServed",
+                "GenerationsRun",
+            ];
+            let mut changed: HashMap<&str, zbus::Variant<'_>> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| before[*i] != now[*i])
+                .map(|(i, n)| (*n, zbus::Variant::from(now[i])))
+                .collect();
+            if before[5] != now[5] {
+                changed.insert("CacheHitRatio", zbus::Variant::from(hit_ratio));
             }
-            if changed(1) {
-                let _ = g.cache_bytes_changed(e).await;
-            }
-            if changed(2) {
-                let _ = g.pending_changed(e).await;
-            }
-            if changed(3) {
-                let _ = g.requests_served_changed(e).await;
-            }
-            if changed(4) {
-                let _ = g.generations_run_changed(e).await;
-            }
-            if changed(5) {
-                let _ = g.cache_hit_ratio_changed(e).await;
+            if !changed.is_empty() {
+                let _ = zbus::fdo::Properties::properties_changed(
+                    iface.signal_emitter(),
+                    zbus::names::InterfaceName::from_static_str_unchecked(BUS_NAME),
+                    changed,
+                    std::borrow::Cow::Borrowed(&[]),
+                )
+                .await;
             }
         }
         last = Some(now);

@@ -112,9 +112,16 @@ async fn planted_links_are_never_followed() {
     // The cache's reconciliation removed the link itself, not the directory it pointed at.
     assert!(std::fs::symlink_metadata(st.join("cache/adapters/0123456789abcdef01234567")).is_err());
     assert!(victim.exists());
-    std::fs::write(root.join("inbox/req.txt"), ANIMAL).unwrap();
+    // The other test of this file sets the process's umask to 000 for a moment: give the
+    // request its mode explicitly (a group-writable request is refused).
+    let tmp = root.join("inbox/.req.txt.part");
+    std::fs::write(&tmp, ANIMAL).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, root.join("inbox/req.txt")).unwrap();
     std::fs::write(root.join("inbox/bad.exe"), b"MZ").unwrap();
-    assert!(wait_for(&root.join("outbox/req-1/provenance.json"), 60));
+    if !wait_for(&root.join("outbox/req-1/provenance.json"), 60) {
+        panic!("not delivered; daemon log:\n{}", d.stop());
+    }
     assert!(wait_for(&root.join("failed/bad.error.txt"), 30));
     std::thread::sleep(Duration::from_millis(300));
     d.stop();

@@ -716,6 +716,18 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
         &format!("[dropbox]\nmax_kept_bytes = {budget}\n[service]\nshutdown_grace_secs = 2\n"),
         &[],
     );
+    // A request others could rewrite before it is read is refused.
+    let tmp = root.join("inbox/.open.txt.part");
+    std::fs::write(&tmp, ANIMAL).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
+    std::fs::rename(&tmp, root.join("inbox/open.txt")).unwrap();
+    assert!(wait_for(&root.join("failed/open.error.txt"), 20));
+    let why = std::fs::read_to_string(root.join("failed/open.error.txt")).unwrap();
+    assert!(why.contains("writable by others"), "{why}");
+    assert!(
+        !root.join("failed/open.txt").exists(),
+        "the member's own file was kept"
+    );
     let n = 120;
     let t = Instant::now();
     for i in 0..n {
@@ -766,9 +778,15 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
         .split("stopping")
         .nth(1)
         .expect("the daemon logged stopping");
-    // The drop folder works one request at a time: at most the one in flight finishes.
+    // The drop folder works one request at a time: at most the one in flight finishes, and
+    // what was not started stays in the inbox for the next start (not failed for "stopping").
     let finished = after.lines().filter(|l| l.contains(" -> ")).count();
     assert!(finished <= 1, "work started after stopping: {after}");
+    assert!(
+        !after.contains("failed"),
+        "requests failed at shutdown: {after}"
+    );
+    assert!(std::fs::read_dir(root.join("inbox")).unwrap().count() > 300);
 }
 
 fn walkdir(p: &Path) -> Vec<u64> {

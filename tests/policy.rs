@@ -689,6 +689,28 @@ fn members_cannot_read_or_disturb_each_other() {
             let e = h.await.unwrap().expect_err("500,000 options are refused");
             assert!(e.to_string().contains("more than 32 options"), "{e}");
         }
+        // One option whose value is a 20 MB array (decoded, it would be a vector of 20 million
+        // values), three at once.
+        let blob = std::sync::Arc::new(vec![7u8; 20_000_000]);
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let (c, blob) = (c.clone(), blob.clone());
+                tokio::spawn(async move {
+                    let opts: std::collections::HashMap<&str, zbus::Variant> =
+                        [("seed", zbus::Variant::from(&blob[..]))].into();
+                    c.call_method(Some(NAME), PATH, Some(NAME), "Generate", &(ANIMAL, opts))
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        for h in calls {
+            let e = h
+                .await
+                .unwrap()
+                .expect_err("an array-valued option is refused");
+            assert!(e.to_string().contains("must be a number"), "{e}");
+        }
         let reloads: Vec<_> = (0..20)
             .map(|_| {
                 let c = c.clone();
@@ -705,7 +727,7 @@ fn members_cannot_read_or_disturb_each_other() {
     });
     let after = common::bus::proc_status_kb(pid, "VmHWM");
     println!(
-        "daemon peak RSS: {before} kB before, {after} kB after 3 x 500k-key options and 20 reloads"
+        "daemon peak RSS: {before} kB before, {after} kB after 3 x 500k-key options, 3 x 20 MB array options and 20 reloads"
     );
     assert!(
         after < 200 * 1024,

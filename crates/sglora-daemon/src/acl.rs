@@ -63,6 +63,28 @@ fn set_acl(path: &Path, value: &[u8]) -> io::Result<()> {
     }
 }
 
+/// The uid that [`private_to`] granted `path` to, if any (read back from its ACL).
+pub(crate) fn reader(path: &Path) -> Option<u32> {
+    let p = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let name = c"system.posix_acl_access";
+    let mut buf = [0u8; 4 + 8 * 16];
+    // SAFETY: NUL-terminated strings and a buffer of the length passed; no link followed.
+    let n = unsafe {
+        nix::libc::lgetxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    buf[..n.min(buf.len())]
+        .get(4..)?
+        .chunks_exact(8)
+        .find(|e| u16::from_le_bytes([e[0], e[1]]) == ACL_USER)
+        .map(|e| u32::from_le_bytes([e[4], e[5], e[6], e[7]]))
+}
+
 static NO_ACLS_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Make the service's own file or directory `path` (and, for a directory, the files in it)
@@ -135,6 +157,9 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::write(dir.join("f"), b"x").unwrap();
         private_to(&dir, Caller::uid(4242)).unwrap();
+        assert_eq!(reader(&dir), Some(4242));
+        assert_eq!(reader(&dir.join("f")), Some(4242));
+        assert_eq!(reader(d.path()), None);
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         // With an ACL the group bits show the mask (r-x / r--); the owning group has none.
         assert!(matches!(mode(&dir), 0o750 | 0o700), "{:o}", mode(&dir));

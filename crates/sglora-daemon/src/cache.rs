@@ -73,6 +73,9 @@ pub struct Cache {
     dir: PathBuf,
     max_bytes: u64,
     threshold: f64,
+    /// A random key of this cache's, so that an id cannot be computed from a guessed
+    /// description (ids are keyed hashes of the scope and the text).
+    id_key: String,
     index: HashMap<String, EmbeddingIndex>,
     stats: Stats,
 }
@@ -244,10 +247,12 @@ impl Cache {
                 crate::log::warn(&format!("cache: {e}"));
             }
         }
+        let id_key = id_key(&db).db(db_path)?;
         let mut cache = Cache {
             db,
             dir: dir.to_path_buf(),
             max_bytes,
+            id_key,
             threshold,
             index: HashMap::new(),
             stats: Stats::default(),
@@ -421,10 +426,32 @@ impl Cache {
         }))
     }
 
-    /// Get an entry by id (verified), without changing hit counts.
+    /// Get an entry by id (verified).
     pub fn get(&mut self, id: &str) -> Result<Option<Entry>> {
+        self.get_owned(id, None)
+    }
+
+    /// Get an entry by id if `owner` (when given) owns it: another owner's row is `None` at
+    /// once, without reading its files or touching its use counts, so a probe tells nothing
+    /// by its timing and changes nothing.
+    pub fn get_owned(&mut self, id: &str, owner: Option<u32>) -> Result<Option<Entry>> {
         if !is_valid_id(id) {
             return Ok(None);
+        }
+        if let Some(want) = owner {
+            let dbp = self.db_path();
+            let has: Option<i64> = self
+                .db
+                .query_row(
+                    "SELECT owner FROM adapters WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .db(&dbp)?;
+            if has != Some(i64::from(want)) {
+                return Ok(None);
+            }
         }
         self.touch_verified(id)
     }
@@ -441,13 +468,13 @@ impl Cache {
     ) -> Result<Entry> {
         let dbp = self.db_path();
         let (text, text_sha) = (description.text(), description.sha256());
-        let id = sha256_hex(format!("{scope}\u{0}{text_sha}").as_bytes())[..24].to_string();
+        let id = sha256_hex(format!("{}\u{0}{scope}\u{0}{text_sha}", self.id_key).as_bytes())[..24]
+            .to_string();
         let dir = self.dir.join(&id);
         let old = self.row_bytes(&id)?;
-        sglora::write_atomic(&dir, files, true)?;
-        // Already unreachable through the 0700 cache directory; private themselves too, so a
-        // mistaken chmod of the parent exposes nothing.
-        make_private(&dir)?;
+        // Unreachable through the 0700 cache directory; private themselves too (0700/0600 from
+        // their creation), so a mistaken chmod of the parent exposes nothing.
+        sglora::write_atomic_with(&dir, files, true, |_| Ok(()))?;
         let bytes = dir_bytes(&dir);
         let t = now();
         let inserted = self.db.execute(
@@ -628,20 +655,31 @@ impl Cache {
     }
 }
 
-/// Mode 0700 on an adapter directory and 0600 on its files (not following links).
-fn make_private(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let set = |p: &Path, mode| {
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::io("making private", p, e))
-    };
-    for name in [WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE] {
-        let p = dir.join(name);
-        if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
-            set(&p, 0o600)?;
-        }
+/// The cache's id key, made from 32 random bytes the first time.
+fn id_key(db: &Connection) -> rusqlite::Result<String> {
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+        [],
+    )?;
+    let have: Option<String> = db
+        .query_row("SELECT v FROM meta WHERE k = 'id_key'", [], |r| r.get(0))
+        .optional()?;
+    if let Some(k) = have {
+        return Ok(k);
     }
-    set(dir, 0o700)
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut fs::File::open("/dev/urandom")
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+        &mut bytes,
+    )
+    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let key = sha256_hex(&bytes);
+    db.execute(
+        "INSERT OR IGNORE INTO meta(k, v) VALUES ('id_key', ?1)",
+        params![key],
+    )?;
+    db.query_row("SELECT v FROM meta WHERE k = 'id_key'", [], |r| r.get(0))
 }
 
 /// Create `path` as an empty file of mode 0600 if it is missing (SQLite then creates the

@@ -196,9 +196,18 @@ impl<'de> serde::Deserialize<'de> for Options {
                         continue;
                     }
                     match k.0 {
-                        Ok(k) if seen <= MAX_OPTIONS => {
-                            out.map.insert(k, m.next_value::<OwnedValue>()?);
-                        }
+                        Ok(k) if seen <= MAX_OPTIONS => match m.next_value::<Scalar>()?.0 {
+                            Ok(v) => {
+                                out.map.insert(k, v);
+                            }
+                            Err(sig) => {
+                                out.map.clear();
+                                out.refused = Some(format!(
+                                    "option {k} must be a number, a boolean or a short string; \
+                                     got a value of signature {sig}"
+                                ));
+                            }
+                        },
                         Ok(_) => {
                             m.next_value::<IgnoredAny>()?;
                             out.map.clear();
@@ -223,6 +232,56 @@ impl<'de> serde::Deserialize<'de> for Options {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// One option's value: a basic type (b, y, n, q, i, u, x, t, d, or a string of at most 256
+/// bytes), or, for anything else, its signature, the value itself skipped unread (a variant
+/// holding a 30 MB array costs nothing beyond its message).
+struct Scalar(Result<OwnedValue, String>);
+
+impl<'de> serde::Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a variant")
+            }
+            // A variant is (signature, value) to the decoder.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                use serde::de::Error as _;
+                let sig: zbus::Signature = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::custom("a variant without a signature"))?;
+                let sig = sig.to_string();
+                let missing = || A::Error::custom("a variant without a value");
+                let v = |x: zbus::Variant<'static>| {
+                    OwnedValue::try_from(x).map_err(|e| A::Error::custom(e.to_string()))
+                };
+                let value = match sig.as_str() {
+                    "b" => v(a.next_element::<bool>()?.ok_or_else(missing)?.into())?,
+                    "y" => v(a.next_element::<u8>()?.ok_or_else(missing)?.into())?,
+                    "n" => v(a.next_element::<i16>()?.ok_or_else(missing)?.into())?,
+                    "q" => v(a.next_element::<u16>()?.ok_or_else(missing)?.into())?,
+                    "i" => v(a.next_element::<i32>()?.ok_or_else(missing)?.into())?,
+                    "u" => v(a.next_element::<u32>()?.ok_or_else(missing)?.into())?,
+                    "x" => v(a.next_element::<i64>()?.ok_or_else(missing)?.into())?,
+                    "t" => v(a.next_element::<u64>()?.ok_or_else(missing)?.into())?,
+                    "d" => v(a.next_element::<f64>()?.ok_or_else(missing)?.into())?,
+                    "s" => match a.next_element::<Bounded<256>>()?.ok_or_else(missing)?.0 {
+                        Ok(s) => v(zbus::Variant::from(s))?,
+                        Err(n) => return Ok(Scalar(Err(format!("s ({n} bytes)")))),
+                    },
+                    _ => {
+                        a.next_element::<serde::de::IgnoredAny>()?;
+                        return Ok(Scalar(Err(sig)));
+                    }
+                };
+                Ok(Scalar(Ok(value)))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -13,6 +13,7 @@
 //! sanitised and never clobber an existing output. Files present at start-up are processed, and
 //! a periodic rescan catches anything an overflowing event queue dropped.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -172,7 +173,19 @@ pub fn parse_request(ext: &str, bytes: &[u8]) -> Result<(String, GenerateOptions
 
 impl Dropbox {
     /// Create (if needed) the four folders under `root`.
+    ///
+    /// Ignores `SIGIO` for the whole process: the open-for-writing check takes a lease for an
+    /// instant, and a writer opening the file in that instant makes the kernel signal the lease
+    /// holder, whose default action would end the daemon.
     pub fn create(root: &Path, cfg: &crate::config::DropboxConfig) -> std::io::Result<Dropbox> {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGIO,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        }
+        .map_err(std::io::Error::from)?;
         let d = Dropbox {
             inbox: root.join("inbox"),
             outbox: root.join("outbox"),
@@ -186,17 +199,18 @@ impl Dropbox {
             max_kept_bytes: cfg.max_kept_bytes,
             written: std::sync::atomic::AtomicU64::new(0),
         };
-        // inbox: the group (clients) drops requests but cannot list them (-wx), sticky so a
-        // member can neither remove nor replace another member's pending request, setgid so a
-        // request is the group's and 0640 lets the service read it; the rest: members pass
-        // through and find their own outputs, readable by them alone (acl.rs); only we write.
+        // inbox: the group (clients) drops requests but cannot list or watch them (-wx), sticky
+        // so a member can neither remove nor replace another member's pending request, setgid
+        // so a request is the group's and 0640 lets the service read it; the rest likewise
+        // cannot be listed (--x): members open their own outputs by name, readable by them
+        // alone (acl.rs); only we write.
         let root = root.to_path_buf();
         for (p, mode) in [
             (&root, 0o750),
             (&d.inbox, 0o3730),
-            (&d.outbox, 0o750),
-            (&d.done, 0o750),
-            (&d.failed, 0o750),
+            (&d.outbox, 0o710),
+            (&d.done, 0o710),
+            (&d.failed, 0o710),
         ] {
             crate::dirs::real_dir(p, mode)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
@@ -205,7 +219,9 @@ impl Dropbox {
         let d = Dropbox { group, ..d };
         // Half-written outputs of a killed predecessor (hidden temporaries) go; complete ones
         // were published by an atomic rename and stay.
-        let stale = sglora::remove_stale_temps(&d.outbox);
+        let stale = sglora::remove_stale_temps(&d.outbox)
+            + sglora::remove_stale_temps(&d.done)
+            + sglora::remove_stale_temps(&d.failed);
         if stale > 0 {
             crate::log::warn(&format!(
                 "dropbox: removed {stale} unfinished output(s) left by an interrupted run"
@@ -214,13 +230,15 @@ impl Dropbox {
         Ok(d)
     }
 
-    /// Remove what `outbox/`, `done/` and `failed/` keep past the retention age, then the
-    /// oldest entries until they hold at most `max_kept_bytes` together. Returns the number
+    /// Remove what `outbox/`, `done/` and `failed/` keep past the retention age, then, until
+    /// they hold at most `max_kept_bytes` together, the oldest entry of the requester who holds
+    /// the most bytes (so one member's flood removes its own entries first). Returns the number
     /// removed. Entries are removed as themselves (a link, never its target).
     pub fn prune(&self) -> usize {
         self.written.store(0, std::sync::atomic::Ordering::Relaxed);
         let now = std::time::SystemTime::now();
-        let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        // (last change, clamped to now; bytes; path; requester)
+        let mut entries: Vec<(std::time::SystemTime, u64, PathBuf, u32)> = Vec::new();
         for dir in [&self.outbox, &self.done, &self.failed] {
             let Ok(rd) = fs::read_dir(dir) else { continue };
             for e in rd.flatten() {
@@ -244,28 +262,44 @@ impl Dropbox {
                 } else {
                     m.len()
                 };
-                entries.push((m.modified().unwrap_or(now), bytes, p));
+                let owner = crate::acl::reader(&p)
+                    .unwrap_or_else(|| std::os::unix::fs::MetadataExt::uid(&m));
+                let t = m.modified().unwrap_or(now).min(now);
+                entries.push((t, bytes, p, owner));
             }
         }
         entries.sort();
-        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        let remove = |p: &Path| match fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(p).is_ok(),
+            Ok(_) => fs::remove_file(p).is_ok(),
+            Err(_) => false,
+        };
         let mut removed = 0;
-        for (t, bytes, p) in entries {
-            let old = self
-                .retention
-                .is_some_and(|r| now.duration_since(t).unwrap_or_default() > r);
-            if !old && total <= self.max_kept_bytes {
-                continue;
+        // Past the age, oldest first.
+        let (old, mut kept): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| {
+            self.retention
+                .is_some_and(|r| now.duration_since(e.0).unwrap_or_default() > r)
+        });
+        for e in old {
+            removed += usize::from(remove(&e.2));
+        }
+        // Past the budget: the biggest holder's oldest.
+        let mut total: u64 = kept.iter().map(|e| e.1).sum();
+        while total > self.max_kept_bytes && !kept.is_empty() {
+            let mut held: HashMap<u32, u64> = HashMap::new();
+            for e in &kept {
+                *held.entry(e.3).or_default() += e.1;
             }
-            let gone = match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(&p).is_ok(),
-                Ok(_) => fs::remove_file(&p).is_ok(),
-                Err(_) => false,
+            let Some((&top, _)) = held
+                .iter()
+                .max_by_key(|(uid, b)| (**b, std::cmp::Reverse(**uid)))
+            else {
+                break;
             };
-            if gone {
-                total = total.saturating_sub(bytes);
-                removed += 1;
-            }
+            let i = kept.iter().position(|e| e.3 == top).unwrap_or(0);
+            let e = kept.remove(i);
+            total = total.saturating_sub(e.1);
+            removed += usize::from(remove(&e.2));
         }
         if removed > 0 {
             crate::log::info(&format!(
@@ -317,8 +351,9 @@ impl Dropbox {
         let err_path = self.failed.join(format!("{dest_stem}.error.txt"));
         let _ = write_durable(&err_path, format!("{name}: {reason}\n").as_bytes(), owner);
         self.wrote(reason.len() as u64 + 4096);
-        // A regular file we may read is kept as a private copy; anything else (a link, a FIFO,
-        // an oversized file) is moved unread, as itself.
+        // A regular file we may read is kept as a private copy; one we may not (oversized, a
+        // hard link) is removed, since its own mode may let other members read it; anything
+        // else (a link, a FIFO) is moved unread, as itself.
         let small = meta
             .as_ref()
             .is_some_and(|m| m.is_file() && m.len() <= self.max_bytes);
@@ -326,7 +361,8 @@ impl Dropbox {
             && read_regular(path, self.max_bytes, false)
                 .ok()
                 .is_some_and(|(b, _)| self.keep(path, &dest, &b, owner).is_ok());
-        if !copied && fs::rename(path, &dest).is_err() {
+        let regular = meta.as_ref().is_some_and(|m| m.is_file());
+        if !copied && (regular || fs::rename(path, &dest).is_err()) {
             let _ = fs::remove_file(path);
         }
         crate::log::warn(&format!("dropbox: {name} failed: {reason}"));
@@ -380,6 +416,8 @@ impl Dropbox {
         };
         let served = match svc.generate(&desc, &opts, Caller::uid(owner)).await {
             Ok(s) => s,
+            // Stopping: the request stays in the inbox for the next start.
+            Err(crate::error::Error::Stopping) => return,
             Err(e) => return self.fail(path, &e.to_string()),
         };
         let stem = sanitize(
@@ -683,6 +721,13 @@ fn read_regular(path: &Path, max: u64, leases: bool) -> Result<(Vec<u8>, u32), U
             "hard links are not accepted; drop a file of your own".into(),
         ));
     }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "the file is writable by others than its owner (mode {mode:04o}), so another member \
+             could change it before it is read; write requests 0640 or 0644"
+        )));
+    }
     if leases && open_for_writing(&f)? {
         return Err(Unread::StillOpen);
     }
@@ -825,6 +870,43 @@ mod tests {
         );
         assert!(b.outbox.join("a1").exists() && b.outbox.join("a2").exists());
         assert!(b.outbox.join(".a3.tmp-1").exists() && b.inbox.join("pending.txt").exists());
+    }
+
+    /// Past the byte budget the requester holding the most goes first: another requester's
+    /// older output survives a flood.
+    #[test]
+    fn prune_takes_from_the_biggest_holder_first() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = crate::config::DropboxConfig {
+            retention_secs: 0,
+            max_kept_bytes: 1024 * 1024,
+            ..Default::default()
+        };
+        let b = Dropbox::create(d.path(), &cfg).unwrap();
+        let blob = vec![0u8; 400 * 1024];
+        let out = |name: &str, uid: u32, age: u64| {
+            let p = b.outbox.join(name);
+            fs::create_dir(&p).unwrap();
+            fs::write(p.join(sglora::WEIGHTS_FILE), &blob).unwrap();
+            crate::acl::private_to(&p, Caller::uid(uid)).unwrap();
+            let t = std::time::SystemTime::now() - Duration::from_secs(age);
+            fs::File::open(&p).unwrap().set_modified(t).unwrap();
+        };
+        out("quiet", 5002, 500);
+        for (i, age) in [(0, 300), (1, 200), (2, 100)] {
+            out(&format!("flood{i}"), 5001, age);
+        }
+        if crate::acl::reader(&b.outbox.join("quiet")).is_none() {
+            eprintln!("skipped: no POSIX ACLs on this file system");
+            return;
+        }
+        assert_eq!(b.prune(), 2);
+        assert!(
+            b.outbox.join("quiet").exists(),
+            "the quiet requester lost its output"
+        );
+        assert!(!b.outbox.join("flood0").exists() && !b.outbox.join("flood1").exists());
+        assert!(b.outbox.join("flood2").exists());
     }
 
     /// A file some process still holds open for writing is not read; once it is closed, it is.

@@ -260,9 +260,9 @@ impl Service {
     /// adapter is `NotFound`, exactly like one that does not exist, so an id says nothing to
     /// anyone but its owner.
     pub fn get(&self, id: &str, caller: Caller) -> Result<Entry> {
+        let owner = (!caller.is_admin()).then_some(caller.uid);
         self.cache()
-            .get(id)?
-            .filter(|e| e.owner == caller.uid || caller.is_admin())
+            .get_owned(id, owner)?
             .ok_or_else(|| Error::NotFound { id: id.to_string() })
     }
 
@@ -270,9 +270,9 @@ impl Service {
     /// caller's adapter included).
     pub fn evict(&self, id: &str, caller: Caller) -> Result<bool> {
         let mut cache = self.cache();
-        match cache.get(id)? {
-            Some(e) if e.owner == caller.uid => cache.remove(id),
-            _ => Ok(false),
+        match cache.get_owned(id, Some(caller.uid))? {
+            Some(_) => cache.remove(id),
+            None => Ok(false),
         }
     }
 

@@ -269,8 +269,8 @@ pub fn create_synced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
     f.sync_all()
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    create_synced(path, bytes, 0o644).map_err(|e| write_failed(path, "writing", e))
+fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    create_synced(path, bytes, mode).map_err(|e| write_failed(path, "writing", e))
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
@@ -324,16 +324,28 @@ pub fn same_files(dir: &Path, files: &AdapterFiles) -> bool {
 /// is moved aside first and removed only after the new one is in place); without it, an
 /// existing `dest` is an error and nothing is touched.
 pub fn write_atomic(dest: &Path, files: &AdapterFiles, force: bool) -> Result<PathBuf> {
-    write_atomic_with(dest, files, force, |_| Ok(()))
+    // Adapters are read-only artefacts: 0755/0644 before the umask, never group-writable.
+    write_atomic_modes(dest, files, force, (0o755, 0o644), |_| Ok(()))
 }
 
-/// [`write_atomic`], with `prepare` run on the finished temporary directory before it is
-/// published under `dest` (to set its permissions, say, so that it is never visible with
-/// others).
+/// [`write_atomic`] for one reader: the temporary directory and its files are created 0700 and
+/// 0600, so nobody but the writing user can open them while they are written, and `prepare`
+/// then runs on the finished directory before it is published under `dest` (to grant its
+/// reader access, say).
 pub fn write_atomic_with(
     dest: &Path,
     files: &AdapterFiles,
     force: bool,
+    prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<PathBuf> {
+    write_atomic_modes(dest, files, force, (0o700, 0o600), prepare)
+}
+
+fn write_atomic_modes(
+    dest: &Path,
+    files: &AdapterFiles,
+    force: bool,
+    (dir_mode, file_mode): (u32, u32),
     prepare: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<PathBuf> {
     let name = dest.file_name().ok_or_else(|| Error::Output {
@@ -375,9 +387,8 @@ pub fn write_atomic_with(
         unique_suffix()
     ));
     let result = (|| {
-        // Adapters are read-only artefacts: 0755/0644 before the umask, never group-writable.
         fs::DirBuilder::new()
-            .mode(0o755)
+            .mode(dir_mode)
             .create(&tmp)
             .map_err(|e| Error::Output {
                 path: dest.into(),
@@ -386,9 +397,9 @@ pub fn write_atomic_with(
                     parent.display()
                 ),
             })?;
-        write_synced(&tmp.join(WEIGHTS_FILE), &files.weights)?;
-        write_synced(&tmp.join(CONFIG_FILE), &files.config)?;
-        write_synced(&tmp.join(PROVENANCE_FILE), &files.provenance)?;
+        write_synced(&tmp.join(WEIGHTS_FILE), &files.weights, file_mode)?;
+        write_synced(&tmp.join(CONFIG_FILE), &files.config, file_mode)?;
+        write_synced(&tmp.join(PROVENANCE_FILE), &files.provenance, file_mode)?;
         prepare(&tmp).map_err(|e| Error::Output {
             path: dest.into(),
             what: format!("cannot set the permissions of the new adapter: {e}"),

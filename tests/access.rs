@@ -114,10 +114,7 @@ async fn planted_links_are_never_followed() {
     assert!(victim.exists());
     // The other test of this file sets the process's umask to 000 for a moment: give the
     // request its mode explicitly (a group-writable request is refused).
-    let tmp = root.join("inbox/.req.txt.part");
-    std::fs::write(&tmp, ANIMAL).unwrap();
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    std::fs::rename(&tmp, root.join("inbox/req.txt")).unwrap();
+    drop_request(&root.join("inbox"), "req.txt", ANIMAL.as_bytes(), 0o644);
     std::fs::write(root.join("inbox/bad.exe"), b"MZ").unwrap();
     if !wait_for(&root.join("outbox/req-1/provenance.json"), 60) {
         panic!("not delivered; daemon log:\n{}", d.stop());

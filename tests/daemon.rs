@@ -717,10 +717,7 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
         &[],
     );
     // A request others could rewrite before it is read is refused.
-    let tmp = root.join("inbox/.open.txt.part");
-    std::fs::write(&tmp, ANIMAL).unwrap();
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
-    std::fs::rename(&tmp, root.join("inbox/open.txt")).unwrap();
+    drop_request(&root.join("inbox"), "open.txt", ANIMAL.as_bytes(), 0o664);
     assert!(wait_for(&root.join("failed/open.error.txt"), 20));
     let why = std::fs::read_to_string(root.join("failed/open.error.txt")).unwrap();
     assert!(why.contains("writable by others"), "{why}");
@@ -731,11 +728,14 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
     let n = 120;
     let t = Instant::now();
     for i in 0..n {
-        // Written elsewhere and renamed in, as integrators are told to; each seed a miss.
-        let tmp = root.join(format!("inbox/.r{i}.json.part"));
+        // Each seed a miss.
         let req = serde_json::json!({"description": ANIMAL, "seed": i});
-        std::fs::write(&tmp, req.to_string()).unwrap();
-        std::fs::rename(&tmp, root.join(format!("inbox/r{i}.json"))).unwrap();
+        drop_request(
+            &root.join("inbox"),
+            &format!("r{i}.json"),
+            req.to_string().as_bytes(),
+            0o644,
+        );
     }
     // Retention removes the oldest of done/ as the flood goes on: count what is left to do.
     let left = || std::fs::read_dir(root.join("inbox")).unwrap().count();
@@ -763,9 +763,12 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
 
     // A second flood, stopped midway.
     for i in 0..400 {
-        let tmp = root.join(format!("inbox/.s{i}.txt.part"));
-        std::fs::write(&tmp, ANIMAL).unwrap();
-        std::fs::rename(&tmp, root.join(format!("inbox/s{i}.txt"))).unwrap();
+        drop_request(
+            &root.join("inbox"),
+            &format!("s{i}.txt"),
+            ANIMAL.as_bytes(),
+            0o644,
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (log, stop) = d.stop_timed();

@@ -22,6 +22,17 @@ fn ids(user: &str) -> Option<(u32, u32)> {
     Some((u.uid.as_raw(), u.gid.as_raw()))
 }
 
+/// Whether this test can run (as root, which CI is), with the test users created; says so when
+/// it cannot.
+fn root_with_users() -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("skipped: this test needs root to create users and switch uids (CI runs as root)");
+        return false;
+    }
+    ensure_users();
+    true
+}
+
 fn ensure_users() {
     // The tests of this file run in parallel; useradd must not race with itself.
     static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -219,11 +230,9 @@ fn service(
 
 #[test]
 fn shipped_policy_admits_root_and_group_and_refuses_others() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: this test needs root to create users and switch uids (CI runs as root)");
+    if !root_with_users() {
         return;
     }
-    ensure_users();
     let dir = tempfile::tempdir().unwrap();
     let (_bus, address) = system_bus(dir.path());
 
@@ -522,11 +531,9 @@ fn open_adapter_as(address: &str, user: &str, id: &str) -> Vec<String> {
 /// user administer, and oversized calls cost no memory beyond their message (issue #19).
 #[test]
 fn members_cannot_read_or_disturb_each_other() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: this test needs root to create users and switch uids (CI runs as root)");
+    if !root_with_users() {
         return;
     }
-    ensure_users();
     let dir = tempfile::tempdir().unwrap();
     let (_bus, address) = system_bus(dir.path());
     // Small stage: 1 running + 7 waiting, 2 places per caller.

@@ -41,16 +41,22 @@ fn acl_xattr(owner_perm: u16, uid: u32, user_perm: u16) -> Vec<u8> {
     v
 }
 
+/// The extended attribute that holds a file's access ACL.
+const ACL_XATTR: &std::ffi::CStr = c"system.posix_acl_access";
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
 fn set_acl(path: &Path, value: &[u8]) -> io::Result<()> {
-    let p = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
-    let name = c"system.posix_acl_access";
+    let p = c_path(path)?;
     // SAFETY: both strings are NUL-terminated and live across the call; `value` is a valid
     // buffer of its length. lsetxattr does not follow a link at `path`.
     let r = unsafe {
         nix::libc::lsetxattr(
             p.as_ptr(),
-            name.as_ptr(),
+            ACL_XATTR.as_ptr(),
             value.as_ptr().cast(),
             value.len(),
             0,
@@ -65,14 +71,13 @@ fn set_acl(path: &Path, value: &[u8]) -> io::Result<()> {
 
 /// The uid that [`private_to`] granted `path` to, if any (read back from its ACL).
 pub(crate) fn reader(path: &Path) -> Option<u32> {
-    let p = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let name = c"system.posix_acl_access";
+    let p = c_path(path).ok()?;
     let mut buf = [0u8; 4 + 8 * 16];
     // SAFETY: NUL-terminated strings and a buffer of the length passed; no link followed.
     let n = unsafe {
         nix::libc::lgetxattr(
             p.as_ptr(),
-            name.as_ptr(),
+            ACL_XATTR.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
         )

@@ -28,6 +28,9 @@ pub const ADMIN_INTERFACE: &str = "org.sglora.Admin1";
 /// Most keys an options dictionary may have (seven are known; the rest is room for clients
 /// that send a few extra and get a clear error naming them).
 pub const MAX_OPTIONS: usize = 32;
+/// The option names `parse` knows, for error messages.
+const KNOWN_OPTIONS: &str =
+    "seed, top_k, temperature, noise_scale, min_similarity, min_expected_gain, allow_ood";
 /// Longest option name.
 const MAX_OPTION_NAME: usize = 64;
 
@@ -76,7 +79,6 @@ impl From<Error> for DbusError {
             },
             e @ (Error::Busy { .. } | Error::CallerBusy { .. }) => DbusError::Busy(e.detail()),
             e @ Error::NotFound { .. } => DbusError::NotFound(e.detail()),
-            Error::AccessDenied(m) => DbusError::AccessDenied(m),
             e @ Error::Stopping => DbusError::Stopping(e.to_string()),
             Error::Config(m) => DbusError::InvalidOption(m),
             Error::Internal(m) => DbusError::Internal(m),
@@ -128,22 +130,27 @@ fn parse(opts: &HashMap<String, OwnedValue>) -> Result<GenerateOptions, String> 
         match k.as_str() {
             "seed" => {
                 let x = int(k, v)?;
-                o.seed = u64::try_from(x).map_err(|_| format!("seed must be between 0 and {}", u64::MAX))?;
+                o.seed = u64::try_from(x)
+                    .map_err(|_| format!("seed must be between 0 and {}", u64::MAX))?;
             }
             "top_k" => {
                 let x = int(k, v)?;
-                o.top_k = Some(usize::try_from(x).ok().filter(|x| *x >= 1).ok_or("top_k must be a positive integer")?);
+                o.top_k = Some(
+                    usize::try_from(x)
+                        .ok()
+                        .filter(|x| *x >= 1)
+                        .ok_or("top_k must be a positive integer")?,
+                );
             }
             "temperature" => o.temperature = Some(float(k, v)?),
             "noise_scale" => o.noise_scale = Some(float(k, v)?),
             "min_similarity" => o.min_similarity = Some(float(k, v)?),
             "min_expected_gain" => o.min_expected_gain = Some(float(k, v)?),
-            "allow_ood" => o.allow_ood = bool::try_from(v).map_err(|_| "allow_ood must be a boolean (b)".to_string())?,
-            other => {
-                return Err(format!(
-                    "unknown option {other:?}; known: seed, top_k, temperature, noise_scale, min_similarity, min_expected_gain, allow_ood"
-                ))
+            "allow_ood" => {
+                o.allow_ood =
+                    bool::try_from(v).map_err(|_| "allow_ood must be a boolean (b)".to_string())?
             }
+            other => return Err(format!("unknown option {other:?}; known: {KNOWN_OPTIONS}")),
         }
     }
     Ok(o)
@@ -212,18 +219,14 @@ impl<'de> serde::Deserialize<'de> for Options {
                             m.next_value::<IgnoredAny>()?;
                             out.map.clear();
                             out.refused = Some(format!(
-                                "more than {MAX_OPTIONS} options; known: seed, top_k, \
-                                 temperature, noise_scale, min_similarity, min_expected_gain, \
-                                 allow_ood"
+                                "more than {MAX_OPTIONS} options; known: {KNOWN_OPTIONS}"
                             ));
                         }
                         Err(n) => {
                             m.next_value::<IgnoredAny>()?;
                             out.map.clear();
                             out.refused = Some(format!(
-                                "an option name is {n} bytes; unknown option (known: seed, \
-                                 top_k, temperature, noise_scale, min_similarity, \
-                                 min_expected_gain, allow_ood)"
+                                "an option name is {n} bytes; unknown option (known: {KNOWN_OPTIONS})"
                             ));
                         }
                     }
@@ -761,7 +764,6 @@ pub async fn notify_properties(
             g.generations_run(),
             g.cache_hit_ratio().to_bits(),
         ];
-        let hit_ratio = g.cache_hit_ratio();
         drop(g);
         if let Some(before) = last {
             // One signal for all that changed, as the specification intends.
@@ -779,7 +781,7 @@ pub async fn notify_properties(
                 .map(|(i, n)| (*n, zbus::Variant::from(now[i])))
                 .collect();
             if before[5] != now[5] {
-                changed.insert("CacheHitRatio", zbus::Variant::from(hit_ratio));
+                changed.insert("CacheHitRatio", zbus::Variant::from(f64::from_bits(now[5])));
             }
             if !changed.is_empty() {
                 let _ = zbus::fdo::Properties::properties_changed(

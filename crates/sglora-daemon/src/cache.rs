@@ -49,6 +49,16 @@ pub struct Entry {
 /// epoch, hits). No description.
 pub type Listed = (String, u32, u64, i64, u64);
 
+/// What [`Cache::touch_verified`] found.
+enum Verified {
+    /// The row, its files intact.
+    Intact(Entry),
+    /// No such row.
+    Missing,
+    /// The files did not match the recorded hash; the row and files are gone now.
+    Damaged,
+}
+
 /// How a lookup matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Match {
@@ -338,7 +348,7 @@ impl Cache {
             .optional()
             .db(&dbp)?;
         if let Some(id) = exact {
-            if let Some(e) = self.touch_verified(&id)? {
+            if let Verified::Intact(e) = self.touch_verified(&id)? {
                 return Ok(Some((e, Match::Exact)));
             }
         }
@@ -375,7 +385,7 @@ impl Cache {
         }
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
         for (_, id) in scored {
-            if let Some(e) = self.touch_verified(&id)? {
+            if let Verified::Intact(e) = self.touch_verified(&id)? {
                 return Ok(Some((e, Match::Similar)));
             }
         }
@@ -383,7 +393,7 @@ impl Cache {
     }
 
     /// Fetch a row, check its files (weights hash), bump its LRU time; drop it if damaged.
-    fn touch_verified(&mut self, id: &str) -> Result<Option<Entry>> {
+    fn touch_verified(&mut self, id: &str) -> Result<Verified> {
         let dbp = self.db_path();
         let row: Option<(String, i64, String, String, i64)> = self
             .db
@@ -395,7 +405,7 @@ impl Cache {
             .optional()
             .db(&dbp)?;
         let Some((description, bytes, sha, provenance, owner)) = row else {
-            return Ok(None);
+            return Ok(Verified::Missing);
         };
         let dir = self.dir.join(id);
         let intact = fs::read(dir.join(WEIGHTS_FILE))
@@ -404,8 +414,11 @@ impl Cache {
             && dir.join(CONFIG_FILE).is_file()
             && dir.join(PROVENANCE_FILE).is_file();
         if !intact {
+            crate::log::warn(&format!(
+                "cache: adapter {id}'s files do not match their recorded SHA-256; removed"
+            ));
             self.remove(id)?;
-            return Ok(None);
+            return Ok(Verified::Damaged);
         }
         // The LRU bump is bookkeeping: if the database is locked or read-only the adapter is
         // still served.
@@ -415,7 +428,7 @@ impl Cache {
         ) {
             crate::log::warn(&format!("cache: cannot record a hit of {id}: {e}"));
         }
-        Ok(Some(Entry {
+        Ok(Verified::Intact(Entry {
             id: id.to_string(),
             owner: u32::try_from(owner).unwrap_or(u32::MAX),
             dir,
@@ -433,7 +446,8 @@ impl Cache {
 
     /// Get an entry by id if `owner` (when given) owns it: another owner's row is `None` at
     /// once, without reading its files or touching its use counts, so a probe tells nothing
-    /// by its timing and changes nothing.
+    /// by its timing and changes nothing. An entry whose files no longer match their SHA-256
+    /// is removed and reported as [`Error::Damaged`].
     pub fn get_owned(&mut self, id: &str, owner: Option<u32>) -> Result<Option<Entry>> {
         if !is_valid_id(id) {
             return Ok(None);
@@ -453,7 +467,11 @@ impl Cache {
                 return Ok(None);
             }
         }
-        self.touch_verified(id)
+        match self.touch_verified(id)? {
+            Verified::Intact(e) => Ok(Some(e)),
+            Verified::Missing => Ok(None),
+            Verified::Damaged => Err(Error::Damaged { id: id.to_string() }),
+        }
     }
 
     /// Store a freshly generated adapter for `owner`: write its files atomically under the cache

@@ -45,6 +45,34 @@ pub struct Config {
     pub service: ServiceConfig,
     /// Model loading.
     pub model: ModelConfig,
+    /// Limits of `Embed` calls.
+    pub embed: EmbedConfig,
+}
+
+/// Most texts one `Embed` call may ever carry, whatever the configuration says (the D-Bus
+/// decoder stops keeping texts past it).
+pub const MAX_EMBED_TEXTS: usize = 4096;
+/// Most text bytes one `Embed` call may ever carry.
+pub const MAX_EMBED_BYTES: usize = 16 << 20;
+
+/// Limits of one `Embed` call; past them the call is refused (`InvalidArgument`) before any
+/// work, so a caller cannot grow the service's memory with one call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedConfig {
+    /// Texts per call (at most 4096).
+    pub max_texts: usize,
+    /// Bytes of text per call, all texts together (at most 16 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for EmbedConfig {
+    fn default() -> Self {
+        EmbedConfig {
+            max_texts: 256,
+            max_bytes: 1 << 20,
+        }
+    }
 }
 
 /// How the models are held in memory.
@@ -150,6 +178,7 @@ impl Default for Config {
             dropbox: DropboxConfig::default(),
             service: ServiceConfig::default(),
             model: ModelConfig::default(),
+            embed: EmbedConfig::default(),
         }
     }
 }
@@ -221,6 +250,12 @@ impl Config {
         }
         if self.dropbox.max_file_bytes == 0 || self.dropbox.max_file_bytes > 16 * 1024 * 1024 {
             return bad("dropbox.max_file_bytes must be between 1 and 16 MiB");
+        }
+        if !(1..=MAX_EMBED_TEXTS).contains(&self.embed.max_texts) {
+            return bad("embed.max_texts must be between 1 and 4096");
+        }
+        if !(1..=MAX_EMBED_BYTES).contains(&self.embed.max_bytes) {
+            return bad("embed.max_bytes must be between 1 and 16 MiB");
         }
         if self.dropbox.max_kept_bytes < 1024 * 1024 {
             return bad("dropbox.max_kept_bytes must be at least 1 MiB (an adapter is ~300 KB)");

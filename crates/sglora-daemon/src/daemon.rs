@@ -197,13 +197,16 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
         cfg.cache.similarity_threshold,
     )
     .map_err(|e| e.context(format!("opening the cache ({})", db.display())))?;
-    let svc = Arc::new(Service::new(
-        g,
-        cache,
-        cfg.service.max_concurrent,
-        cfg.service.max_queue,
-        cfg.service.per_caller(),
-    ));
+    let svc = Arc::new(
+        Service::new(
+            g,
+            cache,
+            cfg.service.max_concurrent,
+            cfg.service.max_queue,
+            cfg.service.per_caller(),
+        )
+        .with_embed_limits(cfg.embed.clone()),
+    );
 
     let builder = match (&cfg.bus_address, &cfg.bus) {
         (Some(a), _) => zbus::connection::Builder::address(a.as_str()),

@@ -16,6 +16,7 @@ use zbus::OwnedVariant as OwnedValue;
 
 use sglora::GenerateOptions;
 
+use crate::config::{MAX_EMBED_BYTES, MAX_EMBED_TEXTS};
 use crate::error::Error;
 use crate::service::{Caller, Service};
 
@@ -53,6 +54,11 @@ pub enum DbusError {
     Busy(String),
     /// No cached adapter of the caller's has this id.
     NotFound(String),
+    /// An argument past a limit, or unusable: too many texts or bytes for `Embed`, an empty or
+    /// too long text.
+    InvalidArgument(String),
+    /// A cached adapter's files were changed or damaged on disk; it has been removed.
+    Damaged(String),
     /// The caller may not call this method (an administrator's).
     AccessDenied(String),
     /// The service is stopping and takes no new work.
@@ -69,6 +75,7 @@ impl From<Error> for DbusError {
             Error::Generation(g) => match &*g {
                 sglora::Error::InvalidDescription(m) => DbusError::InvalidDescription(m.clone()),
                 sglora::Error::InvalidOption(m) => DbusError::InvalidOption(m.clone()),
+                sglora::Error::InvalidText(m) => DbusError::InvalidArgument(m.clone()),
                 e @ sglora::Error::OutOfDistribution { .. } => {
                     DbusError::OutOfDistribution(e.to_string())
                 }
@@ -79,6 +86,8 @@ impl From<Error> for DbusError {
             },
             e @ (Error::Busy { .. } | Error::CallerBusy { .. }) => DbusError::Busy(e.detail()),
             e @ Error::NotFound { .. } => DbusError::NotFound(e.detail()),
+            e @ Error::Damaged { .. } => DbusError::Damaged(e.detail()),
+            Error::TooLarge(m) => DbusError::InvalidArgument(m),
             e @ Error::Stopping => DbusError::Stopping(e.to_string()),
             Error::Config(m) => DbusError::InvalidOption(m),
             Error::Internal(m) => DbusError::Internal(m),
@@ -328,6 +337,72 @@ impl<'de, const N: usize> serde::Deserialize<'de> for Bounded<N> {
     }
 }
 
+/// The texts of `Embed`: decoded up to [`MAX_EMBED_TEXTS`] strings of at most
+/// [`sglora::MAX_TEXT_BYTES`] and [`MAX_EMBED_BYTES`] in all; past any bound the rest is skipped
+/// unread and the call refused (`InvalidArgument`), so 100,000 texts cost no more memory than
+/// their message. The configured `[embed]` limits, lower, are the service's to check.
+#[derive(Debug, Default)]
+pub struct Texts {
+    /// The texts, when within the bounds.
+    pub texts: Vec<String>,
+    /// Why they were not decoded.
+    pub refused: Option<String>,
+}
+
+impl zbus::zvariant::Type for Texts {
+    const SIGNATURE: &'static zbus::Signature = <Vec<String> as zbus::zvariant::Type>::SIGNATURE;
+}
+
+impl<'de> serde::Deserialize<'de> for Texts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Texts;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an array of strings")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Texts, A::Error> {
+                let mut out = Texts::default();
+                let (mut n, mut bytes) = (0usize, 0usize);
+                while let Some(t) = a.next_element::<Bounded<{ sglora::MAX_TEXT_BYTES }>>()? {
+                    n += 1;
+                    if out.refused.is_some() {
+                        continue;
+                    }
+                    let refuse = match t.0 {
+                        Err(len) => Some(format!(
+                            "text {} is {len} bytes long; the limit is {} bytes (the encoder \
+                             reads only its first 128 tokens, so cut it to those)",
+                            n - 1,
+                            sglora::MAX_TEXT_BYTES
+                        )),
+                        Ok(_) if n > MAX_EMBED_TEXTS => Some(format!(
+                            "more than {MAX_EMBED_TEXTS} texts in one call: split them"
+                        )),
+                        Ok(t) => {
+                            bytes += t.len();
+                            if bytes > MAX_EMBED_BYTES {
+                                Some(format!(
+                                    "more than {MAX_EMBED_BYTES} bytes of text in one call: split them"
+                                ))
+                            } else {
+                                out.texts.push(t);
+                                None
+                            }
+                        }
+                    };
+                    if refuse.is_some() {
+                        out.texts = Vec::new();
+                        out.refused = refuse;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 /// The description argument, or the library's own refusal of one past the byte limit.
 fn description_arg(t: Text) -> Result<String, DbusError> {
     t.take(|n| {
@@ -536,6 +611,50 @@ impl Generator1 {
         let ex = self.svc.explain(&description, &opts, caller).await?;
         serde_json::to_string(&ex)
             .map_err(|e| DbusError::Internal(format!("serialising the explanation: {e}")))
+    }
+
+    /// Embed `texts` with the bundle's encoder and one of the caller's cached adapters applied
+    /// (`adapter_id` from `Generate`; empty: the base model), as `sglora embed` does: `dim` and
+    /// the L2-normalised vectors as little-endian f32, row-major, in input order
+    /// (`texts.len() × dim × 4` bytes). Bounded by `[embed] max_texts` and `max_bytes`
+    /// (`InvalidArgument` past them, or for an empty text); `Busy` as `Generate`; another
+    /// caller's adapter is `NotFound`; one whose files were damaged is `Damaged`. `options`
+    /// must be empty (room for later options).
+    #[zbus(out_args("dim", "vectors"))]
+    async fn embed(
+        &self,
+        adapter_id: Bounded<64>,
+        texts: Texts,
+        options: Options,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(u32, Vec<u8>), DbusError> {
+        let caller = self.callers.of(conn, &header).await?;
+        if let Some(m) = texts.refused {
+            return Err(DbusError::InvalidArgument(m));
+        }
+        if let Some(m) = options.refused {
+            return Err(DbusError::InvalidOption(m));
+        }
+        if let Some(k) = options.map.keys().next() {
+            return Err(DbusError::InvalidOption(format!(
+                "unknown option {k:?}; Embed takes no options"
+            )));
+        }
+        let id = match adapter_id.0 {
+            Ok(id) => id,
+            Err(_) => {
+                return Err(Error::NotFound {
+                    id: "(too long)".into(),
+                }
+                .into())
+            }
+        };
+        let (dim, vectors) = self.svc.embed(&id, texts.texts, caller).await?;
+        Ok((
+            u32::try_from(dim).unwrap_or(u32::MAX),
+            sglora::f32s_to_le(&vectors),
+        ))
     }
 
     /// The expert repository: (name, description).

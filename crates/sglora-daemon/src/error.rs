@@ -37,6 +37,16 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
+    /// A cached adapter's files no longer matched their SHA-256 (changed or damaged on disk);
+    /// it has been removed from the cache.
+    #[error("damaged: {}", self.detail())]
+    Damaged {
+        /// The adapter's id.
+        id: String,
+    },
+    /// A call past the configured limits (`[embed]`): too many texts or bytes.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// The cache database failed (corrupt, locked, read-only, disk full).
     #[error("output {}: cache database: {message}{hint}", path.display())]
     Database {
@@ -83,6 +93,8 @@ fn generation_message(e: &sglora::Error) -> String {
     match e {
         sglora::Error::InvalidDescription(m) => format!("invalid description: {m}"),
         sglora::Error::InvalidOption(m) => format!("invalid option: {m}"),
+        sglora::Error::InvalidText(m) => format!("invalid text: {m}"),
+        e @ sglora::Error::Adapter { .. } => e.to_string(),
         e @ sglora::Error::OutOfDistribution { .. } => format!("out of distribution: {e}"),
         e @ sglora::Error::LowExpectedGain { .. } => format!("low expected gain: {e}"),
         e => format!("internal error: {e}"),
@@ -133,6 +145,11 @@ impl Error {
                 "you already have {limit} requests queued or running; wait for one to finish"
             ),
             Error::NotFound { id } => format!("no cached adapter with id {id:?}"),
+            Error::Damaged { id } => format!(
+                "the files of adapter {id:?} were changed or damaged on disk, so it was removed \
+                 from the cache; generate it again"
+            ),
+            Error::TooLarge(m) => m.clone(),
             e => e.to_string(),
         }
     }

@@ -24,13 +24,13 @@ mod service;
 
 pub use cache::{is_valid_id, Cache, Entry, Listed, Match, Stats, SCHEMA_VERSION};
 pub use config::{
-    BusKind, CacheConfig, Config, DropboxConfig, ModelConfig, Overrides, ServiceConfig,
-    DEFAULT_CONFIG,
+    BusKind, CacheConfig, Config, DropboxConfig, EmbedConfig, ModelConfig, Overrides,
+    ServiceConfig, DEFAULT_CONFIG, MAX_EMBED_BYTES, MAX_EMBED_TEXTS,
 };
 pub use daemon::{run, run_blocking, sd_notify};
 pub use dbus::{
     notify_properties, parse_options, Admin1, Bounded, Callers, DbusError, Generator1, Options,
-    Text, ADMIN_INTERFACE, BUS_NAME, MAX_OPTIONS, OBJECT_PATH,
+    Text, Texts, ADMIN_INTERFACE, BUS_NAME, MAX_OPTIONS, OBJECT_PATH,
 };
 pub use dropbox::{parse_request, sanitize, triage, Dropbox, Triage, Watch};
 pub use error::{Error, Result};

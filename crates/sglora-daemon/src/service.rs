@@ -15,6 +15,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use sglora::{AdapterFiles, Description, Explanation, GenerateOptions, Generator, ResolvedOptions};
 
 use crate::cache::{Cache, Entry, Match, Stats};
+use crate::config::EmbedConfig;
 use crate::error::{Error, Result};
 
 /// A served adapter.
@@ -126,6 +127,7 @@ pub struct Service {
     stopping: std::sync::atomic::AtomicBool,
     reloading: tokio::sync::Mutex<()>,
     inflight: Mutex<HashMap<String, Shared>>,
+    embed_limits: EmbedConfig,
     /// Request counters, exposed as D-Bus properties.
     pub counters: Counters,
 }
@@ -175,8 +177,74 @@ impl Service {
             stopping: std::sync::atomic::AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
             inflight: Mutex::new(HashMap::new()),
+            embed_limits: EmbedConfig::default(),
             counters: Counters::default(),
         }
+    }
+
+    /// The limits of one [`Service::embed`] call (default: [`EmbedConfig::default`]).
+    pub fn with_embed_limits(mut self, limits: EmbedConfig) -> Service {
+        self.embed_limits = limits;
+        self
+    }
+
+    /// Embed `texts` with the bundle's encoder, with one of the caller's cached adapters
+    /// applied (`adapter_id`; empty: the base model): `(dim, vectors)`, the vectors row-major
+    /// in input order. Past the `[embed]` limits, or with an empty or too long text, the call
+    /// is refused before any work; it takes one place in the compute stage, like a generation
+    /// (`Busy` past it).
+    pub async fn embed(
+        &self,
+        adapter_id: &str,
+        texts: Vec<String>,
+        caller: Caller,
+    ) -> Result<(usize, Vec<f32>)> {
+        self.check_running()?;
+        let limits = &self.embed_limits;
+        if texts.is_empty() {
+            return Err(sglora::Error::InvalidText("no texts to embed".into()).into());
+        }
+        if texts.len() > limits.max_texts {
+            return Err(Error::TooLarge(format!(
+                "{} texts in one call; the limit is {} (embed.max_texts): split them",
+                texts.len(),
+                limits.max_texts
+            )));
+        }
+        let bytes: usize = texts.iter().map(String::len).sum();
+        if bytes > limits.max_bytes {
+            return Err(Error::TooLarge(format!(
+                "{bytes} bytes of text in one call; the limit is {} (embed.max_bytes): split them",
+                limits.max_bytes
+            )));
+        }
+        for (i, t) in texts.iter().enumerate() {
+            sglora::check_text(i, t)?;
+        }
+        let generator = self.generator();
+        let dir = if adapter_id.is_empty() {
+            None
+        } else {
+            Some(self.get(adapter_id, caller)?.dir)
+        };
+        let _slot = self.enter(caller).await?;
+        let id = adapter_id.to_string();
+        let vectors = tokio::task::spawn_blocking(move || {
+            let enc = generator.encoder();
+            let lora = match &dir {
+                Some(d) => Some(enc.load_adapter(d).map_err(|e| match e {
+                    // Verified a moment ago: it was evicted or changed since.
+                    sglora::Error::Adapter { .. } => Error::Damaged { id },
+                    e => e.into(),
+                })?),
+                None => None,
+            };
+            let out = enc.embed_texts(&texts, lora.as_ref(), 1)?;
+            Ok::<_, Error>((enc.dim(), out))
+        })
+        .await??;
+        let (dim, out) = vectors;
+        Ok((dim, out.into_iter().flat_map(|e| e.vector).collect()))
     }
 
     /// The current generator.
@@ -270,9 +338,12 @@ impl Service {
     /// caller's adapter included).
     pub fn evict(&self, id: &str, caller: Caller) -> Result<bool> {
         let mut cache = self.cache();
-        match cache.get_owned(id, Some(caller.uid))? {
-            Some(_) => cache.remove(id),
-            None => Ok(false),
+        match cache.get_owned(id, Some(caller.uid)) {
+            Ok(Some(_)) => cache.remove(id),
+            Ok(None) => Ok(false),
+            // Found but damaged: already removed.
+            Err(Error::Damaged { .. }) => Ok(true),
+            Err(e) => Err(e),
         }
     }
 

@@ -17,6 +17,7 @@
 
 use crate::error::{unsupported, Unsupported};
 use crate::kernels::{gelu, layer_norm, softmax, Linear};
+use crate::lora::{Lora, Target};
 use crate::onnx_graph::Graph;
 
 struct Norm {
@@ -184,9 +185,33 @@ impl Bert {
         self.pos.len() / self.dim
     }
 
-    /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`, consumed).
-    pub fn forward(&self, mut h: Vec<f32>) -> Result<Vec<f32>, Unsupported> {
+    /// Number of encoder layers.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `(inputs, outputs)` of the linear map `target` (the same in every layer).
+    pub fn shape(&self, target: Target) -> (usize, usize) {
+        let hidden = self.layers.first().map_or(0, |l| l.up.outputs());
+        match target {
+            Target::Intermediate => (self.dim, hidden),
+            Target::Output => (hidden, self.dim),
+            _ => (self.dim, self.dim),
+        }
+    }
+
+    /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`,
+    /// consumed), with `lora`'s low-rank maps added to the maps it adapts (checked against this
+    /// encoder when it was read: [`Lora::from_dir`]).
+    pub fn forward(&self, mut h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
         let d = self.dim;
+        if let Some(l) = lora.filter(|l| l.layers() != self.layers.len()) {
+            return Err(unsupported!(
+                "the adapter was read for {} layers, the encoder has {}",
+                l.layers(),
+                self.layers.len()
+            ));
+        }
         let t = h.len() / d;
         if t == 0 || h.len() != t * d || t > self.max_positions() {
             return Err(unsupported!(
@@ -208,10 +233,20 @@ impl Bert {
         let mut ctx = vec![0.0f32; t * d];
         let mut kt = Vec::new();
         let mut p = vec![0.0f32; t];
-        for l in &self.layers {
+        let (mut lu, mut lt) = (Vec::new(), Vec::new());
+        // `y += s·((x·Aᵀ)·Bᵀ)` after the base product, where the adapter changes the map.
+        let mut adapt = |layer: usize, target: Target, x: &[f32], y: &mut [f32]| {
+            if let Some(delta) = lora.and_then(|l| l.delta(layer, target)) {
+                delta.add_to(x, y, &mut lu, &mut lt);
+            }
+        };
+        for (li, l) in self.layers.iter().enumerate() {
             l.q.forward(&h, &mut q);
+            adapt(li, Target::Query, &h, &mut q);
             l.k.forward(&h, &mut k);
+            adapt(li, Target::Key, &h, &mut k);
             l.v.forward(&h, &mut v);
+            adapt(li, Target::Value, &h, &mut v);
             ctx.iter_mut().for_each(|c| *c = 0.0);
             // Keys transposed to [dim, tokens], so one query's scores against all keys are
             // independent chains side by side (vectorisable); each score is still
@@ -247,13 +282,16 @@ impl Bert {
                 }
             }
             l.o.forward(&ctx, &mut a);
+            adapt(li, Target::AttentionOutput, &ctx, &mut a);
             for (x, r) in a.iter_mut().zip(&h) {
                 *x += r;
             }
             layer_norm(&mut a, &l.ln1.gamma, &l.ln1.beta, l.ln1.eps);
             l.up.forward(&a, &mut u);
+            adapt(li, Target::Intermediate, &a, &mut u);
             gelu(&mut u);
             l.down.forward(&u, &mut f);
+            adapt(li, Target::Output, &u, &mut f);
             for (x, r) in f.iter_mut().zip(&a) {
                 *x += r;
             }

@@ -21,7 +21,14 @@ use tract_onnx::prelude::*;
 use crate::bert::Bert;
 use crate::bundle::{offset_in, Bundle};
 use crate::error::{Error, Result};
+use crate::lora::Lora;
 use crate::tokenizer::Tokenizer;
+
+/// Longest text [`Encoder::embed_texts`] accepts. The encoder reads at most the manifest's
+/// `max_tokens` (128) tokens of a text, a few hundred bytes of English, and cuts the rest, as
+/// sentence-transformers does; a text far longer than that is a caller's mistake, refused
+/// before it is tokenised.
+pub const MAX_TEXT_BYTES: usize = 64 << 10;
 
 /// A runnable, optimised tract plan.
 pub type Plan = Arc<TypedRunnableModel>;
@@ -126,6 +133,22 @@ fn narrow_weights(model: &mut TypedModel) -> TractResult<usize> {
     Ok(narrowed)
 }
 
+/// Whether text number `i` is one [`Encoder::embed_texts`] accepts: not empty after trimming, at most
+/// [`MAX_TEXT_BYTES`].
+pub fn check_text(i: usize, t: &str) -> Result<()> {
+    if t.trim().is_empty() {
+        return Err(Error::InvalidText(format!("text {i} is empty")));
+    }
+    if t.len() > MAX_TEXT_BYTES {
+        return Err(Error::InvalidText(format!(
+            "text {i} is {} bytes long; the limit is {MAX_TEXT_BYTES} bytes (the encoder reads \
+             only its first 128 tokens, so cut it to those)",
+            t.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The int8 word-embedding table: per-row scales in memory, rows read from the open file.
 struct Table {
     file: File,
@@ -150,6 +173,8 @@ pub struct Encoder {
     max_tokens: usize,
     table: Table,
     runtime: Runtime,
+    /// The bundle's base model id, which adapters must name.
+    base_id: String,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -334,7 +359,22 @@ impl Encoder {
             max_tokens: spec.max_tokens,
             table,
             runtime: weights,
+            base_id: bundle.manifest.base_model.id.clone(),
         })
+    }
+
+    /// Read a PEFT LoRA adapter directory (ours or one trained elsewhere) and check that it
+    /// applies to this encoder: the same base model, LoRA on BERT's linear maps, shapes that
+    /// fit. Only the int8 runtime applies adapters.
+    pub fn load_adapter(&self, dir: &std::path::Path) -> Result<Lora> {
+        let Model::Native(bert) = &self.model else {
+            return Err(Error::InvalidOption(format!(
+                "adapters are applied by sglora's int8 kernels only, and this encoder runs on \
+                 tract ({}); load it with the int8 runtime (encoder_weights = \"int8\")",
+                self.runtime.name()
+            )));
+        };
+        Lora::from_dir(dir, &self.base_id, bert.layers(), |t| bert.shape(t))
     }
 
     /// Token ids (with special tokens, truncated) of `text`.
@@ -344,6 +384,11 @@ impl Encoder {
 
     /// Embed token ids: run the encoder, mean-pool over tokens, L2-normalise.
     pub fn embed_ids(&self, ids: &[u32]) -> Result<Embedding> {
+        self.embed_ids_with(ids, None)
+    }
+
+    /// [`Encoder::embed_ids`] with an adapter applied ([`Encoder::load_adapter`]).
+    pub fn embed_ids_with(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Embedding> {
         if ids.is_empty() {
             return Err(Error::InvalidDescription(
                 "the description produced no tokens".into(),
@@ -372,8 +417,13 @@ impl Encoder {
         }
         let hidden = match &self.model {
             Model::Native(bert) => bert
-                .forward(embeds)
+                .forward(embeds, lora)
                 .map_err(|e| Error::model("encoder", e))?,
+            Model::Tract(_) if lora.is_some() => {
+                return Err(Error::InvalidOption(
+                    "adapters are applied by sglora's int8 kernels only".into(),
+                ))
+            }
             Model::Tract(plan) => {
                 run_tract(plan, embeds, n, d).map_err(|e| Error::model("encoder", e))?
             }
@@ -403,6 +453,60 @@ impl Encoder {
     /// Tokenise and embed.
     pub fn embed(&self, text: &str) -> Result<Embedding> {
         self.embed_ids(&self.tokenize(text)?)
+    }
+
+    /// Embed many texts, with an adapter applied or not, on up to `threads` threads; the
+    /// embeddings come back in input order and each is the same bits as [`Encoder::embed`]
+    /// (with the adapter: [`Encoder::embed_ids_with`]) gives for it alone. Every text is checked
+    /// first (non-empty, at most [`MAX_TEXT_BYTES`]), so a bad one fails the call before any
+    /// work, naming its index.
+    pub fn embed_texts<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        lora: Option<&Lora>,
+        threads: usize,
+    ) -> Result<Vec<Embedding>> {
+        for (i, t) in texts.iter().enumerate() {
+            check_text(i, t.as_ref())?;
+        }
+        let threads = threads.clamp(1, texts.len().max(1));
+        if threads == 1 {
+            return texts
+                .iter()
+                .map(|t| self.embed_ids_with(&self.tokenize(t.as_ref())?, lora))
+                .collect();
+        }
+        // Texts are dealt out by index; each thread returns what it embedded.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done: Vec<Vec<(usize, Result<Embedding>)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(text) = texts.get(i) else { break mine };
+                            let r = self
+                                .tokenize(text.as_ref())
+                                .and_then(|ids| self.embed_ids_with(&ids, lora));
+                            mine.push((i, r));
+                        }
+                    })
+                })
+                .collect();
+            // A worker that panicked returns nothing; its texts are reported below.
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        let mut out: Vec<Option<Result<Embedding>>> = (0..texts.len()).map(|_| None).collect();
+        for (i, r) in done.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::model("encoder", "a worker thread failed"))))
+            .collect()
     }
 
     /// Embedding size.

@@ -29,6 +29,9 @@ pub enum Error {
     /// The task description cannot be used (empty, too long, control characters, …).
     #[error("invalid description: {0}")]
     InvalidDescription(String),
+    /// A text to embed cannot be used (empty, too long).
+    #[error("invalid text: {0}")]
+    InvalidText(String),
     /// A generation option is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -71,6 +74,15 @@ pub enum Error {
         stage: &'static str,
         /// The runtime's message.
         message: String,
+    },
+    /// An adapter directory cannot be applied to this bundle's base model (another base model,
+    /// PEFT method, module or shape, a damaged file).
+    #[error("adapter {}: {what}", path.display())]
+    Adapter {
+        /// The adapter directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
     },
     /// The adapter could not be delivered where it was asked for.
     #[error("output {}: {what}", path.display())]

@@ -33,6 +33,7 @@ mod gain;
 mod generator;
 mod kernels;
 mod le;
+mod lora;
 mod onnx_graph;
 mod options;
 mod prior;
@@ -50,12 +51,13 @@ pub use bundle::{
     RetrievalSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
 };
 pub use cvae::{Cvae, LatentPrior, Normalisation};
-pub use encoder::{Embedding, Encoder, Runtime};
+pub use encoder::{check_text, Embedding, Encoder, Runtime, MAX_TEXT_BYTES};
 pub use error::{Error, Result};
 pub use experts::{ExpertMeta, Experts, Keys};
 pub use gain::{ExpectedGain, Feature, Features, GainModel};
 pub use generator::Generator;
 pub use le::{f32s_from_le, f32s_to_le};
+pub use lora::{Lora, Target, MAX_ADAPTER_BYTES};
 pub use options::{GenerateOptions, ResolvedOptions};
 pub use prior::{mixture, retrieve, similarities, Prior, Retrieved};
 pub use rng::Rng;

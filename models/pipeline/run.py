@@ -48,6 +48,10 @@ def main(argv=None):
         from .evaluate import eval_adapter
 
         return eval_adapter(argv[1:])
+    if argv and argv[0] == "embed-parity":
+        from .evaluate import embed_parity
+
+        return embed_parity(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiny", action="store_true", help="a handful of tasks and steps (CI smoke run, <= 10 min)")
     ap.add_argument("--stage", default="all", help=f"run up to and including this stage: {', '.join(STAGES)}")

@@ -171,6 +171,77 @@ fn bench_encoder(
 }
 
 // ---------------------------------------------------------------------------------------------
+// 7. Embeddings with an adapter applied
+
+/// Peak RSS (kB) of `sglora embed` (the binary under test) run on 32 copies of `text` with the
+/// adapter, in a process of its own.
+fn embed_peak_rss_kb(bundle: &Path, adapter: &Path, text: &str) -> Res<u64> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sglora"))
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["embed", "--adapter"])
+        .arg(adapter)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let input = format!("{text}\n").repeat(32);
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(input.as_bytes())?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid, and wait4 fills it for the child we spawned.
+    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as nix::libc::pid_t;
+    // SAFETY: waiting for our own child with valid out-pointers.
+    let r = unsafe { nix::libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r != pid || status != 0 {
+        return Err(format!("sglora embed: wait4 {r}, status {status}").into());
+    }
+    Ok(usage.ru_maxrss as u64)
+}
+
+/// texts/s at batch 1 and 32 for the 20-word text, base and with a generated adapter, on one
+/// thread and (batch 32) on every core; peak RSS of `sglora embed` with the adapter.
+fn bench_embed(g: &Generator, bundle: &Path, text: &str, quick: bool) -> Res<Value> {
+    let dir = tempfile::tempdir()?;
+    let adapter = dir.path().join("adapter");
+    let desc = "Given an adjective, find the word with the opposite meaning.";
+    g.generate_to(desc, &GenerateOptions::default(), &adapter, false)?;
+    let enc = g.encoder();
+    let lora = enc.load_adapter(&adapter)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let reps = if quick { 5 } else { 30 };
+    let mut out = serde_json::Map::new();
+    for (name, l) in [("base", None), ("adapter", Some(&lora))] {
+        let mut rows = serde_json::Map::new();
+        for (batch, threads) in [(1usize, 1usize), (32, 1), (32, cores)] {
+            let texts = vec![text; batch];
+            let n = if batch == 1 { reps } else { (reps / 6).max(3) };
+            enc.embed_texts(&texts, l, threads)?; // warm-up
+            let d = time_n(n, || {
+                std::hint::black_box(enc.embed_texts(&texts, l, threads)?);
+                Ok(())
+            })?;
+            rows.insert(
+                format!("{batch}x{threads}"),
+                json!({"batch": batch, "threads": threads, "ms": d, "texts_per_s": batch as f64 * 1e3 / d.p50}),
+            );
+        }
+        out.insert(name.into(), Value::Object(rows));
+    }
+    out.insert("cores".into(), json!(cores));
+    out.insert(
+        "peak_rss_kb".into(),
+        json!(embed_peak_rss_kb(bundle, &adapter, text)?),
+    );
+    Ok(Value::Object(out))
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2. Generation (cache miss), per stage
 
 fn bench_generation(g: &Generator, descs: &[String], quick: bool) -> Res<Value> {
@@ -832,6 +903,71 @@ fn markdown(r: &Value, py: &Value) -> String {
             row["x_floor"].as_f64().unwrap_or(0.0),
         );
     }
+    // 7. embeddings with an adapter
+    let e = &r["embed"];
+    let pe = &py["embeddings"];
+    let tps = |v: &Value| v["texts_per_s"].as_f64();
+    let cell = |x: Option<f64>| x.map_or("–".to_string(), |x| format!("{x:.0}"));
+    let rss = |kb: &Value| {
+        kb.as_f64()
+            .map_or("–".to_string(), |k| format!("{:.0}", k / 1024.0))
+    };
+    let _ = writeln!(
+        w,
+        "\n## 7. Embeddings with an adapter (`sglora embed`, `Embed`)\n\nThe 20-word text, texts/s (from the p50 time of a batch; batch 32 = 32 copies of it, no padding anywhere); one thread unless a row says otherwise. The adapter is a generated one (r = 8 on query and value); onnxruntime runs it merged into the bundle's int8 encoder (W + (α/r)·BA re-quantised per output column: cosine {:.4} to PEFT on this text), sentence-transformers applies it with PEFT. Peak RSS: a process of its own that loads the stack and embeds 32 texts.\n",
+        pe["merged_vs_peft_cosine"].as_f64().unwrap_or(f64::NAN)
+    );
+    let _ = writeln!(
+        w,
+        "| stack | batch 1 | batch 32 | peak RSS MB |\n|---|---|---|---|"
+    );
+    let cores = e["cores"].as_u64().unwrap_or(1);
+    for (label, key) in [
+        ("sglora, base model", "base"),
+        ("sglora, with the adapter", "adapter"),
+    ] {
+        let _ = writeln!(
+            w,
+            "| {label} | {} | {} ({} on {cores} threads) | {} |",
+            cell(tps(&e[key]["1x1"])),
+            cell(tps(&e[key]["32x1"])),
+            cell(tps(&e[key][format!("32x{cores}")])),
+            if key == "adapter" {
+                rss(&e["peak_rss_kb"])
+            } else {
+                "".into()
+            },
+        );
+    }
+    for (label, key) in [
+        ("onnxruntime int8, base model", "ort_int8_base"),
+        ("onnxruntime int8, merged model", "ort_int8_merged"),
+        ("sentence-transformers (PyTorch fp32), base", "st_base"),
+        ("sentence-transformers + PEFT", "st_peft"),
+    ] {
+        let _ = writeln!(
+            w,
+            "| {label} | {} | {} | {} |",
+            cell(tps(&pe[key]["1"])),
+            cell(tps(&pe[key]["32"])),
+            rss(&pe["peak_rss_kb"][key]),
+        );
+    }
+    for (batch, ours, theirs) in [(1, "1x1", "1"), (32, "32x1", "32")] {
+        let (o, t) = (
+            tps(&e["adapter"][ours]),
+            tps(&pe["ort_int8_merged"][theirs]),
+        );
+        if let (Some(o), Some(t)) = (o, t) {
+            let _ = writeln!(
+                w,
+                "\nGoal at batch {batch}: with an adapter no slower than onnxruntime int8 on the merged model: **{}** ({o:.0} vs {t:.0} texts/s, {:.2}×).",
+                if o >= t { "met" } else { "missed" },
+                o / t
+            );
+        }
+    }
+
     if let Some(v) = py.get("versions") {
         let _ = writeln!(w, "\nPython side: {v}");
     }
@@ -881,6 +1017,9 @@ fn main() -> Res<()> {
     println!("5. footprint, 6. floor");
     let footprint = footprint(&a.bundle)?;
     let fl = floor(&g, &encoder["int8"], &generation);
+    println!("7. embeddings with an adapter");
+    let embed = bench_embed(&g, &a.bundle, &enc_texts["20"], a.quick)?;
+    println!("  {embed}");
 
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -898,7 +1037,7 @@ fn main() -> Res<()> {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "quick": a.quick, "encoder": encoder, "generation": generation, "cache": cache,
         "encoder_weights": g.encoder().runtime().name(),
-        "daemon": daemon, "footprint": footprint, "floor": fl,
+        "daemon": daemon, "footprint": footprint, "floor": fl, "embed": embed,
     });
     let py: Value = match &a.python {
         Some(p) => serde_json::from_slice(&std::fs::read(p)?)?,

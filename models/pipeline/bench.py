@@ -8,7 +8,11 @@ encoder, for the Rust side's int8-vs-fp32 row). Measures:
   sentence-transformers (PyTorch fp32), for the 5/20/100-word descriptions;
 - generation on a cache miss with the pipeline's own stack (sentence-transformers encoder, numpy
   retrieval and mixture from pipeline.prior, the PyTorch CVAE with the bundle's weights, PEFT
-  safetensors written and fsynced like the device does), stage by stage.
+  safetensors written and fsynced like the device does), stage by stage;
+- embeddings with an adapter (the last generated one, kept in OUT/bench-adapter): onnxruntime
+  int8 running the merged model (W + (alpha/r)·BA folded into the bundle's int8 encoder and
+  re-quantised per output column) and sentence-transformers + PEFT, texts/s at batch 1 and 32 for
+  the 20-word text, and each stack's peak RSS in a process of its own.
 """
 
 from __future__ import annotations
@@ -42,6 +46,143 @@ def timed(fn, reps, warm=3):
         t = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def merged_int8(bundle: str, adapter: str, out: str) -> str:
+    """The bundle's int8 encoder with the adapter folded in: for every adapted MatMul, the int8
+    weight is dequantised, W += (alpha/r)·(B·A)ᵀ added, and re-quantised per output column as
+    the bundle's export does. What a user without sglora would run in onnxruntime."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    s = cfg["lora_alpha"] / cfg["r"]
+    t = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    m = onnx.load(os.path.join(bundle, "encoder.onnx"))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    deq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    done = 0
+    for n in g.node:
+        if n.op_type != "MatMul" or n.input[1] not in deq or "/attention/self/" not in n.name:
+            continue
+        layer = n.name.split("layer.")[1].split("/")[0]
+        module = n.name.split("/attention/self/")[1].split("/")[0]
+        key = f"base_model.model.encoder.layer.{layer}.attention.self.{module}"
+        if key + ".lora_A.weight" not in t:
+            continue
+        d = deq[n.input[1]]
+        q, scale = numpy_helper.to_array(inits[d.input[0]]), numpy_helper.to_array(inits[d.input[1]])
+        w = q.astype(np.float32) * scale[None, :] + s * (t[key + ".lora_B.weight"] @ t[key + ".lora_A.weight"]).T
+        scale = np.abs(w).max(axis=0) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(w / scale[None, :]), -127, 127).astype(np.int8)
+        inits[d.input[0]].CopyFrom(numpy_helper.from_array(q, d.input[0]))
+        inits[d.input[1]].CopyFrom(numpy_helper.from_array(scale.astype(np.float32), d.input[1]))
+        done += 1
+    if done == 0:
+        raise SystemExit(f"no adapted module of {adapter} found in the encoder")
+    os.makedirs(out, exist_ok=True)
+    for f in ("tokenizer.json", "embeddings.safetensors"):
+        shutil.copy(os.path.join(bundle, f), os.path.join(out, f))
+    onnx.save(m, os.path.join(out, "encoder.onnx"))
+    return out
+
+
+# A process of its own per stack, for its peak RSS: load, then embed 32 texts at batch 32.
+PEAK_SCRIPTS = {
+    "ort_int8_merged": """
+import sys, numpy as np
+sys.path.insert(0, {models!r})
+from pipeline.export import OnnxEmbedder
+e = OnnxEmbedder({onnx!r}, {tok!r})
+ids = np.array([e.ids({text!r})] * 32, dtype=np.int64)
+e.sess.run(None, {{"inputs_embeds": e.table[ids].astype(np.float32), "attention_mask": np.ones_like(ids)}})
+""",
+    "st_peft": """
+import torch
+from peft import PeftModel
+from sentence_transformers import SentenceTransformer
+torch.set_num_threads(1)
+st = SentenceTransformer({base!r}, device="cpu")
+st[0].model = PeftModel.from_pretrained(st[0].model, {adapter!r}).eval()
+with torch.no_grad():
+    st.encode([{text!r}] * 32, batch_size=32, normalize_embeddings=True)
+""",
+}
+
+
+def peak_rss_kb(code: str) -> int:
+    """Peak RSS (kB) of a fresh Python running `code`."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"peak-RSS run exited {p.returncode}")
+    return int(usage.ru_maxrss)
+
+
+def bench_embeddings(a, bundle, adapter, text, st_model_dir, quick):
+    """texts/s at batch 1 and 32 with the adapter: onnxruntime int8 on the merged model, and
+    sentence-transformers + PEFT; base rows for both; peak RSS per stack."""
+    import torch
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    from .export import OnnxEmbedder
+
+    merged = merged_int8(bundle, adapter, os.path.join(a.out, "merged-int8"))
+    tok = os.path.join(bundle, "tokenizer.json")
+    ort_base = OnnxEmbedder(os.path.join(bundle, "encoder.onnx"), tok)
+    ort_merged = OnnxEmbedder(os.path.join(merged, "encoder.onnx"), tok, table=ort_base.table)
+    st_base = SentenceTransformer(st_model_dir, device="cpu")
+    st_lora = SentenceTransformer(st_model_dir, device="cpu")
+    st_lora[0].model = PeftModel.from_pretrained(st_lora[0].model, adapter).eval()
+    reps = 5 if quick else 30
+    out = {}
+
+    def ort_batch(e, n):
+        ids = np.array([e.ids(text)] * n, dtype=np.int64)
+        h = e.sess.run(None, {"inputs_embeds": e.table[ids].astype(np.float32), "attention_mask": np.ones_like(ids)})[0]
+        v = h.mean(1)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    for name, fn in (
+        ("ort_int8_base", lambda n: ort_batch(ort_base, n)),
+        ("ort_int8_merged", lambda n: ort_batch(ort_merged, n)),
+        ("st_base", lambda n: st_base.encode([text] * n, batch_size=n, normalize_embeddings=True)),
+        ("st_peft", lambda n: st_lora.encode([text] * n, batch_size=n, normalize_embeddings=True)),
+    ):
+        out[name] = {}
+        with torch.no_grad():
+            for batch in (1, 32):
+                d = dist(timed(lambda b=batch, f=fn: f(b), reps if batch == 1 else max(3, reps // 6)))
+                out[name][str(batch)] = {"ms": d, "texts_per_s": batch * 1e3 / d["p50"] if d["p50"] else 0.0}
+        print(
+            f"  embed {name}: {out[name]['1']['texts_per_s']:.0f} texts/s at batch 1, "
+            f"{out[name]['32']['texts_per_s']:.0f} at batch 32",
+            flush=True,
+        )
+    # Fidelity of the merged int8 model to PEFT (what the comparison runs is the same adapter).
+    with torch.no_grad():
+        ref = st_lora.encode([text], normalize_embeddings=True)[0]
+    out["merged_vs_peft_cosine"] = float(ort_merged(text) @ ref)
+    models = os.path.dirname(HERE)
+    fill = {
+        "models": models,
+        "onnx": os.path.join(merged, "encoder.onnx"),
+        "tok": tok,
+        "text": text,
+        "base": st_model_dir,
+        "adapter": adapter,
+    }
+    out["peak_rss_kb"] = {k: peak_rss_kb(v.format(**fill)) for k, v in PEAK_SCRIPTS.items()}
+    print(f"  embed peak RSS (kB): {out['peak_rss_kb']}", flush=True)
     return out
 
 
@@ -240,10 +381,18 @@ def main(argv=None):
                     for s, (ta, tb) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6)]):
                         stages[s].append((tb - ta) * 1e3)
                     total.append((t6 - t0) * 1e3)
+    # The last adapter written is the one the embedding section applies.
+    adapter = os.path.join(a.out, "bench-adapter")
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(os.path.join(tmp, f"a{n}"), adapter)
     shutil.rmtree(tmp, ignore_errors=True)
     gen = {"stages": {s: dist(v) for s, v in stages.items()}, "total": dist(total), "cvae_weights": wl}
     print(f"  generation (PyTorch stack): total p50 {gen['total']['p50']:.2f} ms", flush=True)
+    embeddings = bench_embeddings(
+        a, a.bundle, adapter, texts["encoder_by_words"]["20"], lora_mod.base_model_dir(), a.quick
+    )
     out = {
+        "embeddings": embeddings,
         "encoder": enc,
         "encoder_fidelity_cosine": fidelity,
         "generation": gen,

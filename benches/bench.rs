@@ -174,7 +174,8 @@ fn bench_encoder(
 // 7. Embeddings with an adapter applied
 
 /// Peak RSS (kB) of `sglora embed` (the binary under test) run on 32 copies of `text` with the
-/// adapter, in a process of its own.
+/// adapter, in a process of its own: its VmHWM, polled every millisecond until it exits (VmHWM
+/// only grows; `ru_maxrss` of a child would count the forked copy of this process too).
 fn embed_peak_rss_kb(bundle: &Path, adapter: &Path, text: &str) -> Res<u64> {
     use std::io::Write;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sglora"))
@@ -186,22 +187,21 @@ fn embed_peak_rss_kb(bundle: &Path, adapter: &Path, text: &str) -> Res<u64> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    let input = format!("{text}\n").repeat(32);
-    child
-        .stdin
-        .take()
-        .ok_or("no stdin")?
-        .write_all(input.as_bytes())?;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid, and wait4 fills it for the child we spawned.
-    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as nix::libc::pid_t;
-    // SAFETY: waiting for our own child with valid out-pointers.
-    let r = unsafe { nix::libc::wait4(pid, &mut status, 0, &mut usage) };
-    if r != pid || status != 0 {
-        return Err(format!("sglora embed: wait4 {r}, status {status}").into());
+    let pid = child.id() as i32;
+    let mut peak = 0;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin.write_all(format!("{text}\n").repeat(32).as_bytes())?;
+    drop(stdin);
+    loop {
+        peak = peak.max(common::bus::proc_status_kb(pid, "VmHWM"));
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                return Err(format!("sglora embed: {status}").into());
+            }
+            return Ok(peak);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    Ok(usage.ru_maxrss as u64)
 }
 
 /// texts/s at batch 1 and 32 for the 20-word text, base and with a generated adapter, on one

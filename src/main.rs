@@ -82,6 +82,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write an adapter in a form another runtime loads: `onnx-merged` (the bundle's encoder with
+    /// the adapter folded in, inputs `input_ids`/`attention_mask`, output `last_hidden_state`;
+    /// fp32, or `--int8`), or `peft` (a copy of the PEFT directory).
+    Export {
+        /// A PEFT LoRA adapter directory for this base model.
+        adapter: PathBuf,
+        /// What to write.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// onnx-merged: int8 weights per output column, like the bundle's encoder (~4× smaller).
+        #[arg(long)]
+        int8: bool,
+        /// Where to write it (a file for onnx-merged, a directory for peft); must not exist.
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+    },
     /// List the expert repository.
     Experts {
         /// Print JSON.
@@ -95,6 +111,14 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// A self-contained ONNX encoder with the adapter merged into its weights.
+    OnnxMerged,
+    /// The PEFT directory itself (adapter_config.json, adapter_model.safetensors), checked.
+    Peft,
 }
 
 #[derive(clap::Args)]
@@ -315,6 +339,87 @@ fn embed(
     Ok(())
 }
 
+/// `sglora export`: the adapter is checked against the bundle first, then written atomically to a
+/// path that must not exist (a temporary file beside it, fsynced, linked into place without
+/// replacing anything).
+fn export(
+    bundle: PathBuf,
+    adapter: PathBuf,
+    format: ExportFormat,
+    int8: bool,
+    output: PathBuf,
+) -> anyhow::Result<()> {
+    let g = Generator::load(bundle)?;
+    let lora = g.encoder().load_adapter(&adapter)?;
+    let exists = |p: &Path| sglora::Error::Output {
+        path: p.to_path_buf(),
+        what: "already exists; choose another path or remove it first".into(),
+    };
+    if output.symlink_metadata().is_ok() {
+        bail!(exists(&output));
+    }
+    match format {
+        ExportFormat::Peft => {
+            if int8 {
+                bail!(sglora::Error::InvalidOption(
+                    "--int8 applies to onnx-merged only".into()
+                ));
+            }
+            let read = |name: &str| -> anyhow::Result<Vec<u8>> {
+                std::fs::read(adapter.join(name)).with_context(|| format!("reading {name}"))
+            };
+            let weights = read(sglora::WEIGHTS_FILE)?;
+            let weights_sha256 = sglora::sha256_hex(&weights);
+            if weights_sha256 != lora.weights_sha256() {
+                bail!(sglora::Error::Adapter {
+                    path: adapter.clone(),
+                    what: "changed while it was exported; try again".into(),
+                });
+            }
+            let provenance = if adapter.join(sglora::PROVENANCE_FILE).is_file() {
+                read(sglora::PROVENANCE_FILE)?
+            } else {
+                serde_json::to_vec_pretty(&serde_json::json!({
+                    "exported_by": "sglora export", "source": adapter, "weights_sha256": weights_sha256,
+                }))?
+            };
+            let files = sglora::AdapterFiles {
+                weights,
+                weights_sha256,
+                config: read(sglora::CONFIG_FILE)?,
+                provenance,
+            };
+            sglora::write_atomic(&output, &files, false)?;
+            println!(
+                "{}: PEFT adapter ({} modules, r = {})",
+                output.display(),
+                lora.modules(),
+                lora.rank()
+            );
+        }
+        ExportFormat::OnnxMerged => {
+            let precision = if int8 {
+                sglora::Precision::Int8
+            } else {
+                sglora::Precision::Fp32
+            };
+            let bytes = sglora::onnx_merged(g.bundle(), &lora, precision)?;
+            sglora::write_file_atomic(&output, &bytes).map_err(|e| match e {
+                sglora::Error::Output { .. } if output.exists() => exists(&output),
+                e => e,
+            })?;
+            println!(
+                "{}: ONNX encoder with the adapter merged ({}, {} bytes; inputs input_ids, \
+                 attention_mask; output last_hidden_state: mean-pool over the mask, then L2)",
+                output.display(),
+                if int8 { "int8 weights" } else { "fp32" },
+                bytes.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn options(a: &GenArgs, seed: u64, noise_scale: Option<f64>) -> GenerateOptions {
     GenerateOptions {
         seed,
@@ -427,6 +532,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             adapter,
             json,
         } => embed(bundle_dir(cli.bundle.as_deref()), texts, adapter, json),
+        Command::Export {
+            adapter,
+            format,
+            int8,
+            output,
+        } => export(
+            bundle_dir(cli.bundle.as_deref()),
+            adapter,
+            format,
+            int8,
+            output,
+        ),
         Command::Experts { json } => {
             let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
             let ex = g.experts();

@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 MIN_COSINE = 0.99
+# `sglora export --format onnx-merged` run in onnxruntime, against PEFT (fp32 / --int8).
+MIN_COSINE_MERGED = {"fp32": 0.999, "int8": 0.99}
 GENERATED = [
     ("Given an animal, find the broader category it is a kind of.", 0),
     ("Given an adjective, find the word with the opposite meaning.", 3),
@@ -74,6 +76,53 @@ def reference(texts, adapter=None):
     with torch.no_grad():
         e = st.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)
     return e.float()
+
+
+def onnxruntime_merged(path, texts):
+    """A merged ONNX file as any runtime would run it: tokenizer.json with padding, batches of 32,
+    mean pooling over the mask, L2."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(os.path.dirname(__file__), "..", "models", "default", "tokenizer.json"))
+    tok.enable_truncation(128)
+    tok.enable_padding()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = []
+    for i in range(0, len(texts), 32):
+        enc = tok.encode_batch(texts[i : i + 32])
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        h = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+        v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        out.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    return torch.tensor(np.concatenate(out), dtype=torch.float32)
+
+
+def check_merged(binary, bundle, adapter, want, texts, work, tag):
+    """Export `adapter` merged (fp32 and int8), run both in onnxruntime; (ok, report rows)."""
+    ok, rows = True, []
+    for precision in ("fp32", "int8"):
+        out = os.path.join(work, f"{tag}-{precision}.onnx")
+        if os.path.exists(out):
+            os.remove(out)
+        cmd = [binary, "--bundle", bundle, "export", adapter, "--format", "onnx-merged", "-o", out]
+        if precision == "int8":
+            cmd.append("--int8")
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"FAIL: {' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
+        cos = (onnxruntime_merged(out, texts) * want).sum(-1)
+        good = bool(cos.min() >= MIN_COSINE_MERGED[precision])
+        ok &= good
+        size = os.path.getsize(out)
+        rows.append({"export": f"onnx-merged {precision}", "adapter": tag, "bytes": size, "min": float(cos.min())})
+        print(
+            f"{'ok  ' if good else 'FAIL'} onnx-merged {precision} ({size / 1e6:.1f} MB) in onnxruntime: cosine "
+            f"to PEFT min {cos.min():.5f} mean {cos.mean():.5f} (bar {MIN_COSINE_MERGED[precision]})"
+        )
+    return ok, rows
 
 
 def trained_elsewhere(work):
@@ -152,6 +201,10 @@ def main():
         nearer = float(cos.mean() - (got * base_ref).sum(-1).mean())
         ok = bool(cos.min() >= MIN_COSINE) and (d is None or nearer > 0.01)
         failed += not ok
+        if d is not None:
+            merged_ok, rows = check_merged(a.sglora, a.bundle, d, want, texts, a.work, os.path.basename(d))
+            failed += not merged_ok
+            report.extend(rows)
         report.append(
             {"adapter": what, "texts": len(texts), "min": float(cos.min()), "mean": float(cos.mean()), "moved": moved}
         )

@@ -115,16 +115,21 @@ with torch.no_grad():
 
 
 def peak_rss_kb(code: str) -> int:
-    """Peak RSS (kB) of a fresh Python running `code`."""
+    """Peak RSS (kB) of a fresh Python running `code`: its own VmHWM, read as it ends (the
+    kernel's ru_maxrss of a child would count the forked copy of this big process too)."""
     import subprocess
     import sys
 
-    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    tail = "\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+    p = subprocess.run(
+        [sys.executable, "-c", code + tail],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
-        raise SystemExit(f"peak-RSS run exited {p.returncode}")
-    return int(usage.ru_maxrss)
+        raise SystemExit(f"peak-RSS run exited {p.returncode}: {p.stderr[-2000:]}")
+    return int(p.stdout.split()[-1])
 
 
 def bench_embeddings(a, bundle, adapter, text, st_model_dir, quick):

@@ -287,6 +287,47 @@ fn unique_suffix() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
+/// Write one file atomically and without replacing anything: `bytes` go to a temporary file
+/// beside `dest` (mode 0644 before the umask), are fsynced, and the file is linked into place
+/// (`link` fails if `dest` exists, so nothing is ever overwritten), then the directory is
+/// fsynced. A reader sees no file or the whole file.
+pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let name = dest.file_name().ok_or_else(|| Error::Output {
+        path: dest.into(),
+        what: "has no final path component".into(),
+    })?;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        unique_suffix()
+    ));
+    let result = (|| {
+        create_synced(&tmp, bytes, 0o644).map_err(|e| Error::Output {
+            path: dest.into(),
+            what: format!(
+                "cannot write a file in {}: {e} (is it writable?)",
+                parent.display()
+            ),
+        })?;
+        fs::hard_link(&tmp, dest).map_err(|e| Error::Output {
+            path: dest.into(),
+            what: match e.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    "already exists; choose another path or remove it first".into()
+                }
+                _ => format!("cannot be created: {e}"),
+            },
+        })
+    })();
+    let _ = fs::remove_file(&tmp);
+    result?;
+    sync_dir(&parent)
+}
+
 /// Remove temporary directories that [`write_atomic`] left in `dir` when its process was killed
 /// mid-write (`.NAME.tmp-PID-NANOS`). Call it only where this process is the sole writer (the
 /// daemon's outbox at start-up). Returns how many were removed; links are removed, not followed.

@@ -110,6 +110,7 @@ pub struct Lora {
     scale: f64,
     modules: usize,
     dir: PathBuf,
+    weights_sha256: String,
 }
 
 /// Where and what: the error for an adapter directory that cannot be applied.
@@ -469,7 +470,9 @@ impl Lora {
             });
         }
         let modules = out.iter().flatten().flatten().count();
+        let weights_sha256 = crate::bundle::sha256_hex(&bytes);
         Ok(Lora {
+            weights_sha256,
             layers: out,
             r,
             alpha,
@@ -482,6 +485,20 @@ impl Lora {
     /// The map of `target` in `layer`, if the adapter changes it.
     pub(crate) fn delta(&self, layer: usize, target: Target) -> Option<&Delta> {
         self.layers.get(layer)?[target.index()].as_ref()
+    }
+
+    /// Every adapted map: (layer, target, its low-rank map), in forward order.
+    pub(crate) fn deltas(&self) -> impl Iterator<Item = (usize, Target, &Delta)> {
+        self.layers.iter().enumerate().flat_map(|(l, ts)| {
+            Target::ALL
+                .into_iter()
+                .filter_map(move |t| ts[t.index()].as_ref().map(|d| (l, t, d)))
+        })
+    }
+
+    /// Hex SHA-256 of its `adapter_model.safetensors`.
+    pub fn weights_sha256(&self) -> &str {
+        &self.weights_sha256
     }
 
     /// Layers of the base encoder it was checked against.

@@ -1,0 +1,422 @@
+//! Adapters for other runtimes: the bundle's encoder with a LoRA adapter folded into its weights,
+//! as a self-contained ONNX file (`sglora export --format onnx-merged`).
+//!
+//! The file is what a Hugging Face export of the merged model looks like to its user: inputs
+//! `input_ids` and `attention_mask` (int64, `[batch, seq]`), output `last_hidden_state`
+//! (`[batch, seq, 384]`); mean-pool it over the mask and L2-normalise, with the bundle's
+//! `tokenizer.json`, to get what `sglora embed --adapter` gives. (Token types are always 0, as for
+//! single-text embeddings; the graph computes them from the mask.) It is made from the bundle's
+//! own `encoder.onnx` by editing the graph, not by re-exporting a model:
+//!
+//! - the word-embedding lookup is put in front (`Gather` of `input_ids`; in the int8 file a
+//!   `Gather` of the int8 rows times their per-row scales, as the bundle stores them);
+//! - each adapted map's weight becomes `W + (α/r)·(B·A)ᵀ`, the low-rank product computed by the
+//!   same fixed-order kernels `sglora embed` uses; fp32 dequantises every weight, `int8`
+//!   re-quantises the adapted ones per output column (symmetric, like the bundle's export) and
+//!   keeps the others byte for byte.
+//!
+//! The base weights are the bundle's int8 values either way (the device has no others), so the
+//! fp32 file is as close to PyTorch as the bundle's encoder is (cosine ≥ 0.999).
+
+use std::collections::{HashMap, HashSet};
+
+use prost::Message;
+use tract_onnx::pb::{
+    attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, StringStringEntryProto,
+    TensorProto,
+};
+use tract_onnx::prelude::Framework;
+
+use crate::bundle::Bundle;
+use crate::error::{Error, Result};
+use crate::lora::Lora;
+
+// ONNX TensorProto.DataType values.
+const FLOAT: i32 = 1;
+const INT8: i32 = 3;
+const INT64: i32 = 7;
+
+/// Where the merged weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Every weight fp32 (~90 MB).
+    Fp32,
+    /// int8 weights with a scale per output column, as the bundle's encoder (~24 MB).
+    Int8,
+}
+
+fn bad(bundle: &Bundle, what: impl std::fmt::Display) -> Error {
+    Error::bundle(
+        bundle.path(&bundle.manifest.encoder.file),
+        format!("cannot be exported: {what}"),
+    )
+}
+
+fn tensor(name: &str, data_type: i32, dims: &[usize], raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.to_string(),
+        data_type,
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> NodeProto {
+    NodeProto {
+        op_type: op.to_string(),
+        name: name.to_string(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.to_string()],
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+/// The values of an int8 or fp32 tensor, whichever field holds them.
+fn i8_values(t: &TensorProto) -> Vec<i8> {
+    if t.raw_data.is_empty() {
+        t.int32_data.iter().map(|&v| v as i8).collect()
+    } else {
+        t.raw_data.iter().map(|&b| b as i8).collect()
+    }
+}
+
+fn f32_values(t: &TensorProto) -> Vec<f32> {
+    if t.raw_data.is_empty() {
+        t.float_data.clone()
+    } else {
+        crate::le::f32s_from_le(&t.raw_data).collect()
+    }
+}
+
+/// Symmetric per-output-column int8 of `w` (`[k, n]` row-major): `(q, scale)`.
+fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut scale = vec![0f32; n];
+    for row in w.chunks_exact(n) {
+        for (s, &x) in scale.iter_mut().zip(row) {
+            *s = s.max(x.abs());
+        }
+    }
+    for s in &mut scale {
+        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+    }
+    let mut q = Vec::with_capacity(k * n);
+    for row in w.chunks_exact(n) {
+        for (&x, &s) in row.iter().zip(&scale) {
+            q.push((x / s).round_ties_even().clamp(-127.0, 127.0) as i8);
+        }
+    }
+    (q, scale)
+}
+
+/// The bundle's encoder with `lora` merged in, as ONNX bytes (module docs).
+pub fn onnx_merged(bundle: &Bundle, lora: &Lora, precision: Precision) -> Result<Vec<u8>> {
+    let spec = &bundle.manifest.encoder;
+    let bytes = bundle.read(&spec.file)?;
+    let mut model: ModelProto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| bad(bundle, format!("not a readable ONNX file: {e:#}")))?;
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| bad(bundle, "no graph"))?;
+    let d = spec.dim;
+
+    // Weight value name → its DequantizeLinear node (index), and initialisers by name.
+    let dq_of: HashMap<String, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "DequantizeLinear")
+        .map(|(i, n)| (n.output[0].clone(), i))
+        .collect();
+    let init_at: HashMap<String, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let init = |name: &str| -> Result<usize> {
+        init_at
+            .get(name)
+            .copied()
+            .ok_or_else(|| bad(bundle, format!("no initialiser {name}")))
+    };
+    // Dequantised weight `[k, n]` behind DequantizeLinear `di`.
+    let dequantised =
+        |graph: &tract_onnx::pb::GraphProto, di: usize| -> Result<(usize, usize, Vec<f32>)> {
+            let dq = &graph.node[di];
+            let q = &graph.initializer[init(&dq.input[0])?];
+            let s = f32_values(&graph.initializer[init(&dq.input[1])?]);
+            let [k, n] = q.dims[..] else {
+                return Err(bad(
+                    bundle,
+                    format!("{}: weight of shape {:?}", dq.output[0], q.dims),
+                ));
+            };
+            let (k, n) = (k as usize, n as usize);
+            if s.len() != n {
+                return Err(bad(
+                    bundle,
+                    format!("{}: {} scales for {n} columns", dq.output[0], s.len()),
+                ));
+            }
+            let qv = i8_values(q);
+            let w = qv
+                .chunks_exact(n)
+                .flat_map(|row| row.iter().zip(&s).map(|(&q, &s)| f32::from(q) * s))
+                .collect();
+            Ok((k, n, w))
+        };
+
+    // Each adapted map: the weight value its MatMul multiplies by, and the added ΔW.
+    let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
+    for (layer, target, delta) in lora.deltas() {
+        let name = format!(
+            "/model/encoder/layer.{layer}/{}/MatMul",
+            target.path().replace('.', "/")
+        );
+        let mm = graph
+            .node
+            .iter()
+            .find(|n| n.name == name && n.op_type == "MatMul")
+            .ok_or_else(|| bad(bundle, format!("no MatMul node {name}")))?;
+        let w = mm.input[1].clone();
+        let di = *dq_of.get(&w).ok_or_else(|| {
+            bad(
+                bundle,
+                format!("{name}: weight is not int8 behind DequantizeLinear"),
+            )
+        })?;
+        let (k, n, mut wv) = dequantised(graph, di)?;
+        // ΔW row i = s·(e_i·Aᵀ)·Bᵀ, by the kernels `sglora embed` runs.
+        let mut eye = vec![0f32; k * k];
+        for i in 0..k {
+            eye[i * k + i] = 1.0;
+        }
+        let mut dw = vec![0f32; k * n];
+        let (mut u, mut t) = (Vec::new(), Vec::new());
+        delta.add_to(&eye, &mut dw, &mut u, &mut t);
+        for (x, y) in wv.iter_mut().zip(&dw) {
+            *x += y;
+        }
+        merged.insert(w, wv);
+    }
+
+    match precision {
+        Precision::Fp32 => {
+            // Every DequantizeLinear becomes an fp32 initialiser under its output's name.
+            let mut drop_inits = HashSet::new();
+            let mut added = Vec::new();
+            let mut dqs: Vec<usize> = dq_of.values().copied().collect();
+            dqs.sort_unstable();
+            for &di in &dqs {
+                let out = graph.node[di].output[0].clone();
+                let (k, n, w) = match merged.remove(&out) {
+                    Some(w) => {
+                        let q = &graph.initializer[init(&graph.node[di].input[0])?];
+                        (q.dims[0] as usize, q.dims[1] as usize, w)
+                    }
+                    None => dequantised(graph, di)?,
+                };
+                added.push(tensor(&out, FLOAT, &[k, n], crate::le::f32s_to_le(&w)));
+                drop_inits.extend(graph.node[di].input.iter().cloned());
+            }
+            let keep: HashSet<usize> = (0..graph.node.len()).filter(|i| !dqs.contains(i)).collect();
+            graph.node = std::mem::take(&mut graph.node)
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| keep.contains(i))
+                .map(|(_, n)| n)
+                .collect();
+            graph.initializer.retain(|t| !drop_inits.contains(&t.name));
+            graph.initializer.extend(added);
+        }
+        Precision::Int8 => {
+            for (w, wv) in merged.drain() {
+                let dq = graph.node[dq_of[&w]].clone();
+                let qi = init(&dq.input[0])?;
+                let si = init(&dq.input[1])?;
+                let (k, n) = (
+                    graph.initializer[qi].dims[0] as usize,
+                    graph.initializer[qi].dims[1] as usize,
+                );
+                let (q, s) = quantize_columns(&wv, k, n);
+                graph.initializer[qi] = tensor(
+                    &dq.input[0],
+                    INT8,
+                    &[k, n],
+                    q.iter().map(|&x| x as u8).collect(),
+                );
+                graph.initializer[si] =
+                    tensor(&dq.input[1], FLOAT, &[n], crate::le::f32s_to_le(&s));
+            }
+        }
+    }
+
+    // The word-embedding lookup in front: `input_ids` → `inputs_embeds`.
+    let (rows, scales) = word_embeddings(bundle, d)?;
+    let vocab = scales.len();
+    let mut front = Vec::new();
+    match precision {
+        Precision::Fp32 => {
+            let table: Vec<f32> = rows
+                .chunks_exact(d)
+                .zip(&scales)
+                .flat_map(|(r, &s)| r.iter().map(move |&q| f32::from(q) * s))
+                .collect();
+            graph.initializer.push(tensor(
+                "word_embeddings",
+                FLOAT,
+                &[vocab, d],
+                crate::le::f32s_to_le(&table),
+            ));
+            front.push(node(
+                "Gather",
+                "/model/embeddings/word_embeddings/Gather",
+                &["word_embeddings", "input_ids"],
+                "inputs_embeds",
+            ));
+        }
+        Precision::Int8 => {
+            graph.initializer.push(tensor(
+                "word_embeddings_int8",
+                INT8,
+                &[vocab, d],
+                rows.iter().map(|&x| x as u8).collect(),
+            ));
+            graph.initializer.push(tensor(
+                "word_embeddings_scale",
+                FLOAT,
+                &[vocab],
+                crate::le::f32s_to_le(&scales),
+            ));
+            graph.initializer.push(tensor(
+                "word_embeddings_axes",
+                INT64,
+                &[1],
+                (-1i64).to_le_bytes().to_vec(),
+            ));
+            let p = "/model/embeddings/word_embeddings";
+            front.push(node(
+                "Gather",
+                &format!("{p}/Gather"),
+                &["word_embeddings_int8", "input_ids"],
+                "we_q",
+            ));
+            let mut cast = node("Cast", &format!("{p}/Cast"), &["we_q"], "we_f");
+            cast.attribute.push(int_attr("to", i64::from(FLOAT)));
+            front.push(cast);
+            front.push(node(
+                "Gather",
+                &format!("{p}/GatherScale"),
+                &["word_embeddings_scale", "input_ids"],
+                "we_s",
+            ));
+            front.push(node(
+                "Unsqueeze",
+                &format!("{p}/Unsqueeze"),
+                &["we_s", "word_embeddings_axes"],
+                "we_s1",
+            ));
+            front.push(node(
+                "Mul",
+                &format!("{p}/Mul"),
+                &["we_f", "we_s1"],
+                "inputs_embeds",
+            ));
+        }
+    }
+    front.append(&mut graph.node);
+    graph.node = front;
+    let mask = graph
+        .input
+        .iter()
+        .find(|i| i.name == "attention_mask")
+        .cloned()
+        .ok_or_else(|| bad(bundle, "no attention_mask input"))?;
+    let Some(at) = graph.input.iter().position(|i| i.name == "inputs_embeds") else {
+        return Err(bad(bundle, "no inputs_embeds input"));
+    };
+    graph.input[at] = tract_onnx::pb::ValueInfoProto {
+        name: "input_ids".into(),
+        ..mask
+    };
+    if !graph.output.iter().any(|o| o.name == "last_hidden_state") {
+        return Err(bad(bundle, "no last_hidden_state output"));
+    }
+    model.producer_name = "sglora".into();
+    model.producer_version = env!("CARGO_PKG_VERSION").into();
+    model.metadata_props.extend(
+        [
+            ("base_model", bundle.manifest.base_model.id.clone()),
+            ("bundle_id", bundle.manifest.bundle_id.clone()),
+            ("adapter_weights_sha256", lora.weights_sha256().to_string()),
+            ("lora_scale", lora.scale().to_string()),
+            ("pooling", "mean over attention_mask, then L2".into()),
+            (
+                "precision",
+                match precision {
+                    Precision::Fp32 => "fp32",
+                    Precision::Int8 => "int8 per output column",
+                }
+                .into(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        }),
+    );
+    Ok(model.encode_to_vec())
+}
+
+/// The bundle's int8 word-embedding rows and per-row scales.
+fn word_embeddings(bundle: &Bundle, d: usize) -> Result<(Vec<i8>, Vec<f32>)> {
+    use safetensors::{Dtype, SafeTensors};
+    let name = &bundle.manifest.encoder.embeddings;
+    let bytes = bundle.read(name)?;
+    let path = bundle.path(name);
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::bundle(&path, format!("not a valid safetensors file: {e}")))?;
+    let t = st
+        .tensor("word_embeddings")
+        .map_err(|e| Error::bundle(&path, format!("word_embeddings: {e}")))?;
+    let s = st
+        .tensor("word_embeddings_scale")
+        .map_err(|e| Error::bundle(&path, format!("word_embeddings_scale: {e}")))?;
+    if t.dtype() != Dtype::I8 || s.dtype() != Dtype::F32 || t.shape() != [s.shape()[0], d] {
+        return Err(Error::bundle(
+            &path,
+            "word_embeddings is not I8 [vocab, dim] with F32 scales",
+        ));
+    }
+    Ok((
+        t.data().iter().map(|&b| b as i8).collect(),
+        crate::le::f32s_from_le(s.data()).collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_quantise_symmetrically_per_column() {
+        let (q, s) = quantize_columns(&[127.0, -0.5, -254.0, 0.25, 0.0, 0.0], 3, 2);
+        assert_eq!(s, [2.0, 0.5 / 127.0]);
+        assert_eq!(q, [64, -127, -127, 64, 0, 0], "63.5 rounds to even 64");
+        let (q, s) = quantize_columns(&[0.0, 0.0], 2, 1);
+        assert_eq!((q, s), (vec![0, 0], vec![1.0]));
+    }
+}

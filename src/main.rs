@@ -403,17 +403,21 @@ fn export(
             } else {
                 sglora::Precision::Fp32
             };
-            let bytes = sglora::onnx_merged(g.bundle(), &lora, precision)?;
-            sglora::write_file_atomic(&output, &bytes).map_err(|e| match e {
-                sglora::Error::Output { .. } if output.exists() => exists(&output),
-                e => e,
+            let mut size = 0;
+            sglora::write_file_atomic_with(&output, |f| {
+                let mut w = std::io::BufWriter::new(f);
+                size = sglora::write_onnx_merged(g.bundle(), &lora, precision, &mut w)?;
+                std::io::Write::flush(&mut w).map_err(|e| sglora::Error::Output {
+                    path: output.clone(),
+                    what: format!("writing failed: {e}"),
+                })
             })?;
             println!(
                 "{}: ONNX encoder with the adapter merged ({}, {} bytes; inputs input_ids, \
                  attention_mask; output last_hidden_state: mean-pool over the mask, then L2)",
                 output.display(),
                 if int8 { "int8 weights" } else { "fp32" },
-                bytes.len()
+                size
             );
         }
     }

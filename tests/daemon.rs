@@ -1005,3 +1005,93 @@ async fn embed_applies_the_callers_adapter_within_limits() {
     );
     d.stop();
 }
+
+/// `Export` hands the caller a read-only descriptor of the file `sglora export` writes for the
+/// same adapter, byte for byte; an unknown format is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_hands_a_read_only_merged_onnx() {
+    use std::io::Read;
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let (dir, id, _, _) = generate(&c, ANTONYM, &opts(6)).await.unwrap();
+    let out = state.path().join("cli.onnx");
+    let o = common::cli::sglora(&[
+        "export",
+        &dir,
+        "--format",
+        "onnx-merged",
+        "--int8",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::cli::stderr(&o));
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "Export",
+            &(&id, "onnx-merged-int8"),
+        )
+        .await
+        .unwrap();
+    let fd: zbus::OwnedFd = m.body().deserialize().unwrap();
+    let fd = std::os::fd::OwnedFd::from(fd);
+    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    assert_eq!(
+        flags & nix::libc::O_ACCMODE,
+        nix::libc::O_RDONLY,
+        "read-only"
+    );
+    let mut f = std::fs::File::from(fd);
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert_eq!(got, std::fs::read(&out).unwrap(), "the CLI's bytes");
+    use std::io::Write;
+    assert!(f.write_all(b"x").is_err(), "cannot be written");
+    // The fp32 export is the largest thing the daemon makes: it must stay well inside the unit's
+    // MemoryMax (256 MiB).
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "Export",
+            &(&id, "onnx-merged"),
+        )
+        .await
+        .unwrap();
+    let fd: zbus::OwnedFd = m.body().deserialize().unwrap();
+    let size = std::fs::File::from(std::os::fd::OwnedFd::from(fd))
+        .metadata()
+        .unwrap()
+        .len();
+    let hwm = d.status_kb("VmHWM");
+    println!("fp32 export {size} bytes; daemon peak RSS {hwm} kB");
+    assert!(size > 50_000_000, "{size}");
+    assert!(hwm < 200 * 1024, "peak RSS {hwm} kB after an fp32 export");
+    let e = c
+        .call_method(Some(NAME), PATH, Some(NAME), "Export", &(&id, "gguf"))
+        .await
+        .unwrap_err();
+    let e = dbus_error(e);
+    assert!(
+        e.contains("Error.InvalidOption") && e.contains("onnx-merged"),
+        "{e}"
+    );
+    let e = dbus_error(
+        c.call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "Export",
+            &("0123456789abcdef01234567", "onnx-merged"),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.contains("Error.NotFound"), "{e}");
+    d.stop();
+}

@@ -271,6 +271,11 @@ impl Cache {
         Ok(cache)
     }
 
+    /// The directory holding the adapter directories (the service's alone).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn db_path(&self) -> PathBuf {
         self.db.path().map(PathBuf::from).unwrap_or_default()
     }

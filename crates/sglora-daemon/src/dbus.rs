@@ -697,6 +697,24 @@ impl Generator1 {
         open_files(&e.dir)
     }
 
+    /// One of the caller's adapters exported for another runtime, as a read-only file
+    /// descriptor of a file with no name (`sglora export` without the files): `format`
+    /// `onnx-merged` (fp32, ~90 MB) or `onnx-merged-int8` (~24 MB), an ONNX encoder with the
+    /// adapter folded in, inputs `input_ids`, `attention_mask`, output `last_hidden_state`.
+    /// `NotFound`, `Damaged`, `Busy` as `Embed`; an unknown format is `InvalidOption`.
+    async fn export(
+        &self,
+        id: Bounded<64>,
+        format: Bounded<64>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<zbus::OwnedFd, DbusError> {
+        let caller = self.callers.of(conn, &header).await?;
+        let format = format.0.unwrap_or_default();
+        let f = self.svc.export(&id_arg(id), &format, caller).await?;
+        Ok(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(f)))
+    }
+
     /// Remove one of the caller's adapters from the cache; false if the caller has none with
     /// this id (another caller's is not touched: the administrator's `Evict` removes any).
     async fn evict(

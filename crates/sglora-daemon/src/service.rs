@@ -188,6 +188,63 @@ impl Service {
         self
     }
 
+    /// One of the caller's cached adapters exported for another runtime (`format`:
+    /// `onnx-merged` or `onnx-merged-int8`, see [`sglora::onnx_merged`]) as a read-only file
+    /// with no name: written to an unlinked temporary file in the cache directory (`O_TMPFILE`,
+    /// the service's alone) and reopened read-only, so the caller needs no access to the cache
+    /// and cannot change what it was given. Takes a place in the compute stage like a generation.
+    pub async fn export(&self, id: &str, format: &str, caller: Caller) -> Result<std::fs::File> {
+        self.check_running()?;
+        let precision = match format {
+            "onnx-merged" => sglora::Precision::Fp32,
+            "onnx-merged-int8" => sglora::Precision::Int8,
+            other => {
+                return Err(sglora::Error::InvalidOption(format!(
+                    "unknown export format {other:?}; known: onnx-merged, onnx-merged-int8 (the \
+                     PEFT files themselves: OpenAdapter)"
+                ))
+                .into())
+            }
+        };
+        let generator = self.generator();
+        let entry = self.get(id, caller)?;
+        let scratch = self.cache().dir().to_path_buf();
+        let _slot = self.enter(caller).await?;
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let lora = generator
+                .encoder()
+                .load_adapter(&entry.dir)
+                .map_err(|e| match e {
+                    sglora::Error::Adapter { .. } => Error::Damaged { id },
+                    e => e.into(),
+                })?;
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_TMPFILE | nix::libc::O_CLOEXEC)
+                .open(&scratch)
+                .map_err(|e| Error::io("creating an unnamed file in", &scratch, e))?;
+            {
+                let mut w = std::io::BufWriter::new(&mut f);
+                sglora::write_onnx_merged(generator.bundle(), &lora, precision, &mut w)?;
+                w.flush()
+                    .map_err(|e| Error::io("writing an export in", &scratch, e))?;
+            }
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            let ro = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open(format!("/proc/self/fd/{fd}"))
+                .map_err(|e| Error::io("reopening read-only", &scratch, e))?;
+            Ok::<_, Error>(ro)
+        })
+        .await?
+    }
+
     /// Embed `texts` with the bundle's encoder, with one of the caller's cached adapters
     /// applied (`adapter_id`; empty: the base model): `(dim, vectors)`, the vectors row-major
     /// in input order. Past the `[embed]` limits, or with an empty or too long text, the call

@@ -292,6 +292,17 @@ fn unique_suffix() -> String {
 /// (`link` fails if `dest` exists, so nothing is ever overwritten), then the directory is
 /// fsynced. A reader sees no file or the whole file.
 pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_atomic_with(dest, |f| {
+        f.write_all(bytes)
+            .map_err(|e| write_failed(dest, "writing", e))
+    })
+}
+
+/// [`write_file_atomic`] with the contents written by `write` into the temporary file.
+pub fn write_file_atomic_with(
+    dest: &Path,
+    write: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
     let name = dest.file_name().ok_or_else(|| Error::Output {
         path: dest.into(),
         what: "has no final path component".into(),
@@ -306,13 +317,21 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
         unique_suffix()
     ));
     let result = (|| {
-        create_synced(&tmp, bytes, 0o644).map_err(|e| Error::Output {
-            path: dest.into(),
-            what: format!(
-                "cannot write a file in {}: {e} (is it writable?)",
-                parent.display()
-            ),
-        })?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(|e| Error::Output {
+                path: dest.into(),
+                what: format!(
+                    "cannot write a file in {}: {e} (is it writable?)",
+                    parent.display()
+                ),
+            })?;
+        write(&mut f)?;
+        f.sync_all().map_err(|e| write_failed(dest, "syncing", e))?;
+        drop(f);
         fs::hard_link(&tmp, dest).map_err(|e| Error::Output {
             path: dest.into(),
             what: match e.kind() {

@@ -8,8 +8,8 @@
 //! single-text embeddings; the graph computes them from the mask.) It is made from the bundle's
 //! own `encoder.onnx` by editing the graph, not by re-exporting a model:
 //!
-//! - the word-embedding lookup is put in front (`Gather` of `input_ids`; in the int8 file a
-//!   `Gather` of the int8 rows times their per-row scales, as the bundle stores them);
+//! - the word-embedding lookup is put in front: a `Gather` of `input_ids` from the bundle's int8
+//!   rows times their per-row scales (the values the bundle stores, in both files);
 //! - each adapted map's weight becomes `W + (α/r)·(B·A)ᵀ`, the low-rank product computed by the
 //!   same fixed-order kernels `sglora embed` uses; fp32 dequantises every weight, `int8`
 //!   re-quantises the adapted ones per output column (symmetric, like the bundle's export) and
@@ -39,7 +39,7 @@ const INT64: i32 = 7;
 /// Where the merged weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Every weight fp32 (~90 MB).
+    /// Every matrix weight fp32 (~55 MB; the word-embedding table stays int8 + scales).
     Fp32,
     /// int8 weights with a scale per output column, as the bundle's encoder (~24 MB).
     Int8,
@@ -120,6 +120,85 @@ fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
 
 /// The bundle's encoder with `lora` merged in, as ONNX bytes (module docs).
 pub fn onnx_merged(bundle: &Bundle, lora: &Lora, precision: Precision) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_onnx_merged(bundle, lora, precision, &mut out)?;
+    Ok(out)
+}
+
+/// [`onnx_merged`] encoded straight into `out` (64 KiB at a time, no second copy of the model
+/// in memory); returns the bytes written. An fp32 export of MiniLM-L6 holds ~60 MB of weights
+/// while it is made.
+pub fn write_onnx_merged(
+    bundle: &Bundle,
+    lora: &Lora,
+    precision: Precision,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let model = merged_model(bundle, lora, precision)?;
+    let mut sink = Sink {
+        out,
+        buf: vec![0; 64 << 10],
+        len: 0,
+        written: 0,
+        err: None,
+    };
+    model
+        .encode(&mut sink)
+        .map_err(|e| Error::model("export", e))?;
+    sink.flush();
+    match sink.err {
+        Some(e) => Err(Error::Output {
+            path: "(export)".into(),
+            what: format!("writing the ONNX file failed: {e}"),
+        }),
+        None => Ok(sink.written as u64),
+    }
+}
+
+/// A `BufMut` that passes what prost encodes on to a writer, a buffer at a time; the first write
+/// error is kept (and later bytes dropped) for the caller to report.
+struct Sink<'a> {
+    out: &'a mut dyn std::io::Write,
+    buf: Vec<u8>,
+    len: usize,
+    written: usize,
+    err: Option<std::io::Error>,
+}
+
+impl Sink<'_> {
+    fn flush(&mut self) {
+        if self.err.is_none() && self.len > 0 {
+            if let Err(e) = self.out.write_all(&self.buf[..self.len]) {
+                self.err = Some(e);
+            }
+        }
+        self.len = 0;
+    }
+}
+
+// SAFETY: `chunk_mut` returns the unused tail of `buf` (never empty: it flushes a full buffer
+// first), and `advance_mut` only moves `len` over bytes the caller wrote there.
+unsafe impl prost::bytes::BufMut for Sink<'_> {
+    fn remaining_mut(&self) -> usize {
+        isize::MAX as usize - self.written
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        self.len += cnt;
+        self.written += cnt;
+    }
+
+    fn chunk_mut(&mut self) -> &mut prost::bytes::buf::UninitSlice {
+        if self.len == self.buf.len() {
+            self.flush();
+        }
+        let len = self.len;
+        prost::bytes::buf::UninitSlice::new(&mut self.buf[len..])
+    }
+}
+
+/// The edited model (module docs).
+fn merged_model(bundle: &Bundle, lora: &Lora, precision: Precision) -> Result<ModelProto> {
     let spec = &bundle.manifest.encoder;
     let bytes = bundle.read(&spec.file)?;
     let mut model: ModelProto = tract_onnx::onnx()
@@ -266,76 +345,56 @@ pub fn onnx_merged(bundle: &Bundle, lora: &Lora, precision: Precision) -> Result
     // The word-embedding lookup in front: `input_ids` → `inputs_embeds`.
     let (rows, scales) = word_embeddings(bundle, d)?;
     let vocab = scales.len();
+    drop(bytes);
     let mut front = Vec::new();
-    match precision {
-        Precision::Fp32 => {
-            let table: Vec<f32> = rows
-                .chunks_exact(d)
-                .zip(&scales)
-                .flat_map(|(r, &s)| r.iter().map(move |&q| f32::from(q) * s))
-                .collect();
-            graph.initializer.push(tensor(
-                "word_embeddings",
-                FLOAT,
-                &[vocab, d],
-                crate::le::f32s_to_le(&table),
-            ));
-            front.push(node(
-                "Gather",
-                "/model/embeddings/word_embeddings/Gather",
-                &["word_embeddings", "input_ids"],
-                "inputs_embeds",
-            ));
-        }
-        Precision::Int8 => {
-            graph.initializer.push(tensor(
-                "word_embeddings_int8",
-                INT8,
-                &[vocab, d],
-                rows.iter().map(|&x| x as u8).collect(),
-            ));
-            graph.initializer.push(tensor(
-                "word_embeddings_scale",
-                FLOAT,
-                &[vocab],
-                crate::le::f32s_to_le(&scales),
-            ));
-            graph.initializer.push(tensor(
-                "word_embeddings_axes",
-                INT64,
-                &[1],
-                (-1i64).to_le_bytes().to_vec(),
-            ));
-            let p = "/model/embeddings/word_embeddings";
-            front.push(node(
-                "Gather",
-                &format!("{p}/Gather"),
-                &["word_embeddings_int8", "input_ids"],
-                "we_q",
-            ));
-            let mut cast = node("Cast", &format!("{p}/Cast"), &["we_q"], "we_f");
-            cast.attribute.push(int_attr("to", i64::from(FLOAT)));
-            front.push(cast);
-            front.push(node(
-                "Gather",
-                &format!("{p}/GatherScale"),
-                &["word_embeddings_scale", "input_ids"],
-                "we_s",
-            ));
-            front.push(node(
-                "Unsqueeze",
-                &format!("{p}/Unsqueeze"),
-                &["we_s", "word_embeddings_axes"],
-                "we_s1",
-            ));
-            front.push(node(
-                "Mul",
-                &format!("{p}/Mul"),
-                &["we_f", "we_s1"],
-                "inputs_embeds",
-            ));
-        }
-    }
+    // The table stays int8 with its per-row scales in both files: `Cast` then `Mul` gives the
+    // same fp32 products as a dequantised table would, at a quarter of the size.
+    graph.initializer.push(tensor(
+        "word_embeddings_int8",
+        INT8,
+        &[vocab, d],
+        rows.iter().map(|&x| x as u8).collect(),
+    ));
+    graph.initializer.push(tensor(
+        "word_embeddings_scale",
+        FLOAT,
+        &[vocab],
+        crate::le::f32s_to_le(&scales),
+    ));
+    graph.initializer.push(tensor(
+        "word_embeddings_axes",
+        INT64,
+        &[1],
+        (-1i64).to_le_bytes().to_vec(),
+    ));
+    let p = "/model/embeddings/word_embeddings";
+    front.push(node(
+        "Gather",
+        &format!("{p}/Gather"),
+        &["word_embeddings_int8", "input_ids"],
+        "we_q",
+    ));
+    let mut cast = node("Cast", &format!("{p}/Cast"), &["we_q"], "we_f");
+    cast.attribute.push(int_attr("to", i64::from(FLOAT)));
+    front.push(cast);
+    front.push(node(
+        "Gather",
+        &format!("{p}/GatherScale"),
+        &["word_embeddings_scale", "input_ids"],
+        "we_s",
+    ));
+    front.push(node(
+        "Unsqueeze",
+        &format!("{p}/Unsqueeze"),
+        &["we_s", "word_embeddings_axes"],
+        "we_s1",
+    ));
+    front.push(node(
+        "Mul",
+        &format!("{p}/Mul"),
+        &["we_f", "we_s1"],
+        "inputs_embeds",
+    ));
     front.append(&mut graph.node);
     graph.node = front;
     let mask = graph
@@ -378,7 +437,7 @@ pub fn onnx_merged(bundle: &Bundle, lora: &Lora, precision: Precision) -> Result
             value: v,
         }),
     );
-    Ok(model.encode_to_vec())
+    Ok(model)
 }
 
 /// The bundle's int8 word-embedding rows and per-row scales.

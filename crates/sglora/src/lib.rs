@@ -44,8 +44,8 @@ mod tokenizer;
 
 pub use adapter::{
     create_synced, remove_stale_temps, same_files, weights_bytes, write_atomic, write_atomic_with,
-    write_file_atomic, AdapterFiles, Provenance, ProvenanceBundle, CONFIG_FILE, PROVENANCE_FILE,
-    WEIGHTS_FILE,
+    write_file_atomic, write_file_atomic_with, AdapterFiles, Provenance, ProvenanceBundle,
+    CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE,
 };
 pub use bundle::{
     sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpectedGainSpec, ExpertsSpec, FileEntry,
@@ -56,7 +56,7 @@ pub use cvae::{Cvae, LatentPrior, Normalisation};
 pub use encoder::{check_text, Embedding, Encoder, Runtime, MAX_TEXT_BYTES};
 pub use error::{Error, Result};
 pub use experts::{ExpertMeta, Experts, Keys};
-pub use export::{onnx_merged, Precision};
+pub use export::{onnx_merged, write_onnx_merged, Precision};
 pub use gain::{ExpectedGain, Feature, Features, GainModel};
 pub use generator::Generator;
 pub use le::{f32s_from_le, f32s_to_le};

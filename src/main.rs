@@ -87,10 +87,15 @@ enum Command {
     /// fp32, or `--int8`), or `peft` (a copy of the PEFT directory).
     Export {
         /// A PEFT LoRA adapter directory for this base model.
-        adapter: PathBuf,
+        #[arg(required_unless_present = "base_slotted")]
+        adapter: Option<PathBuf>,
         /// What to write.
-        #[arg(long, value_enum)]
-        format: ExportFormat,
+        #[arg(long, value_enum, required_unless_present = "base_slotted")]
+        format: Option<ExportFormat>,
+        /// Write the bundle's encoder with empty LoRA slots, once per bundle, that onnxruntime
+        /// fills with an `onnx-adapter` file (`RunOptions.add_active_adapter`).
+        #[arg(long, conflicts_with_all = ["adapter", "format", "int8"])]
+        base_slotted: bool,
         /// onnx-merged: int8 weights per output column, like the bundle's encoder (~4× smaller).
         #[arg(long)]
         int8: bool,
@@ -117,6 +122,8 @@ enum Command {
 enum ExportFormat {
     /// A self-contained ONNX encoder with the adapter merged into its weights.
     OnnxMerged,
+    /// onnxruntime's adapter file (.onnx_adapter) for the `--base-slotted` encoder.
+    OnnxAdapter,
     /// The PEFT directory itself (adapter_config.json, adapter_model.safetensors), checked.
     Peft,
 }
@@ -344,12 +351,37 @@ fn embed(
 /// replacing anything).
 fn export(
     bundle: PathBuf,
-    adapter: PathBuf,
-    format: ExportFormat,
+    adapter: Option<PathBuf>,
+    format: Option<ExportFormat>,
     int8: bool,
     output: PathBuf,
 ) -> anyhow::Result<()> {
     let g = Generator::load(bundle)?;
+    let (Some(adapter), Some(format)) = (adapter, format) else {
+        // --base-slotted (clap requires the adapter and format otherwise).
+        if output.symlink_metadata().is_ok() {
+            bail!(sglora::Error::Output {
+                path: output,
+                what: "already exists; choose another path or remove it first".into(),
+            });
+        }
+        let mut size = 0;
+        sglora::write_file_atomic_with(&output, |f| {
+            let mut w = std::io::BufWriter::new(f);
+            size = sglora::write_onnx_slotted(g.bundle(), &mut w)?;
+            std::io::Write::flush(&mut w).map_err(|e| sglora::Error::Output {
+                path: output.clone(),
+                what: format!("writing failed: {e}"),
+            })
+        })?;
+        println!(
+            "{}: ONNX encoder with empty LoRA slots on {} ({size} bytes; fill them with an \
+             onnx-adapter file)",
+            output.display(),
+            g.bundle().manifest.lora.target_modules.join(", ")
+        );
+        return Ok(());
+    };
     let lora = g.encoder().load_adapter(&adapter)?;
     let exists = |p: &Path| sglora::Error::Output {
         path: p.to_path_buf(),
@@ -358,7 +390,22 @@ fn export(
     if output.symlink_metadata().is_ok() {
         bail!(exists(&output));
     }
+    if int8 && !matches!(format, ExportFormat::OnnxMerged) {
+        bail!(sglora::Error::InvalidOption(
+            "--int8 applies to onnx-merged only".into()
+        ));
+    }
     match format {
+        ExportFormat::OnnxAdapter => {
+            let bytes = sglora::onnx_adapter(g.bundle(), &lora)?;
+            sglora::write_file_atomic(&output, &bytes)?;
+            println!(
+                "{}: onnxruntime adapter ({} parameters, {} bytes) for `sglora export --base-slotted`",
+                output.display(),
+                2 * lora.modules(),
+                bytes.len()
+            );
+        }
         ExportFormat::Peft => {
             if int8 {
                 bail!(sglora::Error::InvalidOption(
@@ -541,6 +588,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             int8,
             output,
+            base_slotted: _,
         } => export(
             bundle_dir(cli.bundle.as_deref()),
             adapter,

@@ -1072,6 +1072,34 @@ async fn export_hands_a_read_only_merged_onnx() {
     println!("fp32 export {size} bytes; daemon peak RSS {hwm} kB");
     assert!(size > 50_000_000, "{size}");
     assert!(hwm < 200 * 1024, "peak RSS {hwm} kB after an fp32 export");
+    // The onnxruntime adapter file: the CLI's bytes too.
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "Export",
+            &(&id, "onnx-adapter"),
+        )
+        .await
+        .unwrap();
+    let fd: zbus::OwnedFd = m.body().deserialize().unwrap();
+    let mut got = Vec::new();
+    std::fs::File::from(std::os::fd::OwnedFd::from(fd))
+        .read_to_end(&mut got)
+        .unwrap();
+    let cli = state.path().join("cli.onnx_adapter");
+    let o = common::cli::sglora(&[
+        "export",
+        &dir,
+        "--format",
+        "onnx-adapter",
+        "-o",
+        cli.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::cli::stderr(&o));
+    assert_eq!(got, std::fs::read(&cli).unwrap());
+    assert_eq!(&got[4..8], b"TORT");
     let e = c
         .call_method(Some(NAME), PATH, Some(NAME), "Export", &(&id, "gguf"))
         .await

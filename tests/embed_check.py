@@ -125,6 +125,86 @@ def check_merged(binary, bundle, adapter, want, texts, work, tag):
     return ok, rows
 
 
+def slotted_session(binary, bundle, work):
+    """`sglora export --base-slotted` in onnxruntime (once per bundle)."""
+    import onnxruntime as ort
+
+    path = os.path.join(work, "base-slotted.onnx")
+    if os.path.exists(path):
+        os.remove(path)
+    p = subprocess.run(
+        [binary, "--bundle", bundle, "export", "--base-slotted", "-o", path], capture_output=True, text=True
+    )
+    if p.returncode != 0:
+        sys.exit(f"FAIL: export --base-slotted exited {p.returncode}: {p.stderr.strip()}")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # the slots are overridable initialisers by design; ORT warns about each
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), os.path.getsize(path)
+
+
+def run_slotted(sess, texts, adapter_file=None):
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    ro = None
+    if adapter_file:
+        ad = ort.LoraAdapter()
+        ad.Load(adapter_file)
+        ro = ort.RunOptions()
+        ro.add_active_adapter(ad)
+    tok = Tokenizer.from_file(os.path.join(os.path.dirname(__file__), "..", "models", "default", "tokenizer.json"))
+    tok.enable_truncation(128)
+    tok.enable_padding()
+    out = []
+    for i in range(0, len(texts), 32):
+        enc = tok.encode_batch(texts[i : i + 32])
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        h = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask}, ro)[0]
+        v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        out.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    return torch.tensor(np.concatenate(out), dtype=torch.float32)
+
+
+def check_onnx_adapter(binary, bundle, adapter, want, texts, work, tag, sess):
+    """`--format onnx-adapter`: read back by onnxruntime's AdapterFormat (parameters exactly
+    Aᵀ and (α/r)·Bᵀ of the PEFT file), then applied to the slotted base: cosine to PEFT."""
+    import numpy as np
+    import onnxruntime as ort
+
+    out = os.path.join(work, f"{tag}.onnx_adapter")
+    if os.path.exists(out):
+        os.remove(out)
+    p = subprocess.run(
+        [binary, "--bundle", bundle, "export", adapter, "--format", "onnx-adapter", "-o", out],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        sys.exit(f"FAIL: export --format onnx-adapter exited {p.returncode}: {p.stderr.strip()}")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    s = cfg["lora_alpha"] / cfg["r"]
+    peft = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    # The parameters view the file's memory: keep the reader alive while copying them out.
+    reader = ort.AdapterFormat.read_adapter(out)
+    got = {k: v.numpy().copy() for k, v in reader.get_parameters().items()}
+    del reader
+    for name, t in peft.items():
+        m = name.removeprefix("base_model.model.").removesuffix(".weight")
+        key = m
+        expect = t.numpy().T if ".lora_A" in m else (s * t.numpy()).T
+        if key not in got or got[key].shape != expect.shape or not np.allclose(got[key], expect, rtol=1e-6, atol=0):
+            sys.exit(f"FAIL: {out}: parameter {key} does not hold the PEFT tensor {name}")
+    cos = (run_slotted(sess, texts, out) * want).sum(-1)
+    good = bool(cos.min() >= MIN_COSINE_MERGED["int8"])
+    print(
+        f"{'ok  ' if good else 'FAIL'} onnx-adapter ({os.path.getsize(out) / 1e3:.0f} KB, {len(got)} parameters) "
+        f"on the slotted base in onnxruntime: cosine to PEFT min {cos.min():.5f} mean {cos.mean():.5f}"
+    )
+    return good, {"export": "onnx-adapter", "adapter": tag, "bytes": os.path.getsize(out), "min": float(cos.min())}
+
+
 def trained_elsewhere(work):
     """An adapter made as a user training with PEFT would: more target modules, another rank."""
     from transformers import AutoModel
@@ -189,11 +269,19 @@ def main():
     adapters.append((elsewhere, "trained elsewhere: PEFT r=4 on query, key, value, dense"))
     failed, report = 0, []
     base_ref = None
+    slotted, slotted_bytes = slotted_session(a.sglora, a.bundle, a.work)
     for d, what in adapters:
         got = sglora_embed(a.sglora, a.bundle, texts, d)
         want = reference(texts, d)
         if d is None:
             base_ref = want
+            cos = (run_slotted(slotted, texts) * want).sum(-1)
+            ok = bool(cos.min() >= MIN_COSINE_MERGED["int8"])
+            failed += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} slotted base ({slotted_bytes / 1e6:.1f} MB) without an adapter in "
+                f"onnxruntime: cosine to the base model min {cos.min():.5f}"
+            )
         cos = (got * want).sum(-1)
         moved = 1.0 - float((want * base_ref).sum(-1).mean())
         # An adapter must be applied, not ignored: sglora's vectors are nearer PEFT's adapted
@@ -205,6 +293,10 @@ def main():
             merged_ok, rows = check_merged(a.sglora, a.bundle, d, want, texts, a.work, os.path.basename(d))
             failed += not merged_ok
             report.extend(rows)
+            if d != elsewhere:
+                ok_a, row = check_onnx_adapter(a.sglora, a.bundle, d, want, texts, a.work, os.path.basename(d), slotted)
+                failed += not ok_a
+                report.append(row)
         report.append(
             {"adapter": what, "texts": len(texts), "min": float(cos.min()), "mean": float(cos.mean()), "moved": moved}
         )
@@ -213,6 +305,25 @@ def main():
             f"over {len(texts)} texts (the adapter moves PEFT's embeddings by 1 - cos = {moved:.4f})"
         )
     gen = adapters[1][0]
+    # An adapter on maps the slotted base has no slots for is refused, not silently cut.
+    p = subprocess.run(
+        [
+            a.sglora,
+            "--bundle",
+            a.bundle,
+            "export",
+            elsewhere,
+            "--format",
+            "onnx-adapter",
+            "-o",
+            os.path.join(a.work, "x.onnx_adapter"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 6 or "no slot" not in p.stderr:
+        sys.exit(f"FAIL: onnx-adapter of a key/dense adapter gave exit {p.returncode}: {p.stderr.strip()}")
+    print(f"refused (onnx-adapter beyond the slots): {p.stderr.strip()}")
     expect_refused(
         a.sglora,
         a.bundle,

@@ -91,15 +91,21 @@ def merged_int8(bundle: str, adapter: str, out: str) -> str:
     return out
 
 
-# A process of its own per stack, for its peak RSS: load, then embed 32 texts at batch 32.
+# A process of its own per stack, for its peak RSS: load, then embed 32 texts at batch 32 (each
+# imports only what that stack needs: onnxruntime's has no PyTorch).
 PEAK_SCRIPTS = {
     "ort_int8_merged": """
-import sys, numpy as np
-sys.path.insert(0, {models!r})
-from pipeline.export import OnnxEmbedder
-e = OnnxEmbedder({onnx!r}, {tok!r})
-ids = np.array([e.ids({text!r})] * 32, dtype=np.int64)
-e.sess.run(None, {{"inputs_embeds": e.table[ids].astype(np.float32), "attention_mask": np.ones_like(ids)}})
+import numpy as np, onnxruntime as ort
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+t = load_file({emb!r})
+table = t["word_embeddings"].astype(np.float32) * t["word_embeddings_scale"][:, None]
+so = ort.SessionOptions()
+so.intra_op_num_threads = 1
+sess = ort.InferenceSession({onnx!r}, so, providers=["CPUExecutionProvider"])
+tok = Tokenizer.from_file({tok!r})
+ids = np.array([tok.encode({text!r}).ids] * 32, dtype=np.int64)
+sess.run(None, {{"inputs_embeds": table[ids], "attention_mask": np.ones_like(ids)}})
 """,
     "st_peft": """
 import torch
@@ -177,10 +183,9 @@ def bench_embeddings(a, bundle, adapter, text, st_model_dir, quick):
     with torch.no_grad():
         ref = st_lora.encode([text], normalize_embeddings=True)[0]
     out["merged_vs_peft_cosine"] = float(ort_merged(text) @ ref)
-    models = os.path.dirname(HERE)
     fill = {
-        "models": models,
         "onnx": os.path.join(merged, "encoder.onnx"),
+        "emb": os.path.join(merged, "embeddings.safetensors"),
         "tok": tok,
         "text": text,
         "base": st_model_dir,

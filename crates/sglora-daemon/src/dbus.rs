@@ -699,8 +699,10 @@ impl Generator1 {
 
     /// One of the caller's adapters exported for another runtime, as a read-only file
     /// descriptor of a file with no name (`sglora export` without the files): `format`
-    /// `onnx-merged` (fp32, ~90 MB) or `onnx-merged-int8` (~24 MB), an ONNX encoder with the
-    /// adapter folded in, inputs `input_ids`, `attention_mask`, output `last_hidden_state`.
+    /// `onnx-merged` (fp32, ~55 MB) or `onnx-merged-int8` (~24 MB), an ONNX encoder with the
+    /// adapter folded in, inputs `input_ids`, `attention_mask`, output `last_hidden_state`; or
+    /// `onnx-adapter` (~300 KB), onnxruntime's adapter file for the slotted base encoder
+    /// (`sglora export --base-slotted`).
     /// `NotFound`, `Damaged`, `Busy` as `Embed`; an unknown format is `InvalidOption`.
     async fn export(
         &self,

@@ -189,19 +189,21 @@ impl Service {
     }
 
     /// One of the caller's cached adapters exported for another runtime (`format`:
-    /// `onnx-merged` or `onnx-merged-int8`, see [`sglora::onnx_merged`]) as a read-only file
+    /// `onnx-merged`, `onnx-merged-int8` ([`sglora::onnx_merged`]) or `onnx-adapter`
+    /// ([`sglora::onnx_adapter`], for the slotted base `sglora export --base-slotted` writes)) as a read-only file
     /// with no name: written to an unlinked temporary file in the cache directory (`O_TMPFILE`,
     /// the service's alone) and reopened read-only, so the caller needs no access to the cache
     /// and cannot change what it was given. Takes a place in the compute stage like a generation.
     pub async fn export(&self, id: &str, format: &str, caller: Caller) -> Result<std::fs::File> {
         self.check_running()?;
         let precision = match format {
-            "onnx-merged" => sglora::Precision::Fp32,
-            "onnx-merged-int8" => sglora::Precision::Int8,
+            "onnx-merged" => Some(sglora::Precision::Fp32),
+            "onnx-merged-int8" => Some(sglora::Precision::Int8),
+            "onnx-adapter" => None,
             other => {
                 return Err(sglora::Error::InvalidOption(format!(
-                    "unknown export format {other:?}; known: onnx-merged, onnx-merged-int8 (the \
-                     PEFT files themselves: OpenAdapter)"
+                    "unknown export format {other:?}; known: onnx-merged, onnx-merged-int8, \
+                     onnx-adapter (the PEFT files themselves: OpenAdapter)"
                 ))
                 .into())
             }
@@ -230,7 +232,14 @@ impl Service {
                 .map_err(|e| Error::io("creating an unnamed file in", &scratch, e))?;
             {
                 let mut w = std::io::BufWriter::new(&mut f);
-                sglora::write_onnx_merged(generator.bundle(), &lora, precision, &mut w)?;
+                match precision {
+                    Some(p) => {
+                        sglora::write_onnx_merged(generator.bundle(), &lora, p, &mut w)?;
+                    }
+                    None => w
+                        .write_all(&sglora::onnx_adapter(generator.bundle(), &lora)?)
+                        .map_err(|e| Error::io("writing an export in", &scratch, e))?,
+                }
                 w.flush()
                     .map_err(|e| Error::io("writing an export in", &scratch, e))?;
             }

@@ -56,7 +56,10 @@ pub use cvae::{Cvae, LatentPrior, Normalisation};
 pub use encoder::{check_text, Embedding, Encoder, Runtime, MAX_TEXT_BYTES};
 pub use error::{Error, Result};
 pub use experts::{ExpertMeta, Experts, Keys};
-pub use export::{onnx_merged, write_onnx_merged, Precision};
+pub use export::{
+    onnx_adapter, onnx_adapter_file, onnx_merged, slot_names, write_onnx_merged,
+    write_onnx_slotted, AdapterParameter, Precision,
+};
 pub use gain::{ExpectedGain, Feature, Features, GainModel};
 pub use generator::Generator;
 pub use le::{f32s_from_le, f32s_to_le};

@@ -70,7 +70,7 @@ impl Target {
         }
     }
 
-    fn from_path(p: &str) -> Option<Target> {
+    pub(crate) fn from_path(p: &str) -> Option<Target> {
         Target::ALL.into_iter().find(|t| t.path() == p)
     }
 
@@ -78,6 +78,9 @@ impl Target {
         self as usize
     }
 }
+
+/// A matrix as `(rows, columns, values row-major)`.
+pub(crate) type Factor = (usize, usize, Vec<f32>);
 
 /// One adapted map: `Δy = s·((x·Aᵀ)·Bᵀ)`.
 #[derive(Debug, Clone)]
@@ -91,6 +94,28 @@ pub(crate) struct Delta {
 
 impl Delta {
     /// `y += s·((x·Aᵀ)·Bᵀ)` for the rows of `x`; `u` and `t` are scratch.
+    /// `(inputs, r, Aᵀ)` and `(r, outputs, s·Bᵀ)`, row-major: the two factors with the scale
+    /// folded into the second.
+    pub(crate) fn factors(&self) -> (Factor, Factor) {
+        let (k, r, n) = (self.down.inputs(), self.down.outputs(), self.up.outputs());
+        // Read the maps back through the kernels: rows of the identity.
+        let eye = |m: usize| {
+            let mut e = vec![0f32; m * m];
+            for i in 0..m {
+                e[i * m + i] = 1.0;
+            }
+            e
+        };
+        let mut at = Vec::new();
+        self.down.forward(&eye(k), &mut at);
+        let mut bt = Vec::new();
+        self.up.forward(&eye(r), &mut bt);
+        for x in &mut bt {
+            *x *= self.scale;
+        }
+        ((k, r, at), (r, n, bt))
+    }
+
     pub(crate) fn add_to(&self, x: &[f32], y: &mut [f32], u: &mut Vec<f32>, t: &mut Vec<f32>) {
         self.down.forward(x, u);
         self.up.forward(u, t);

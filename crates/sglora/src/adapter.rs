@@ -298,11 +298,8 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// [`write_file_atomic`] with the contents written by `write` into the temporary file.
-pub fn write_file_atomic_with(
-    dest: &Path,
-    write: impl FnOnce(&mut File) -> Result<()>,
-) -> Result<()> {
+/// The final component of `dest` and the directory it goes in (`.` for a bare name).
+fn name_and_parent(dest: &Path) -> Result<(&std::ffi::OsStr, PathBuf)> {
     let name = dest.file_name().ok_or_else(|| Error::Output {
         path: dest.into(),
         what: "has no final path component".into(),
@@ -311,6 +308,15 @@ pub fn write_file_atomic_with(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    Ok((name, parent))
+}
+
+/// [`write_file_atomic`] with the contents written by `write` into the temporary file.
+pub fn write_file_atomic_with(
+    dest: &Path,
+    write: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
+    let (name, parent) = name_and_parent(dest)?;
     let tmp = parent.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -408,14 +414,7 @@ fn write_atomic_modes(
     (dir_mode, file_mode): (u32, u32),
     prepare: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<PathBuf> {
-    let name = dest.file_name().ok_or_else(|| Error::Output {
-        path: dest.into(),
-        what: "has no final path component".into(),
-    })?;
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let (name, parent) = name_and_parent(dest)?;
     if !parent.is_dir() {
         fs::create_dir_all(&parent).map_err(|e| Error::Output {
             path: dest.into(),

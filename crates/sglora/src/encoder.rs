@@ -276,11 +276,26 @@ fn run_tract(plan: &Runner, embeds: Vec<f32>, n: usize, d: usize) -> TractResult
 
 /// Check the int8 word-embedding file and keep it open; only the per-row scales are loaded.
 fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
+    let (file, bytes) = bundle.open_checked(&bundle.manifest.encoder.embeddings)?;
+    let (rows, scales) = table_parts(bundle, &bytes, dim)?;
+    let offset = offset_in(&bytes, rows);
+    Ok(Table {
+        file,
+        offset,
+        scales,
+    })
+}
+
+/// The int8 rows (`[vocab, dim]`, as stored in `bytes`, the embeddings file) and the per-row
+/// scales of the bundle's word-embedding table, checked.
+pub(crate) fn table_parts<'a>(
+    bundle: &Bundle,
+    bytes: &'a [u8],
+    dim: usize,
+) -> Result<(&'a [u8], Vec<f32>)> {
     use safetensors::{Dtype, SafeTensors};
-    let name = &bundle.manifest.encoder.embeddings;
-    let path = bundle.path(name);
-    let (file, bytes) = bundle.open_checked(name)?;
-    let st = SafeTensors::deserialize(&bytes)
+    let path = bundle.path(&bundle.manifest.encoder.embeddings);
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::bundle(&path, format!("not a valid safetensors file: {e}")))?;
     let t = st
         .tensor("word_embeddings")
@@ -299,13 +314,7 @@ fn open_table(bundle: &Bundle, dim: usize) -> Result<Table> {
             format!("expected word_embeddings I8 [vocab, {dim}] and word_embeddings_scale F32 [vocab], found {:?} {:?} and {:?} {:?}", t.dtype(), t.shape(), s.dtype(), s.shape()),
         ));
     }
-    let offset = offset_in(&bytes, t.data());
-    let scales = crate::le::f32s_from_le(s.data()).collect();
-    Ok(Table {
-        file,
-        offset,
-        scales,
-    })
+    Ok((t.data(), crate::le::f32s_from_le(s.data()).collect()))
 }
 
 impl Encoder {

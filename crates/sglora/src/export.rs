@@ -264,10 +264,7 @@ fn merged_model(bundle: &Bundle, lora: Option<&Lora>, precision: Precision) -> R
     // Each adapted map: the weight value its MatMul multiplies by, and the added ΔW.
     let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
     for (layer, target, delta) in lora.into_iter().flat_map(Lora::deltas) {
-        let name = format!(
-            "/model/encoder/layer.{layer}/{}/MatMul",
-            target.path().replace('.', "/")
-        );
+        let name = matmul_node(layer, target);
         let mm = graph
             .node
             .iter()
@@ -282,13 +279,9 @@ fn merged_model(bundle: &Bundle, lora: Option<&Lora>, precision: Precision) -> R
         })?;
         let (k, n, mut wv) = dequantised(graph, di)?;
         // ΔW row i = s·(e_i·Aᵀ)·Bᵀ, by the kernels `sglora embed` runs.
-        let mut eye = vec![0f32; k * k];
-        for i in 0..k {
-            eye[i * k + i] = 1.0;
-        }
         let mut dw = vec![0f32; k * n];
         let (mut u, mut t) = (Vec::new(), Vec::new());
-        delta.add_to(&eye, &mut dw, &mut u, &mut t);
+        delta.add_to(&crate::lora::eye(k), &mut dw, &mut u, &mut t);
         for (x, y) in wv.iter_mut().zip(&dw) {
             *x += y;
         }
@@ -452,28 +445,9 @@ fn merged_model(bundle: &Bundle, lora: Option<&Lora>, precision: Precision) -> R
 
 /// The bundle's int8 word-embedding rows and per-row scales.
 fn word_embeddings(bundle: &Bundle, d: usize) -> Result<(Vec<i8>, Vec<f32>)> {
-    use safetensors::{Dtype, SafeTensors};
-    let name = &bundle.manifest.encoder.embeddings;
-    let bytes = bundle.read(name)?;
-    let path = bundle.path(name);
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::bundle(&path, format!("not a valid safetensors file: {e}")))?;
-    let t = st
-        .tensor("word_embeddings")
-        .map_err(|e| Error::bundle(&path, format!("word_embeddings: {e}")))?;
-    let s = st
-        .tensor("word_embeddings_scale")
-        .map_err(|e| Error::bundle(&path, format!("word_embeddings_scale: {e}")))?;
-    if t.dtype() != Dtype::I8 || s.dtype() != Dtype::F32 || t.shape() != [s.shape()[0], d] {
-        return Err(Error::bundle(
-            &path,
-            "word_embeddings is not I8 [vocab, dim] with F32 scales",
-        ));
-    }
-    Ok((
-        t.data().iter().map(|&b| b as i8).collect(),
-        crate::le::f32s_from_le(s.data()).collect(),
-    ))
+    let bytes = bundle.read(&bundle.manifest.encoder.embeddings)?;
+    let (rows, scales) = crate::encoder::table_parts(bundle, &bytes, d)?;
+    Ok((rows.iter().map(|&b| b as i8).collect(), scales))
 }
 
 /// One parameter of an onnxruntime adapter file: name, dims, fp32 values.
@@ -585,6 +559,15 @@ pub fn onnx_adapter_file(
     w.0
 }
 
+/// The exported graph's `MatMul` node of `target` in `layer`
+/// (`/model/encoder/layer.3/attention/self/query/MatMul`).
+fn matmul_node(layer: usize, target: crate::lora::Target) -> String {
+    format!(
+        "/model/encoder/layer.{layer}/{}/MatMul",
+        target.path().replace('.', "/")
+    )
+}
+
 /// Names of the two graph inputs of a LoRA slot (and of the adapter file's parameters):
 /// `encoder.layer.L.attention.self.query.lora_A` (`[inputs, r]`, that is Aᵀ) and `….lora_B`
 /// (`[r, outputs]`, `(α/r)·Bᵀ`: the scale is folded in, so adapters of any α share the base).
@@ -606,10 +589,7 @@ pub fn write_onnx_slotted(bundle: &Bundle, out: &mut dyn std::io::Write) -> Resu
         .as_mut()
         .ok_or_else(|| bad(bundle, "no graph"))?;
     for (layer, target) in targets {
-        let name = format!(
-            "/model/encoder/layer.{layer}/{}/MatMul",
-            target.path().replace('.', "/")
-        );
+        let name = matmul_node(layer, target);
         let at = graph
             .node
             .iter()

@@ -79,6 +79,15 @@ impl Target {
     }
 }
 
+/// The `m × m` identity, row-major: fed through a map as rows, it reads the map's matrix out.
+pub(crate) fn eye(m: usize) -> Vec<f32> {
+    let mut e = vec![0f32; m * m];
+    for i in 0..m {
+        e[i * m + i] = 1.0;
+    }
+    e
+}
+
 /// A matrix as `(rows, columns, values row-major)`.
 pub(crate) type Factor = (usize, usize, Vec<f32>);
 
@@ -99,13 +108,6 @@ impl Delta {
     pub(crate) fn factors(&self) -> (Factor, Factor) {
         let (k, r, n) = (self.down.inputs(), self.down.outputs(), self.up.outputs());
         // Read the maps back through the kernels: rows of the identity.
-        let eye = |m: usize| {
-            let mut e = vec![0f32; m * m];
-            for i in 0..m {
-                e[i * m + i] = 1.0;
-            }
-            e
-        };
         let mut at = Vec::new();
         self.down.forward(&eye(k), &mut at);
         let mut bt = Vec::new();

@@ -770,7 +770,7 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
             0o644,
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let (log, stop) = d.stop_timed();
     println!("SIGTERM mid-flood: stopped in {:.2} s", stop.as_secs_f64());
     assert!(
@@ -789,7 +789,19 @@ async fn a_drop_folder_flood_drains_within_its_disk_budget_and_stops_promptly() 
         !after.contains("failed"),
         "requests failed at shutdown: {after}"
     );
-    assert!(std::fs::read_dir(root.join("inbox")).unwrap().count() > 300);
+    // Nothing of the second flood is lost: each request either went through (logged) or
+    // still waits in the inbox. How many went through before SIGTERM depends on the machine.
+    let waiting = std::fs::read_dir(root.join("inbox")).unwrap().count();
+    let served = log
+        .lines()
+        .filter(|l| l.contains("/inbox/s") && l.contains(" -> "))
+        .count();
+    println!("second flood: {served} served before stopping, {waiting} left in the inbox");
+    assert!(
+        waiting > 0,
+        "the flood was over before SIGTERM: {served} served"
+    );
+    assert_eq!(waiting + served, 400, "requests lost at shutdown: {log}");
 }
 
 fn walkdir(p: &Path) -> Vec<u64> {

@@ -527,11 +527,24 @@ fn print_explanation(ex: &Explanation) {
         signed(g.low),
         signed(g.high)
     );
-    if ex.out_of_distribution {
+    if let Some(s) = ex.in_scope {
         println!(
-            "warning: out of distribution (best similarity {:.3} < {:.3})",
-            ex.best_similarity, ex.options.min_similarity
+            "in scope: score {:.2} (threshold {:.2})",
+            s.score, s.min_score
         );
+    }
+    if ex.out_of_distribution {
+        match ex.in_scope {
+            Some(s) if ex.best_similarity >= ex.options.min_similarity => println!(
+                "warning: out of distribution (scope score {:.2} < {:.2}: not read as a task of \
+                 this bundle's kind)",
+                s.score, s.min_score
+            ),
+            _ => println!(
+                "warning: out of distribution (best similarity {:.3} < {:.3})",
+                ex.best_similarity, ex.options.min_similarity
+            ),
+        }
     }
     if let Some(min) = ex.options.min_expected_gain.filter(|m| g.estimate < *m) {
         println!(
@@ -698,7 +711,9 @@ fn main() -> ExitCode {
                     | sglora::Error::InvalidText(_),
                 ) => 2,
                 Some(
-                    sglora::Error::OutOfDistribution { .. } | sglora::Error::LowExpectedGain { .. },
+                    sglora::Error::OutOfDistribution { .. }
+                    | sglora::Error::OutOfScope { .. }
+                    | sglora::Error::LowExpectedGain { .. },
                 ) => 3,
                 Some(sglora::Error::Bundle { .. }) => 4,
                 Some(sglora::Error::Output { .. }) => 5,

@@ -501,26 +501,36 @@ fn drop_folder_requests_rejections_and_startup_files() {
     d.stop();
 }
 
-/// An adapter generated under a lowered out-of-distribution threshold is cached under that
-/// threshold only: a request with the bundle's default threshold for the same text is refused
-/// as out of distribution, not served the cached adapter.
+/// The guard cannot be lifted through the cache: an adapter generated for an off-topic request
+/// with `allow_ood` (provenance says so, with the scope score below its threshold) is not served
+/// to the same request without it, which is refused as out of distribution by the scope guard;
+/// lowering `min_similarity` does not lift the scope guard either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lowered_threshold_does_not_leak_through_the_cache() {
+async fn a_lifted_guard_does_not_leak_through_the_cache() {
     let bus = Bus::start();
     let state = tempfile::tempdir().unwrap();
     let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
     let c = connect(&bus).await;
     let off_topic = "Summarise quarterly earnings calls in three bullet points.";
-    let lowered: Opts = HashMap::from([("min_similarity".to_string(), Variant::F64(0.0))]);
-    let (_, _, hit, prov) = generate(&c, off_topic, &lowered).await.unwrap();
+    let lifted: Opts = HashMap::from([("allow_ood".to_string(), Variant::Bool(true))]);
+    let (_, _, hit, prov) = generate(&c, off_topic, &lifted).await.unwrap();
     assert!(!hit);
     let prov: serde_json::Value = serde_json::from_str(&prov).unwrap();
-    assert_eq!(prov["out_of_distribution"], false);
-    let e = dbus_error(generate(&c, off_topic, &Opts::new()).await.unwrap_err());
+    assert_eq!(prov["out_of_distribution"], true);
+    let s = &prov["in_scope"];
     assert!(
-        e.starts_with("org.sglora.Generator1.Error.OutOfDistribution"),
-        "{e}"
+        s["score"].as_f64().unwrap() < s["min_score"].as_f64().unwrap(),
+        "{prov}"
     );
+    let lowered: Opts = HashMap::from([("min_similarity".to_string(), Variant::F64(0.0))]);
+    for opts in [Opts::new(), lowered] {
+        let e = dbus_error(generate(&c, off_topic, &opts).await.unwrap_err());
+        assert!(
+            e.starts_with("org.sglora.Generator1.Error.OutOfDistribution")
+                && e.contains("does not read as a task"),
+            "{e}"
+        );
+    }
     d.stop();
 }
 

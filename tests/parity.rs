@@ -150,6 +150,20 @@ fn retrieval_and_prior_match_reference() {
                 );
             }
         }
+        // The scope classifier's score of the same embedding, where the bundle has one: the
+        // same f64 sum in the same order as the pipeline's, so the same number.
+        if let (Some(spec), Some(want)) = (&m.ood.scope, c["scope_score"].as_f64()) {
+            let got = sglora::Scope::new(spec, m.encoder.dim).unwrap().score(&emb);
+            assert!(
+                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "case {i}: scope score {got} vs {want}"
+            );
+            assert_eq!(
+                c["out_of_distribution"].as_bool(),
+                Some(got < spec.min_score || picked[0].similarity < m.ood.min_similarity),
+                "case {i}: guard decision"
+            );
+        }
         let p = sglora::mixture(g.experts(), &picked).unwrap();
         let dm = max_abs_diff(&p.mean, &tensor(&ctx().tensors, &format!("{i}.mu_star")));
         let dv = max_abs_diff(&p.var, &tensor(&ctx().tensors, &format!("{i}.var_star")));

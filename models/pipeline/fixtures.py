@@ -15,6 +15,7 @@ import numpy as np
 from .prior import denormalise, noise, norm_stats, normalise, normalise_spread, semantic_prior
 from .retrieval import features, predict
 from .rng import Rng
+from .scope import accepts
 from .work import Work, jdump, jload, log
 
 FIXTURE_DESCRIPTIONS = [
@@ -51,6 +52,7 @@ def stage(w: Work):
         e = E(text)
         idx, sims, wts, m, v = semantic_prior(e, keys, mu, var, k, tau)
         f = features(idx, sims, wts, rel)
+        accepted, scope_score = accepts(man["ood"], e, float(sims[0]))
         M, S = normalise(m, nm, ns)[None], normalise_spread(v, ns)[None]
         cnd, zm, zlv = ps.run(None, {"mu_star": M, "std_star": S})
         seed = 7 + i
@@ -79,6 +81,8 @@ def stage(w: Work):
                 "weights": [float(a) for a in wts],
                 "features": f,
                 "expected_gain": list(predict(gm, f)),
+                "scope_score": scope_score,
+                "out_of_distribution": not accepted,
                 "seed": seed,
             }
         )

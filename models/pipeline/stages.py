@@ -580,7 +580,7 @@ def bundle(w: Work):
             "selection": f"{retrieval['selection']}; chose {retrieval['chosen']}",
         },
         "expected_gain": guard["expected_gain"],
-        "ood": guard["ood"],
+        "ood": w.ood(),
     }
     write_manifest(w.bundle, manifest)
     with open(w.p("bundle.done"), "w") as f:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .prior import generate, norm_stats, retrieve
 from .retrieval import features, predict, user_wording
+from .scope import accepts, expert_wording, guard_section
 from .tasks import RELATIONS, describe
 from .work import Work, jdump, jload
 
@@ -43,7 +44,7 @@ def evaluate_wording(w: Work, model) -> dict:
     pr = jload(w.p("prior.json"))["best"]
     k, tau, gain = pr["k"], pr["tau"], float(pr.get("gain", 1.0))
     guard = jload(w.p("guard.json"))
-    thr, gm = guard["ood"]["min_similarity"], guard["expected_gain"]
+    ood, gm = w.ood(), guard["expected_gain"]
     experts = w.suite["experts"]
     rel = [t.relation for t in experts]
     _, mu, var = w.expert_arrays()
@@ -58,13 +59,15 @@ def evaluate_wording(w: Work, model) -> dict:
         idx, sims, wts = retrieve(q, keys, k, tau)
         est, lo, hi = predict(gm, features(idx, sims, wts, rel))
         old = old_keys @ q
+        ok, scope_score = accepts(ood, q, float(sims[0]))
         return (
             q,
             idx,
             {
                 "text": text,
                 "best": float(sims[0]),
-                "accepted": bool(sims[0] >= thr),
+                "accepted": ok,
+                "scope": scope_score,
                 "top_expert": experts[int(idx[0])].name,
                 "relation_ok": None if relation is None else rel[int(idx[0])] == relation,
                 "expected": [est, lo, hi],
@@ -109,7 +112,9 @@ def evaluate_wording(w: Work, model) -> dict:
             r["off_kind"] = kinds_of[r["text"]]
     have = set(rel)
     missing = [dict(record(describe(r, d))[2], relation=r) for r in RELATIONS if r not in have for d in MISSING_DOMAINS]
-    return {"records": list(cache.values()), "off_topic": off, "missing": missing, "threshold": thr, "guard": guard}
+    names = {t.name for t in experts}
+    mine = [record(x)[2] for n, xs in expert_wording().items() if n in names for x in xs]
+    return {"records": list(cache.values()), "off_topic": off, "missing": missing, "expert_wording": mine, "ood": ood}
 
 
 def quality_vs_coverage(w: Work, cache, records) -> list[dict]:
@@ -201,7 +206,6 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
     (and the figure beside EVAL.md), with the numbers for eval.json."""
     recs = wording["records"]
     by_kind = {k: [r for r in recs if r["kind"] == k] for k in ("templated", "bank", "user")}
-    thr = wording["threshold"]
     L = [
         "",
         "## Descriptions in users' own words",
@@ -209,8 +213,8 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
         "Every unseen task requested three ways: its templated description, "
         f"{BANK_PER_TASK} paraphrases from its phrase-bank description set, and the hand-written user-wording "
         "set (`models/eval/user_wording.json`: 7 styles per task, written before any tuning, never used to build "
-        "keys or choose anything). *Accepted* = best score >= the guard's threshold "
-        f"({thr:.3f}); *right relation* = the top expert has the task's relation. Format 1 = the previous "
+        "keys or choose anything). *Accepted* = accepted by the guard (next section); "
+        "*right relation* = the top expert has the task's relation. Format 1 = the previous "
         f"retrieval (the templated description as each expert's only key) at v3's threshold {V3_THRESHOLD}.",
         "",
         "| wording | n | accepted | right relation | format 1: accepted | format 1: right relation |",
@@ -244,42 +248,18 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
         ratio = g["user"] / g["templated"] if by_kind["user"] and g["templated"] else float("nan")
         L.append(f"| {label} | {g['templated']:+.2f} | {g['bank']:+.2f} | {g['user']:+.2f} | {ratio:.2f} |")
     off = wording["off_topic"]
-    L += [
-        "",
-        "## The out-of-distribution guard",
-        "",
-        f"Threshold {thr:.3f}: {wording['guard']['ood']['rule']}. Calibration: "
-        f"{wording['guard']['ood']['calibration']['in_scope_accepted']:.0%} of "
-        f"{wording['guard']['ood']['calibration']['n_in_scope']} leave-out expert paraphrases accepted.",
-        "",
-        "| held-out set | n | accepted |",
-        "|---|---|---|",
-        f"| user wording of unseen tasks (false refusal = 1 - this) | {len(by_kind['user'])} | "
-        f"{_pct(r['accepted'] for r in by_kind['user'])} |",
-        f"| off-topic, calibration half | {len(off['off_calibration'])} | "
-        f"{_pct(r['accepted'] for r in off['off_calibration'])} |",
-        f"| off-topic, held-out half (false acceptance) | {len(off['off_test'])} | "
-        f"{_pct(r['accepted'] for r in off['off_test'])} |",
-    ]
-    kinds = sorted({r["off_kind"] for r in off["off_test"]})
-    L.append(
-        "| held-out off-topic by kind | | "
-        + ", ".join(f"{k} {_pct(r['accepted'] for r in off['off_test'] if r['off_kind'] == k)}" for k in kinds)
-        + " |"
-    )
     miss = wording["missing"]
-    L += [
-        "",
-        f"Requests for relations the repository has no expert for ({', '.join(sorted({m['relation'] for m in miss}))}; "
-        f"the suite's template over {len(MISSING_DOMAINS)} domains): accepted {_pct(m['accepted'] for m in miss)}, "
-        f"mean expected gain {np.mean([m['expected'][0] for m in miss]):+.2f} points.",
-    ]
+    L += guard_section(
+        wording["ood"],
+        dict(by_kind, off_calibration=off["off_calibration"], off_test=off["off_test"], missing=miss)
+        | {"expert_wording": wording["expert_wording"]},
+    )
     # expected gain calibration: predicted vs measured SG-LoRA gain on the unseen tasks
     pred = np.array([r["expected"][0] for r in recs])
     meas = np.array([r["gain_sglora"] for r in recs])
     inside = [r["expected"][1] <= r["gain_sglora"] <= r["expected"][2] for r in recs]
     corr = float(np.corrcoef(pred, meas)[0, 1]) if len(recs) > 2 and pred.std() > 0 else float("nan")
-    gm = wording["guard"]["expected_gain"]
+    gm = jload(w.p("guard.json"))["expected_gain"]
     L += [
         "",
         "## Expected gain",
@@ -329,7 +309,8 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
                 f"{np.mean([r['gain'] for r in rs]):+.2f} | {np.mean(sh) if sh else float('nan'):.2f} |"
             )
     summary = {
-        "threshold": thr,
+        "guard": {k: v for k, v in wording["ood"].items() if k != "scope"}
+        | {"scope_min_score": wording["ood"]["scope"]["min_score"]},
         "accepted": {k: float(np.mean([r["accepted"] for r in rs])) if rs else None for k, rs in by_kind.items()},
         "relation_top1": {
             k: float(np.mean([r["relation_ok"] for r in rs])) if rs else None for k, rs in by_kind.items()

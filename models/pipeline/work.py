@@ -199,6 +199,14 @@ class Work:
         proj = np.load(self.p("projection.npy")) if r.get("projection") else None
         return Keys(np.load(self.p("keys.npy")), int(r["top"]), proj)
 
+    def ood(self) -> dict:
+        """The bundle's `ood` block: the `guard` stage's best-score threshold, replaced by the
+        `scope` stage's classifier (`scope.ood_block`)."""
+        from .scope import ood_block
+
+        guard = jload(self.p("guard.json"))["ood"]
+        return ood_block(guard, jload(self.p("scope.json")))
+
     def loo_queries(self):
         """Each expert task's stand-in request for leave-out validation: one held-out bank
         paraphrase from its description set (`keys` stage), chosen by a fixed seed."""

@@ -76,7 +76,8 @@ impl From<Error> for DbusError {
                 sglora::Error::InvalidDescription(m) => DbusError::InvalidDescription(m.clone()),
                 sglora::Error::InvalidOption(m) => DbusError::InvalidOption(m.clone()),
                 sglora::Error::InvalidText(m) => DbusError::InvalidArgument(m.clone()),
-                e @ sglora::Error::OutOfDistribution { .. } => {
+                e
+                @ (sglora::Error::OutOfDistribution { .. } | sglora::Error::OutOfScope { .. }) => {
                     DbusError::OutOfDistribution(e.to_string())
                 }
                 e @ sglora::Error::LowExpectedGain { .. } => {

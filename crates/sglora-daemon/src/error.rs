@@ -95,7 +95,9 @@ fn generation_message(e: &sglora::Error) -> String {
         sglora::Error::InvalidOption(m) => format!("invalid option: {m}"),
         sglora::Error::InvalidText(m) => format!("invalid text: {m}"),
         e @ sglora::Error::Adapter { .. } => e.to_string(),
-        e @ sglora::Error::OutOfDistribution { .. } => format!("out of distribution: {e}"),
+        e @ (sglora::Error::OutOfDistribution { .. } | sglora::Error::OutOfScope { .. }) => {
+            format!("out of distribution: {e}")
+        }
         e @ sglora::Error::LowExpectedGain { .. } => format!("low expected gain: {e}"),
         e => format!("internal error: {e}"),
     }

@@ -18,7 +18,7 @@ use crate::bundle::{sha256_hex, Bundle, Manifest};
 use crate::error::{Error, Result};
 use crate::gain::ExpectedGain;
 use crate::options::ResolvedOptions;
-use crate::stages::{ExpertChoice, Generation, Timings};
+use crate::stages::{ExpertChoice, Generation, InScope, Timings};
 
 /// Name of the weights file inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -123,6 +123,8 @@ pub struct Provenance<'a> {
     pub expected_gain: &'a ExpectedGain,
     /// The experts mixed, most similar first.
     pub experts: &'a [ExpertChoice],
+    /// The scope classifier's score and threshold (`null` for a bundle without one).
+    pub in_scope: Option<InScope>,
     /// Options after defaults.
     pub options: &'a ResolvedOptions,
     /// Whether it was generated out of distribution (`allow_ood`).
@@ -180,6 +182,7 @@ impl<'a> Provenance<'a> {
             embedding_sha256: sha256_hex(&emb_bytes),
             expected_gain: &ex.expected_gain,
             experts: &ex.experts,
+            in_scope: ex.in_scope,
             options: &ex.options,
             out_of_distribution: ex.out_of_distribution,
             seed: ex.options.seed,

@@ -237,6 +237,24 @@ pub struct CvaeSpec {
 pub struct OodSpec {
     /// Refuse when the best expert similarity is below this.
     pub min_similarity: f64,
+    /// Refuse when the scope classifier scores the description below its `min_score`
+    /// (optional; bundles built before it have none).
+    #[serde(default)]
+    pub scope: Option<ScopeSpec>,
+}
+
+/// `ood.scope`: a linear classifier of the description embedding (see the `scope` module).
+/// Other keys (`fitted_on`, `rule`) are informational and ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScopeSpec {
+    /// `"linear"`, the only kind.
+    pub kind: String,
+    /// `w`, one per embedding dimension.
+    pub weights: Vec<f64>,
+    /// `b`.
+    pub bias: f64,
+    /// In scope when `w · e + b >= min_score`.
+    pub min_score: f64,
 }
 
 /// The first keys of a manifest: which format and version it is.
@@ -428,7 +446,15 @@ impl Bundle {
         // so rather than which of this version's keys it lacks.
         let header: Header = serde_json::from_slice(&bytes).map_err(not_valid)?;
         check_header(&header).map_err(|what| Error::bundle(&path, what))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(not_valid)?;
+        // With the path of the offending key ("ood.scope.min_score: invalid type …").
+        let manifest: Manifest =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes))
+                .map_err(|e| {
+                    Error::bundle(
+                        &path,
+                        format!("not a valid manifest: {}: {}", e.path(), e.inner()),
+                    )
+                })?;
         let bundle = Bundle {
             hash: sha256_hex(&bytes),
             dir,
@@ -546,6 +572,11 @@ impl Bundle {
         }
         if let Err(what) = crate::gain::GainModel::new(&m.expected_gain) {
             return bad(what);
+        }
+        if let Some(scope) = &m.ood.scope {
+            if let Err(what) = crate::scope::Scope::new(scope, m.encoder.dim) {
+                return bad(what);
+            }
         }
         for f in [
             &m.encoder.file,
@@ -677,6 +708,21 @@ mod tests {
         assert!(e.contains("format_version 3 is not supported"), "{e}");
         let e = refusal(|m| m["format"] = "other".into());
         assert!(e.contains("sglora-bundle"), "{e}");
+    }
+
+    #[test]
+    fn the_scope_block_is_checked_and_optional() {
+        let e = refusal(|m| m["ood"]["scope"]["weights"] = serde_json::json!([1.0, 2.0]));
+        assert!(e.contains("ood.scope.weights has 2 values"), "{e}");
+        let e = refusal(|m| m["ood"]["scope"]["kind"] = "forest".into());
+        assert!(e.contains("ood.scope.kind"), "{e}");
+        let e = refusal(|m| m["ood"]["scope"]["min_score"] = "high".into());
+        assert!(e.contains("ood.scope.min_score: invalid type"), "{e}");
+        let b = open_edited(|m| {
+            m["ood"].as_object_mut().unwrap().remove("scope");
+        })
+        .unwrap();
+        assert!(b.manifest.ood.scope.is_none());
     }
 
     #[test]

@@ -49,6 +49,21 @@ pub enum Error {
         /// Name of the closest expert.
         expert: String,
     },
+    /// The scope classifier does not take the description for a task of this bundle's kind.
+    #[error(
+        "the description is out of distribution: it does not read as a task this bundle's experts \
+         cover (scope score {score:.2}, below {threshold:.2}; the closest expert is {expert}); say \
+         what is matched with what, e.g. \"given a word, find its opposite\", or allow \
+         out-of-distribution generation explicitly"
+    )]
+    OutOfScope {
+        /// The scope classifier's score.
+        score: f64,
+        /// `ood.scope.min_score`.
+        threshold: f64,
+        /// Name of the closest expert.
+        expert: String,
+    },
     /// The bundle's gain model expects too little of the adapter for the caller's
     /// `min_expected_gain`.
     #[error(

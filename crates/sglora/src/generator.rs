@@ -17,7 +17,10 @@ use crate::experts::Experts;
 use crate::gain::{Features, GainModel};
 use crate::options::{GenerateOptions, ResolvedOptions};
 use crate::prior::{self, Retrieved};
-use crate::stages::{Description, Embedded, ExpertChoice, Explanation, Generation, Timings};
+use crate::scope::Scope;
+use crate::stages::{
+    Description, Embedded, ExpertChoice, Explanation, Generation, InScope, Timings,
+};
 
 /// The loaded model bundle, ready to generate.
 #[derive(Debug)]
@@ -27,6 +30,7 @@ pub struct Generator {
     experts: Experts,
     cvae: Cvae,
     gain: GainModel,
+    scope: Option<Scope>,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -54,6 +58,13 @@ impl Generator {
     pub fn from_bundle_with(bundle: Bundle, runtime: Runtime) -> Result<Generator> {
         let gain = GainModel::new(&bundle.manifest.expected_gain)
             .map_err(|what| Error::bundle(bundle.path("manifest.json"), what))?;
+        let scope = match &bundle.manifest.ood.scope {
+            Some(spec) => Some(
+                Scope::new(spec, bundle.manifest.encoder.dim)
+                    .map_err(|what| Error::bundle(bundle.path("manifest.json"), what))?,
+            ),
+            None => None,
+        };
         let (experts, norm) = Experts::load(&bundle)?;
         let encoder = Encoder::load_with(&bundle, runtime)?;
         let cvae = Cvae::load(&bundle, runtime, norm)?;
@@ -63,6 +74,7 @@ impl Generator {
             experts,
             cvae,
             gain,
+            scope,
         })
     }
 
@@ -125,6 +137,10 @@ impl Generator {
         let expected_gain = self.gain.estimate(&features);
         timings.retrieve_ms = ms(t0);
         let best = picked.first().map(|r| r.similarity).unwrap_or(-1.0);
+        let in_scope = self.scope.as_ref().map(|s| InScope {
+            score: s.score(&e.embedding.vector),
+            min_score: s.min_score(),
+        });
         let experts = picked
             .iter()
             .map(|r| {
@@ -144,7 +160,9 @@ impl Generator {
             truncated: e.embedding.truncated,
             experts,
             best_similarity: best,
-            out_of_distribution: best < opts.min_similarity,
+            out_of_distribution: best < opts.min_similarity
+                || in_scope.is_some_and(|s| s.score < s.min_score),
+            in_scope,
             expected_gain,
             options: opts,
             timings,

@@ -39,6 +39,7 @@ mod onnx_graph;
 mod options;
 mod prior;
 mod rng;
+mod scope;
 mod stages;
 mod tokenizer;
 
@@ -50,7 +51,7 @@ pub use adapter::{
 pub use bundle::{
     sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpectedGainSpec, ExpertsSpec, FileEntry,
     FileProblem, GainIntervalSpec, LayoutEntry, LoraSpec, Manifest, OodSpec, PriorSpec,
-    RetrievalSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
+    RetrievalSpec, ScopeSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
 };
 pub use cvae::{Cvae, LatentPrior, Normalisation};
 pub use encoder::{check_text, Embedding, Encoder, Runtime, MAX_TEXT_BYTES};
@@ -67,8 +68,9 @@ pub use lora::{Lora, Target, MAX_ADAPTER_BYTES};
 pub use options::{GenerateOptions, ResolvedOptions};
 pub use prior::{mixture, retrieve, similarities, Prior, Retrieved};
 pub use rng::Rng;
+pub use scope::Scope;
 pub use stages::{
-    validate_description, Description, Embedded, ExpertChoice, Explanation, Generation, Timings,
-    MAX_DESCRIPTION_BYTES,
+    validate_description, Description, Embedded, ExpertChoice, Explanation, Generation, InScope,
+    Timings, MAX_DESCRIPTION_BYTES,
 };
 pub use tokenizer::{Tokenizer, TokenizerError};

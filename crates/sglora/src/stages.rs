@@ -131,8 +131,10 @@ pub struct Explanation {
     pub experts: Vec<ExpertChoice>,
     /// Best retrieval score of any expert (-1 for an empty repository).
     pub best_similarity: f64,
-    /// Whether the best score is below the threshold.
+    /// Whether the best score is below `min_similarity` or the scope score below its threshold.
     pub out_of_distribution: bool,
+    /// The scope classifier's verdict inputs (`null` for a bundle without one).
+    pub in_scope: Option<InScope>,
     /// The bundle's estimate of the adapter's R@1 gain over the base model.
     pub expected_gain: ExpectedGain,
     /// Options used.
@@ -148,6 +150,19 @@ impl Explanation {
     /// does not lift).
     pub fn check(&self) -> Result<()> {
         let o = &self.options;
+        if self.out_of_distribution && !o.allow_ood && self.best_similarity >= o.min_similarity {
+            if let Some(s) = self.in_scope {
+                return Err(Error::OutOfScope {
+                    score: s.score,
+                    threshold: s.min_score,
+                    expert: self
+                        .experts
+                        .first()
+                        .map(|e| e.name.clone())
+                        .unwrap_or_default(),
+                });
+            }
+        }
         if self.out_of_distribution && !o.allow_ood {
             return Err(Error::OutOfDistribution {
                 best: self.best_similarity as f32,
@@ -171,6 +186,15 @@ impl Explanation {
             _ => Ok(()),
         }
     }
+}
+
+/// The scope classifier's score of a description and the threshold it was held to.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct InScope {
+    /// `w · e + b` (`manifest.ood.scope`).
+    pub score: f64,
+    /// Below this the description is out of distribution.
+    pub min_score: f64,
 }
 
 /// Stage 3: a generated adapter in memory.

@@ -23,7 +23,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross clean install uninstall verify-units aarch64 armv7 test-aarch64 bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -35,7 +35,8 @@ help:
 	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
 	@echo "make soak              32 clients x 60 s, 100 SIGKILL cycles (RELIABILITY.md numbers)"
 	@echo "make fuzz              property-based fuzzing of every parser, bounded time"
-	@echo "make aarch64 / armv7   stripped board binaries; make test-aarch64 runs tests under qemu"
+	@echo "make aarch64           static (musl) stripped board binary; also x86_64-static, armv7 (glibc)"
+	@echo "make test-aarch64      the library and parity tests, static, under qemu-aarch64"
 
 build:
 	$(CARGO) build --bins
@@ -92,11 +93,22 @@ $(VENV)/.ok: models/requirements.txt
 deps-apt:
 	@test -e /usr/share/wordnet/data.noun || (apt-get update -q && apt-get install -y -q wordnet-base)
 
-# Cross toolchains (Debian) and the Rust standard libraries for the board targets.
+# Static (musl) builds: zig as the C compiler and linker for every target (cargo-zigbuild), both
+# from PyPI into their own small venv; the Rust standard libraries for the musl targets; qemu-user
+# to run the aarch64 tests (no sysroot: the binaries are static).
+ZIG_TOOLS ?= $(HOME)/.cache/sglora/zig-0.17.1-zigbuild-0.24.1
+ZIG := PATH=$(ZIG_TOOLS)/bin:$$PATH cargo-zigbuild
+deps-static:
+	@test -x $(ZIG_TOOLS)/bin/cargo-zigbuild || ($(PYTHON) -m venv $(ZIG_TOOLS) \
+	  && $(ZIG_TOOLS)/bin/pip install -q ziglang==0.17.1 cargo-zigbuild==0.24.1)
+	@command -v qemu-aarch64 >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user)
+	rustup target add x86_64-unknown-linux-musl aarch64-unknown-linux-musl
+
+# Cross toolchains (Debian) and the Rust standard library for the armv7 (glibc) build.
 deps-cross:
-	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null && test -e /usr/aarch64-linux-gnu/lib/libc.so.6 \
-	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
-	rustup target add aarch64-unknown-linux-gnu
+	@command -v arm-linux-gnueabihf-gcc >/dev/null && command -v qemu-arm >/dev/null && test -e /usr/arm-linux-gnueabihf/lib/libc.so.6 \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user)
+	rustup target add armv7-unknown-linux-gnueabihf
 
 models: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK)
@@ -159,11 +171,18 @@ uninstall:
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml and /var/lib/sglora, /var/cache/sglora (remove by hand)"
 
 # --- ARM boards (cross/README.md) ------------------------------------------------------------
-aarch64:
-	$(CARGO) build --profile board --target aarch64-unknown-linux-gnu --bin sglora
-	@ls -l $(TARGET_DIR)/aarch64-unknown-linux-gnu/board/sglora
+# Statically linked (musl), stripped: no dynamic loader, no glibc, any Linux of the architecture.
+aarch64: deps-static
+	$(ZIG) zigbuild --profile board --target aarch64-unknown-linux-musl --bin sglora
+	cross/check-static $(TARGET_DIR)/aarch64-unknown-linux-musl/board/sglora
 
-armv7:
+x86_64-static: deps-static
+	$(ZIG) zigbuild --profile board --target x86_64-unknown-linux-musl --bin sglora
+	cross/check-static $(TARGET_DIR)/x86_64-unknown-linux-musl/board/sglora
+
+# armv7 stays a glibc build: rustup here cannot download armv7-unknown-linux-musleabihf's
+# standard library (cross/README.md).
+armv7: deps-cross
 	$(CARGO) build --profile board --target armv7-unknown-linux-gnueabihf --bin sglora
 	@ls -l $(TARGET_DIR)/armv7-unknown-linux-gnueabihf/board/sglora
 
@@ -171,8 +190,8 @@ armv7:
 # the Python golden fixtures), run under qemu-aarch64 (cortex-a72) through the runner in
 # .cargo/config.toml. One cargo call over the whole workspace: selecting packages separately
 # would resolve other dependency features and build tract twice.
-test-aarch64: deps-cross
-	$(CARGO) test --target aarch64-unknown-linux-gnu --workspace --lib --test parity
+test-aarch64: deps-static
+	$(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib --test parity
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: test-build

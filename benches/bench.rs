@@ -588,7 +588,9 @@ fn footprint(bundle: &Path) -> Res<Value> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let arm = target.join("aarch64-unknown-linux-gnu/board/sglora");
+    // static (musl) builds: `make aarch64`, `make x86_64-static`
+    let arm = target.join("aarch64-unknown-linux-musl/board/sglora");
+    let x86_static = target.join("x86_64-unknown-linux-musl/board/sglora");
     let x86_board = target.join("board/sglora");
     let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json"))?)?;
     let files: BTreeMap<String, u64> = manifest["files"]
@@ -602,6 +604,7 @@ fn footprint(bundle: &Path) -> Res<Value> {
         "x86_64_release_stripped_bytes": stripped_size(bin, "strip"),
         "x86_64_board_bytes": std::fs::metadata(&x86_board).ok().map(|m| m.len()),
         "aarch64_board_bytes": std::fs::metadata(&arm).ok().map(|m| m.len()),
+        "x86_64_static_board_bytes": std::fs::metadata(&x86_static).ok().map(|m| m.len()),
         "bundle_files": files,
     }))
 }
@@ -854,15 +857,18 @@ fn markdown(r: &Value, py: &Value) -> String {
     let f = &r["footprint"];
     let mb = |v: &Value| match v.as_f64() {
         Some(b) => format!("{:.1} MB", b / 1e6),
-        None => "not built (`make aarch64`)".into(),
+        None => {
+            "not built (`make aarch64`, `make x86_64-static`, `cargo build --profile board`)".into()
+        }
     };
     let _ = writeln!(w, "\n## 5. Footprint\n");
     let _ = writeln!(
         w,
-        "- x86_64 release binary: {} ({} stripped); board profile: {}\n- aarch64 board binary (stripped): {} (goal ≤ 12 MB)\n",
+        "- x86_64 release binary: {} ({} stripped); board profile: {}; static (musl) board: {}\n- aarch64 static (musl) board binary (stripped): {} (goal ≤ 12 MB)\n",
         mb(&f["x86_64_release_bytes"]),
         mb(&f["x86_64_release_stripped_bytes"]),
         mb(&f["x86_64_board_bytes"]),
+        mb(&f["x86_64_static_board_bytes"]),
         mb(&f["aarch64_board_bytes"]),
     );
     let _ = writeln!(w, "| bundle file | MB |\n|---|---|");

@@ -496,31 +496,50 @@ fn replaceable(dest: &Path, meta: &fs::Metadata) -> bool {
     })
 }
 
+/// `renameat2(2)` within one directory, by its system call: nix wraps it only for glibc, and the
+/// static (musl) builds need it as much.
+fn renameat2(
+    dir: &File,
+    from: &std::ffi::OsStr,
+    to: &std::ffi::OsStr,
+    flags: libc::c_uint,
+) -> std::result::Result<(), nix::errno::Errno> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let to = std::ffi::CString::new(to.as_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let fd = dir.as_raw_fd();
+    // SAFETY: both paths are NUL-terminated and outlive the call; the descriptor is open.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            fd,
+            from.as_ptr(),
+            fd,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
+
 fn publish(tmp: &Path, dest: &Path, parent: &Path, force: bool) -> Result<()> {
-    use nix::fcntl::{renameat2, RenameFlags};
     let dir = File::open(parent).map_err(|e| Error::io("opening", parent, e))?;
     let tmp_name = tmp.file_name().unwrap_or_default();
     let dest_name = dest.file_name().unwrap_or_default();
-    match renameat2(
-        &dir,
-        tmp_name,
-        &dir,
-        dest_name,
-        RenameFlags::RENAME_NOREPLACE,
-    ) {
+    match renameat2(&dir, tmp_name, dest_name, libc::RENAME_NOREPLACE) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EEXIST) if force => {
             // Swap atomically, then remove what used to be there.
-            renameat2(
-                &dir,
-                tmp_name,
-                &dir,
-                dest_name,
-                RenameFlags::RENAME_EXCHANGE,
-            )
-            .map_err(|e| Error::Output {
-                path: dest.into(),
-                what: format!("cannot replace: {e}"),
+            renameat2(&dir, tmp_name, dest_name, libc::RENAME_EXCHANGE).map_err(|e| {
+                Error::Output {
+                    path: dest.into(),
+                    what: format!("cannot replace: {e}"),
+                }
             })?;
             fs::remove_dir_all(tmp).map_err(|e| Error::io("removing the replaced adapter", tmp, e))
         }

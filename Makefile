@@ -23,7 +23,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 deb test-deb deps-deb bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -169,6 +169,27 @@ uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/sysusers.d/sglora.conf
 	rm -f $(DESTDIR)$(DBUSDIR)/interfaces/org.sglora.Generator1.xml $(DESTDIR)$(DBUSDIR)/interfaces/org.sglora.Admin1.xml
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/sglora/sglorad.toml and /var/lib/sglora, /var/cache/sglora (remove by hand)"
+
+# --- Debian packages (packaging/) ------------------------------------------------------------
+# make deb ARCH=amd64|arm64|armhf: target/deb/sglora_VERSION_ARCH.deb from the static x86-64 or
+# aarch64 binary (armhf: the glibc armv7 one).
+ARCH ?= amd64
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+DEB_BIN_amd64 := $(TARGET_DIR)/x86_64-unknown-linux-musl/board/sglora
+DEB_BIN_arm64 := $(TARGET_DIR)/aarch64-unknown-linux-musl/board/sglora
+DEB_BIN_armhf := $(TARGET_DIR)/armv7-unknown-linux-gnueabihf/board/sglora
+deb: deps-deb
+	@case "$(ARCH)" in amd64) $(MAKE) x86_64-static ;; arm64) $(MAKE) aarch64 ;; armhf) $(MAKE) armv7 ;; \
+	  *) echo "ARCH must be amd64, arm64 or armhf" >&2; exit 2 ;; esac
+	packaging/mkdeb $(ARCH) $(DEB_BIN_$(ARCH)) $(TARGET_DIR)/deb
+	lintian --fail-on error,warning $(TARGET_DIR)/deb/sglora_$(VERSION)-1_$(ARCH).deb
+
+deps-deb:
+	@command -v lintian >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q lintian)
+
+# Installs the amd64 package on this machine (root), checks, runs and purges it.
+test-deb: deb
+	tests/deb_check.sh $(TARGET_DIR)/deb/sglora_$(VERSION)-1_amd64.deb
 
 # --- ARM boards (cross/README.md) ------------------------------------------------------------
 # Statically linked (musl), stripped: no dynamic loader, no glibc, any Linux of the architecture.

@@ -534,8 +534,8 @@ fn print_explanation(ex: &Explanation) {
         );
     }
     if ex.out_of_distribution {
-        match ex.in_scope {
-            Some(s) if ex.best_similarity >= ex.options.min_similarity => println!(
+        match ex.refused_by_scope() {
+            Some(s) => println!(
                 "warning: out of distribution (scope score {:.2} < {:.2}: not read as a task of \
                  this bundle's kind)",
                 s.score, s.min_score

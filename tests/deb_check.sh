@@ -11,6 +11,7 @@
 # - remove keeps the conffile and the state; purge removes them; nothing else is left.
 set -euo pipefail
 deb=$(realpath "$1")
+tests_dir=$(cd "$(dirname "$0")" && pwd)
 [ "$(id -u)" = 0 ] || { echo "deb_check: needs root (it installs a package)" >&2; exit 2; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 work=$(mktemp -d)
@@ -70,29 +71,8 @@ exec_start=$(sed -n 's/^ExecStart=//p' /lib/systemd/system/sglorad.service)
 [ -n "$exec_start" ] || fail "no ExecStart in the installed unit"
 sock="$work/system_bus_socket"
 chmod 755 "$work"
-cat >"$work/system.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-  </policy>
-  <include>/usr/share/dbus-1/system.d/org.sglora.Generator1.conf</include>
-</busconfig>
-EOF
+sed -e "s#@LISTEN@#unix:path=$sock#" -e "s#@POLICY@#/usr/share/dbus-1/system.d/org.sglora.Generator1.conf#" \
+  "$tests_dir/system-bus.conf.in" >"$work/system.conf"
 dbus-daemon --config-file="$work/system.conf" --nofork --nopidfile >/dev/null 2>&1 &
 bus_pid=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done

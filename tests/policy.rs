@@ -113,33 +113,10 @@ fn system_bus(dir: &std::path::Path) -> (Kill, String) {
     let sock = dir.join("system_bus_socket");
     let address = format!("unix:path={}", sock.display());
     let policy = root().join("systemd/org.sglora.Generator1.conf");
-    // Debian's system.conf default context, plus our policy file.
-    let conf = format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>{address}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <include>{}</include>
-</busconfig>"#,
-        policy.display()
-    );
+    let conf = std::fs::read_to_string(root().join("tests/system-bus.conf.in"))
+        .unwrap()
+        .replace("@LISTEN@", &address)
+        .replace("@POLICY@", &policy.display().to_string());
     let conf_path = dir.join("system.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let bus = Kill(

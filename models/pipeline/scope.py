@@ -30,6 +30,7 @@ import random
 
 import numpy as np
 
+from .descriptions import _cap
 from .retrieval import threshold_for, user_wording
 from .work import MODELS, Work, jdump, jload, log
 
@@ -164,10 +165,6 @@ VERBOSE = [
     " Latency should be low.",
     "",
 ]
-
-
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
 
 
 def off_topic_set(n: int, seed: int = 20261202) -> list[tuple[str, str]]:

@@ -144,14 +144,22 @@ pub struct Explanation {
 }
 
 impl Explanation {
+    /// The scope classifier's verdict when it, and not the best score, makes the description
+    /// out of distribution.
+    pub fn refused_by_scope(&self) -> Option<InScope> {
+        self.in_scope.filter(|s| {
+            s.score < s.min_score && self.best_similarity >= self.options.min_similarity
+        })
+    }
+
     /// Whether a generation for this explanation may go ahead under its options: the error
     /// [`crate::Generator::generate`] refuses with, if any. Out of distribution (unless
     /// `allow_ood`) first, then an expected gain below `min_expected_gain` (which `allow_ood`
     /// does not lift).
     pub fn check(&self) -> Result<()> {
         let o = &self.options;
-        if self.out_of_distribution && !o.allow_ood && self.best_similarity >= o.min_similarity {
-            if let Some(s) = self.in_scope {
+        if !o.allow_ood {
+            if let Some(s) = self.refused_by_scope() {
                 return Err(Error::OutOfScope {
                     score: s.score,
                     threshold: s.min_score,

@@ -1,5 +1,5 @@
 //! Interleaved A/B of two encoder runtimes on the default bundle, `encoder_weights` A vs B
-//! (default int8 vs fp32): `cargo run --release --example ab_weights [REPS] [A] [B]`.
+//! (default integer vs int8): `cargo run --release --example ab_weights [REPS] [A] [B]`.
 use std::time::Instant;
 
 use sglora::Bundle;
@@ -10,13 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
-    let pick = |i: usize, default: Runtime| match std::env::args().nth(i).as_deref() {
-        Some("int8") => Runtime::Int8,
-        Some("fp16") => Runtime::Fp16,
-        Some("fp32") => Runtime::Fp32,
-        _ => default,
+    let pick = |i: usize, default: Runtime| {
+        std::env::args()
+            .nth(i)
+            .map_or(Ok(default), |s| s.parse::<Runtime>())
     };
-    let (pa, pb) = (pick(2, Runtime::Int8), pick(3, Runtime::Fp32));
+    let (pa, pb) = (pick(2, Runtime::Integer)?, pick(3, Runtime::Int8)?);
     let b = Bundle::open("models/default")?;
     let h = Encoder::load_with(&b, pa)?;
     let f = Encoder::load_with(&b, pb)?;

@@ -15,6 +15,10 @@ struct Cli {
     /// Model bundle directory (default: $SGLORA_BUNDLE, the installed bundle, ./models/default).
     #[arg(long, global = true, value_name = "DIR")]
     bundle: Option<PathBuf>,
+    /// How the networks run: auto (the default: integer), integer (int8 × int8 in int32, the same
+    /// bits on every platform), int8 (int8 weights, f32 activations), fp16 or fp32 (tract).
+    #[arg(long, global = true, value_name = "RUNTIME", default_value = "auto")]
+    runtime: sglora::Runtime,
     #[command(subcommand)]
     command: Command,
 }
@@ -297,6 +301,14 @@ fn read_texts(args: Vec<String>) -> anyhow::Result<Vec<String>> {
     Ok(texts)
 }
 
+/// The runtime `--runtime` chose (set once in `main`).
+static RUNTIME: std::sync::OnceLock<sglora::Runtime> = std::sync::OnceLock::new();
+
+/// Open a bundle and load its models on the chosen runtime.
+fn load(dir: impl AsRef<Path>) -> sglora::Result<Generator> {
+    Generator::load_with(dir, RUNTIME.get().copied().unwrap_or_default())
+}
+
 /// `sglora embed`: every text is checked before anything is printed; the output is written a
 /// chunk at a time, so memory stays bounded by the input.
 fn embed(
@@ -310,7 +322,7 @@ fn embed(
     for (i, t) in texts.iter().enumerate() {
         sglora::check_text(i, t)?;
     }
-    let g = Generator::load(bundle)?;
+    let g = load(bundle)?;
     let enc = g.encoder();
     let lora = adapter.map(|d| enc.load_adapter(&d)).transpose()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -356,7 +368,7 @@ fn export(
     int8: bool,
     output: PathBuf,
 ) -> anyhow::Result<()> {
-    let g = Generator::load(bundle)?;
+    let g = load(bundle)?;
     let (Some(adapter), Some(format)) = (adapter, format) else {
         // --base-slotted (clap requires the adapter and format otherwise).
         if output.symlink_metadata().is_ok() {
@@ -610,7 +622,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         ),
         Command::Experts { json } => {
-            let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
+            let g = load(bundle_dir(cli.bundle.as_deref()))?;
             let ex = g.experts();
             let bytes_each = ex.dim() * 4 * 2;
             if json {
@@ -634,7 +646,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Explain { args } => {
-            let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
+            let g = load(bundle_dir(cli.bundle.as_deref()))?;
             let text = read_description(&args.description)?;
             let ex = g.explain_text(&text, &options(&args, 0, None))?;
             if args.json {
@@ -652,7 +664,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         } => {
             let t0 = std::time::Instant::now();
-            let g = Generator::load(bundle_dir(cli.bundle.as_deref()))?;
+            let g = load(bundle_dir(cli.bundle.as_deref()))?;
             let load_ms = t0.elapsed().as_secs_f64() * 1e3;
             let text = read_description(&args.description)?;
             let opts = options(&args, seed, noise_scale);
@@ -685,6 +697,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = RUNTIME.set(cli.runtime);
     if !matches!(cli.command, Command::Daemon(_)) {
         // A CLI piped into `head` should end quietly, like other Unix tools, not panic on EPIPE.
         // (The daemon keeps SIGPIPE ignored: a vanished peer must not kill it.)

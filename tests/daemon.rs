@@ -534,6 +534,47 @@ async fn a_lifted_guard_does_not_leak_through_the_cache() {
     d.stop();
 }
 
+/// An adapter cached under one runtime is not served by a daemon running another (its bytes are
+/// that runtime's, not what this one makes for the same seed), and is still there for the first
+/// runtime afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_runtime_does_not_serve_another_runtimes_adapters() {
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let text = "Given an adjective, find a word that means the opposite.";
+    let run = |cfg: &'static str| {
+        let (bus, state) = (&bus, state.path());
+        async move {
+            let d = Daemon::start_configured(bus, state, cfg, &["--no-dropbox"]);
+            let c = connect(bus).await;
+            let (_, _, hit, prov) = generate(&c, text, &opts(3)).await.unwrap();
+            d.stop();
+            let prov: serde_json::Value = serde_json::from_str(&prov).unwrap();
+            (
+                hit,
+                prov["weights_sha256"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+    let (hit, integer) = run("[model]\nencoder_weights = \"auto\"\n").await;
+    assert!(!hit);
+    let (hit, int8) = run("[model]\nencoder_weights = \"int8\"\n").await;
+    assert!(
+        !hit,
+        "an adapter made by the integer runtime was served by the int8 runtime"
+    );
+    assert_ne!(
+        integer, int8,
+        "the runtimes made the same bytes: the test proves nothing"
+    );
+    let (hit, again) = run("[model]\nencoder_weights = \"integer\"\n").await;
+    assert!(hit, "the integer runtime's adapter was lost");
+    assert_eq!(again, integer);
+}
+
 /// A minimum expected gain cannot be bypassed through the cache: an adapter made without a
 /// minimum is not served to a request whose minimum it does not meet (same text), and one made
 /// under a minimum it met is not served to a near-duplicate description whose own estimate is

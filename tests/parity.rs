@@ -19,8 +19,9 @@ struct Ctx {
 fn ctx() -> &'static Ctx {
     static CTX: OnceLock<Ctx> = OnceLock::new();
     CTX.get_or_init(|| {
-        // sglora's own fixed-order runtime, whatever this CPU's default is.
-        let generator = Generator::load_with(bundle_dir(), Runtime::Int8).expect("load bundle");
+        // The default runtime (sglora's exact integer kernels on every platform).
+        let generator = Generator::load_with(bundle_dir(), Runtime::Auto).expect("load bundle");
+        assert_eq!(generator.encoder().runtime(), Runtime::Integer);
         let golden: serde_json::Value = serde_json::from_slice(
             &std::fs::read(fixtures_dir().join("golden.json")).expect("golden.json"),
         )
@@ -360,11 +361,16 @@ fn adapters_are_byte_identical_to_the_recorded_digests() {
     );
 }
 
-/// tract runs the same bundle files; its kernels sum in another order, so it agrees closely but
-/// not bit for bit.
+/// The other runtimes run the same bundle files: the `int8` runtime (the same int8 weights, f32
+/// activations in fixed-order FMA chains) and tract (fp32, its own summation order). Neither is
+/// bit-identical to the default; they differ from it by the activations' two-level int8 rounding
+/// (a relative error of about 127⁻², far below the weights' own int8 step) and agree with each
+/// other to the last few bits.
 #[test]
-fn tract_runtime_agrees_with_the_int8_runtime() {
+fn the_other_runtimes_agree_with_the_integer_runtime() {
+    let int8 = Generator::load_with(bundle_dir(), Runtime::Int8).expect("load bundle");
     let tract = Generator::load_with(bundle_dir(), Runtime::Fp32).expect("load bundle");
+    let (mut worst_e, mut worst_x) = (1.0f64, 1.0f64);
     for (i, c) in cases().iter().enumerate() {
         let text = c["description"].as_str().unwrap();
         let opts = sglora::GenerateOptions {
@@ -373,14 +379,34 @@ fn tract_runtime_agrees_with_the_int8_runtime() {
             ..Default::default()
         };
         let a = ctx().generator.generate_text(text, &opts).unwrap();
-        let b = tract.generate_text(text, &opts).unwrap();
-        let e = cosine(
-            &ctx().generator.encoder().embed(text).unwrap().vector,
-            &tract.encoder().embed(text).unwrap().vector,
+        let b = int8.generate_text(text, &opts).unwrap();
+        let t = tract.generate_text(text, &opts).unwrap();
+        let emb = |g: &Generator| g.encoder().embed(text).unwrap().vector;
+        let (ea, eb, et) = (emb(&ctx().generator), emb(&int8), emb(&tract));
+        let (e, x) = (cosine(&ea, &eb), cosine(&a.flat, &b.flat));
+        let (et, xt) = (cosine(&eb, &et), cosine(&b.flat, &t.flat));
+        println!(
+            "case {i}: integer vs int8 runtime: embedding cosine {e:.7}, adapter {x:.7}; \
+             int8 vs tract: {et:.7}, {xt:.7}"
         );
-        let x = cosine(&a.flat, &b.flat);
-        println!("case {i}: tract vs int8 runtime: embedding cosine {e:.7}, adapter {x:.7}");
-        assert!(e >= 0.9999, "case {i}: embeddings differ (cosine {e})");
-        assert!(x >= 0.999, "case {i}: adapters differ (cosine {x})");
+        assert!(
+            et >= 0.9999,
+            "case {i}: int8 and tract embeddings differ ({et})"
+        );
+        assert!(
+            xt >= 0.999,
+            "case {i}: int8 and tract adapters differ ({xt})"
+        );
+        (worst_e, worst_x) = (worst_e.min(e), worst_x.min(x));
     }
+    // int8 activations move an embedding by about 1e-3 in cosine (models/README.md has the
+    // measurement on 1,000+ texts); the adapter follows through retrieval and the CVAE.
+    assert!(
+        worst_e >= 0.995,
+        "integer vs int8 runtime: embedding cosine {worst_e}"
+    );
+    assert!(
+        worst_x >= 0.99,
+        "integer vs int8 runtime: adapter cosine {worst_x}"
+    );
 }

@@ -79,9 +79,10 @@ impl Default for EmbedConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// The runtime and the encoder's in-memory weights: `auto` ([`Runtime::native`]), `int8`
-    /// (sglora's fixed-order kernels: least memory, fastest, the same bits on every platform), or
-    /// tract with `fp16` or `fp32` weights (runs any ONNX encoder).
+    /// The runtime and the encoder's in-memory weights: `auto` ([`Runtime::native`]), `integer`
+    /// (sglora's exact integer kernels: least memory, fastest, the same bits on every platform),
+    /// `int8` (sglora's f32 FMA chains over the int8 weights), or tract with `fp16` or `fp32`
+    /// weights (runs any ONNX encoder).
     pub encoder_weights: Runtime,
 }
 

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{OnceCell, Semaphore};
 
-use sglora::{AdapterFiles, Description, Explanation, GenerateOptions, Generator, ResolvedOptions};
+use sglora::{
+    AdapterFiles, Description, Explanation, GenerateOptions, Generator, ResolvedOptions, Runtime,
+};
 
 use crate::cache::{Cache, Entry, Match, Stats};
 use crate::config::EmbedConfig;
@@ -144,13 +146,24 @@ impl std::fmt::Debug for Service {
 /// lowered threshold or without a minimum is never served to a request that would have been
 /// refused). The caller is part of it so that nobody is served, or learns from a cache hit,
 /// what another caller asked for.
-fn scope(caller: Caller, bundle_hash: &str, o: &ResolvedOptions) -> String {
+/// The cache scope of a request: the caller, the bundle, the runtime whose arithmetic made the
+/// adapter (another runtime gives other bytes for the same seed, so a change of
+/// `encoder_weights`, or of the default runtime in an upgrade, must not serve the old ones), and
+/// every option that changes the result.
+fn scope(caller: Caller, bundle_hash: &str, runtime: Runtime, o: &ResolvedOptions) -> String {
     let min_gain = o
         .min_expected_gain
         .map_or_else(|| "none".to_string(), |g| g.to_string());
     format!(
-        "uid={};{bundle_hash};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
-        caller.uid, o.seed, o.top_k, o.temperature, o.noise_scale, o.allow_ood, o.min_similarity
+        "uid={};{bundle_hash};runtime={};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
+        caller.uid,
+        runtime.name(),
+        o.seed,
+        o.top_k,
+        o.temperature,
+        o.noise_scale,
+        o.allow_ood,
+        o.min_similarity
     )
 }
 
@@ -457,7 +470,12 @@ impl Service {
         let generator = self.generator();
         let description = Description::new(description)?;
         let opts = generator.resolve(options)?;
-        let scope = scope(caller, &generator.bundle().hash, &opts);
+        let scope = scope(
+            caller,
+            &generator.bundle().hash,
+            generator.encoder().runtime(),
+            &opts,
+        );
         if let Some((entry, _)) = self.cache().lookup(&description, &scope, None)? {
             return Ok(Served {
                 entry,

@@ -20,6 +20,16 @@ use crate::kernels::{gelu, layer_norm, softmax, Linear};
 use crate::lora::{Lora, Target};
 use crate::onnx_graph::Graph;
 
+/// Keys (scores) or channels (context) held in registers at once in the attention loops.
+const BLOCK: usize = 16;
+
+/// `BLOCK` values as an array (the slice is that long by construction), so the loops over it
+/// have a constant trip count and their accumulators stay in registers.
+#[inline(always)]
+fn block(x: &[f32]) -> &[f32; BLOCK] {
+    x.try_into().expect("a slice of BLOCK values")
+}
+
 struct Norm {
     gamma: Vec<f32>,
     beta: Vec<f32>,
@@ -88,6 +98,7 @@ fn linear(
     p: &str,
     inputs: usize,
     outputs: Option<usize>,
+    int8_levels: Option<usize>,
 ) -> Result<Linear, Unsupported> {
     let add = g.node(&format!("{p}/Add"), "Add")?;
     let bias = add
@@ -104,12 +115,22 @@ fn linear(
             outputs.map_or("?".into(), |o| o.to_string())
         ));
     }
-    Ok(l)
+    Ok(match int8_levels {
+        Some(levels) => l.with_int8_activations(levels),
+        None => l,
+    })
 }
 
 impl Bert {
-    /// Read the encoder out of ONNX bytes; `dim` is the manifest's hidden size.
-    pub fn from_onnx(bytes: &[u8], dim: usize) -> Result<Bert, Unsupported> {
+    /// Read the encoder out of ONNX bytes; `dim` is the manifest's hidden size. With
+    /// `int8_levels` the int8 matmuls quantise their inputs per token to that many int8 levels
+    /// and sum exactly in int32 ([`Linear::with_int8_activations`]); without, they run f32 FMA
+    /// chains.
+    pub fn from_onnx(
+        bytes: &[u8],
+        dim: usize,
+        int8_levels: Option<usize>,
+    ) -> Result<Bert, Unsupported> {
         let g = Graph::parse(bytes)?;
         let pos_node = g.node("/model/embeddings/position_embeddings/Gather", "Gather")?;
         let pos = g.f32s(g.input(pos_node, 0)?)?;
@@ -152,20 +173,56 @@ impl Bert {
             g.node(&format!("{p}/intermediate/intermediate_act_fn/Erf"), "Erf")
                 .map_err(|e| unsupported!("{e} (only the erf GELU is supported)"))?;
             g.node(&format!("{p}/attention/self/Softmax"), "Softmax")?;
-            let up = linear(&g, &format!("{p}/intermediate/dense"), dim, None)?;
+            let up = linear(
+                &g,
+                &format!("{p}/intermediate/dense"),
+                dim,
+                None,
+                int8_levels,
+            )?;
             let hidden = up.outputs();
             layers.push(Layer {
-                q: linear(&g, &format!("{p}/attention/self/query"), dim, Some(dim))?,
-                k: linear(&g, &format!("{p}/attention/self/key"), dim, Some(dim))?,
-                v: linear(&g, &format!("{p}/attention/self/value"), dim, Some(dim))?,
-                o: linear(&g, &format!("{p}/attention/output/dense"), dim, Some(dim))?,
+                q: linear(
+                    &g,
+                    &format!("{p}/attention/self/query"),
+                    dim,
+                    Some(dim),
+                    int8_levels,
+                )?,
+                k: linear(
+                    &g,
+                    &format!("{p}/attention/self/key"),
+                    dim,
+                    Some(dim),
+                    int8_levels,
+                )?,
+                v: linear(
+                    &g,
+                    &format!("{p}/attention/self/value"),
+                    dim,
+                    Some(dim),
+                    int8_levels,
+                )?,
+                o: linear(
+                    &g,
+                    &format!("{p}/attention/output/dense"),
+                    dim,
+                    Some(dim),
+                    int8_levels,
+                )?,
                 ln1: norm(
                     &g,
                     &format!("{p}/attention/output/LayerNorm/LayerNormalization"),
                     dim,
                 )?,
                 up,
-                down: linear(&g, &format!("{p}/output/dense"), hidden, Some(dim))?,
+                down: linear(
+                    &g,
+                    &format!("{p}/output/dense"),
+                    hidden,
+                    Some(dim),
+                    int8_levels,
+                )?,
                 ln2: norm(&g, &format!("{p}/output/LayerNorm/LayerNormalization"), dim)?,
                 scale,
             });
@@ -203,7 +260,29 @@ impl Bert {
     /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`,
     /// consumed), with `lora`'s low-rank maps added to the maps it adapts (checked against this
     /// encoder when it was read: [`Lora::from_dir`]).
-    pub fn forward(&self, mut h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
+    pub fn forward(&self, h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 detected. The body is plain Rust, compiled once more with wider
+            // vectors: rustc never reassociates or contracts float operations, so the same
+            // operations in the same order give the same bits.
+            return unsafe { self.forward_avx2(h, lora) };
+        }
+        self.forward_body(h, lora)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn forward_avx2(
+        &self,
+        h: Vec<f32>,
+        lora: Option<&Lora>,
+    ) -> Result<Vec<f32>, Unsupported> {
+        self.forward_body(h, lora)
+    }
+
+    #[inline(always)]
+    fn forward_body(&self, mut h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
         let d = self.dim;
         if let Some(l) = lora.filter(|l| l.layers() != self.layers.len()) {
             return Err(unsupported!(
@@ -247,37 +326,61 @@ impl Bert {
             adapt(li, Target::Key, &h, &mut k);
             l.v.forward(&h, &mut v);
             adapt(li, Target::Value, &h, &mut v);
-            ctx.iter_mut().for_each(|c| *c = 0.0);
-            // Keys transposed to [dim, tokens], so one query's scores against all keys are
-            // independent chains side by side (vectorisable); each score is still
-            // Σ_c q[c]·k[c] summed in c order from 0.
+            // Keys transposed to [dim, tokens] (rows padded with zeros to a whole number of
+            // blocks), so one query's scores against all keys are independent chains side by
+            // side; each score is still Σ_c q[c]·k[c] summed in c order from 0.
+            let tp = t.div_ceil(BLOCK) * BLOCK;
             kt.clear();
-            kt.resize(d * t, 0.0);
+            kt.resize(d * tp, 0.0);
             for (j, row) in k.chunks_exact(d).enumerate() {
                 for (c, &x) in row.iter().enumerate() {
-                    kt[c * t + j] = x;
+                    kt[c * tp + j] = x;
                 }
             }
             for head in 0..self.heads {
                 let c0 = head * hd;
                 for i in 0..t {
-                    p.iter_mut().for_each(|s| *s = 0.0);
-                    for c in c0..c0 + hd {
-                        let qc = q[i * d + c];
-                        for (s, &kc) in p.iter_mut().zip(&kt[c * t..(c + 1) * t]) {
-                            *s += qc * kc;
+                    // Scores p[j] = (Σ_c q[i][c]·k[j][c]) · scale, c in order from 0; 16 keys at
+                    // a time in registers (the padding's scores are dropped).
+                    let qi = &q[i * d + c0..i * d + c0 + hd];
+                    for j0 in (0..t).step_by(BLOCK) {
+                        let mut acc = [0.0f32; BLOCK];
+                        for (c, &qc) in qi.iter().enumerate() {
+                            let at = (c0 + c) * tp + j0;
+                            let row = block(&kt[at..at + BLOCK]);
+                            for (a, &kc) in acc.iter_mut().zip(row) {
+                                *a += qc * kc;
+                            }
                         }
-                    }
-                    for s in p.iter_mut() {
-                        *s *= l.scale;
+                        let end = (j0 + BLOCK).min(t);
+                        for (s, a) in p[j0..end].iter_mut().zip(acc) {
+                            *s = a * l.scale;
+                        }
                     }
                     softmax(&mut p);
-                    let ci = &mut ctx[i * d + c0..i * d + c0 + hd];
-                    for (j, &pj) in p.iter().enumerate() {
-                        let vj = &v[j * d + c0..j * d + c0 + hd];
-                        for (c, &y) in ci.iter_mut().zip(vj) {
-                            *c += pj * y;
+                    // Context ctx[i][c] = Σ_j p[j]·v[j][c], j in order from 0; 16 channels at a
+                    // time in registers.
+                    let mut cb = 0;
+                    while cb < hd {
+                        let w = (hd - cb).min(BLOCK);
+                        let mut acc = [0.0f32; BLOCK];
+                        if w == BLOCK {
+                            for (j, &pj) in p.iter().enumerate() {
+                                let at = j * d + c0 + cb;
+                                for (a, &y) in acc.iter_mut().zip(block(&v[at..at + BLOCK])) {
+                                    *a += pj * y;
+                                }
+                            }
+                        } else {
+                            for (j, &pj) in p.iter().enumerate() {
+                                let at = j * d + c0 + cb;
+                                for (a, &y) in acc.iter_mut().zip(&v[at..at + w]) {
+                                    *a += pj * y;
+                                }
+                            }
                         }
+                        ctx[i * d + c0 + cb..i * d + c0 + cb + w].copy_from_slice(&acc[..w]);
+                        cb += w;
                     }
                 }
             }

@@ -258,7 +258,7 @@ fn to_vec(v: &TValue, len: usize, what: &str) -> TractResult<Vec<f32>> {
 }
 
 impl Cvae {
-    /// Load both networks of a bundle, for sglora's kernels ([`Runtime::Int8`]) or tract
+    /// Load both networks of a bundle, for sglora's kernels ([`Runtime::is_native`]) or tract
     /// ([`Runtime::Auto`] is resolved here), with the parameter space's normalisation.
     pub fn load(bundle: &Bundle, runtime: Runtime, norm: Normalisation) -> Result<Cvae> {
         let m = &bundle.manifest;
@@ -272,7 +272,7 @@ impl Cvae {
                 ),
             ));
         }
-        if runtime.resolve() == Runtime::Int8 {
+        if runtime.is_native() {
             let prior = bundle.read(&m.cvae.prior_file)?;
             let decoder = bundle.read(&m.cvae.decoder_file)?;
             let native = Native::load(&prior, &decoder, d, z, c).map_err(|e| {

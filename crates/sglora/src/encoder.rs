@@ -53,8 +53,14 @@ pub enum Runtime {
     /// The platform's best exact choice, [`Runtime::native`]; resolved when a model is loaded.
     #[default]
     Auto,
-    /// int8 as stored, run by sglora's fixed-order kernels ([`crate::kernels`]): 1 byte per
-    /// weight, bit-identical results on every platform.
+    /// int8 weights as stored times int8 activations (each token's row quantised on the fly to
+    /// an int8 value plus an int8 residual), summed exactly in int32 by sglora's integer kernels
+    /// ([`crate::kernels`]): 1 byte per weight, each CPU's integer dot-product instructions,
+    /// bit-identical results on every platform (armv7 included).
+    Integer,
+    /// int8 weights as stored times f32 activations, in fixed-order fused multiply-add chains
+    /// (sglora's kernels before the integer path): bit-identical on platforms with hardware FMA,
+    /// slow without it.
     Int8,
     /// tract with fp16 weights: 2 bytes per weight; products and sums stay fp32. Relative
     /// rounding of each weight is ≤ 2⁻¹¹, far below the int8 quantisation step the bundle
@@ -65,15 +71,25 @@ pub enum Runtime {
 }
 
 impl Runtime {
-    /// `"auto"`, `"int8"`, `"fp16"` or `"fp32"` (the configuration file's spelling).
+    /// `"auto"`, `"integer"`, `"int8"`, `"fp16"` or `"fp32"` (the configuration file's spelling).
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Auto => "auto",
+            Runtime::Integer => "integer",
             Runtime::Int8 => "int8",
             Runtime::Fp16 => "fp16",
             Runtime::Fp32 => "fp32",
         }
     }
+
+    /// Every runtime, in the order the documentation lists them.
+    pub const ALL: [Runtime; 5] = [
+        Runtime::Auto,
+        Runtime::Integer,
+        Runtime::Int8,
+        Runtime::Fp16,
+        Runtime::Fp32,
+    ];
 
     /// [`Runtime::Auto`] made concrete ([`Runtime::native`]); any other choice as it is.
     pub fn resolve(self) -> Runtime {
@@ -83,24 +99,36 @@ impl Runtime {
         }
     }
 
-    /// int8 where the fixed-order kernels have hardware fused multiply-add (x86_64 with FMA,
-    /// aarch64); fp32 through tract elsewhere (armv7, old x86), where the software `fma` those
-    /// kernels would need is slow.
+    /// [`Runtime::Integer`] on every platform: exact integer sums need no particular
+    /// instruction set, so x86-64, aarch64 and armv7 give the same bits.
     pub fn native() -> Runtime {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("fma") {
-                return Runtime::Int8;
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            return Runtime::Int8;
-        }
-        #[allow(unreachable_code)]
-        Runtime::Fp32
+        Runtime::Integer
+    }
+
+    /// Whether sglora's own kernels run the networks ([`Runtime::Integer`], [`Runtime::Int8`];
+    /// [`Runtime::Auto`] resolved first), rather than tract.
+    pub fn is_native(self) -> bool {
+        matches!(self.resolve(), Runtime::Integer | Runtime::Int8)
     }
 }
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+
+    /// The configuration file's spelling ([`Runtime::name`]).
+    fn from_str(s: &str) -> std::result::Result<Runtime, String> {
+        Runtime::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Runtime::ALL.iter().map(|r| r.name()).collect();
+                format!("unknown runtime {s:?}; use one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Activation levels of the integer runtime ([`crate::kernels::integer::quantize_rows`]).
+const INTEGER_LEVELS: usize = 2;
 
 /// Weight constants smaller than this stay fp32 (biases, norms): they cost nothing.
 const MIN_NARROWED: usize = 4096;
@@ -333,12 +361,16 @@ impl Encoder {
                 Error::bundle(&tok_path, format!("not a supported tokenizer.json: {e}"))
             })?;
         let table = open_table(bundle, spec.dim)?;
-        let model = if weights == Runtime::Int8 {
-            let bert = Bert::from_onnx(&bundle.read(&spec.file)?, spec.dim).map_err(|e| {
+        let model = if weights.is_native() {
+            // Two int8 levels per activation (int8 and its int8 residual): one level alone moves
+            // embeddings too far from the float model (models/README.md, "Integer kernels").
+            let levels = (weights == Runtime::Integer).then_some(INTEGER_LEVELS);
+            let bytes = bundle.read(&spec.file)?;
+            let bert = Bert::from_onnx(&bytes, spec.dim, levels).map_err(|e| {
                 Error::bundle(
                     bundle.path(&spec.file),
                     format!(
-                        "cannot be run by sglora's int8 kernels: {e}; set [model] \
+                        "cannot be run by sglora's kernels: {e}; set [model] \
                          encoder_weights = \"fp32\" to run it through tract instead"
                     ),
                 )
@@ -374,12 +406,12 @@ impl Encoder {
 
     /// Read a PEFT LoRA adapter directory (ours or one trained elsewhere) and check that it
     /// applies to this encoder: the same base model, LoRA on BERT's linear maps, shapes that
-    /// fit. Only the int8 runtime applies adapters.
+    /// fit. Only sglora's own kernels ([`Runtime::is_native`]) apply adapters.
     pub fn load_adapter(&self, dir: &std::path::Path) -> Result<Lora> {
         let Model::Native(bert) = &self.model else {
             return Err(Error::InvalidOption(format!(
-                "adapters are applied by sglora's int8 kernels only, and this encoder runs on \
-                 tract ({}); load it with the int8 runtime (encoder_weights = \"int8\")",
+                "adapters are applied by sglora's own kernels only, and this encoder runs on \
+                 tract ({}); load it with the default runtime (encoder_weights = \"auto\")",
                 self.runtime.name()
             )));
         };
@@ -430,7 +462,7 @@ impl Encoder {
                 .map_err(|e| Error::model("encoder", e))?,
             Model::Tract(_) if lora.is_some() => {
                 return Err(Error::InvalidOption(
-                    "adapters are applied by sglora's int8 kernels only".into(),
+                    "adapters are applied by sglora's own kernels only".into(),
                 ))
             }
             Model::Tract(plan) => {

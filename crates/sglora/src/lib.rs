@@ -63,6 +63,7 @@ pub use export::{
 };
 pub use gain::{ExpectedGain, Feature, Features, GainModel};
 pub use generator::Generator;
+pub use kernels::integer::Path as IntegerPath;
 pub use le::{f32s_from_le, f32s_to_le};
 pub use lora::{Lora, Target, MAX_ADAPTER_BYTES};
 pub use options::{GenerateOptions, ResolvedOptions};

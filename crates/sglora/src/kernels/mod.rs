@@ -1,22 +1,32 @@
 //! Fixed-order numeric kernels: the same inputs give bit-identical outputs on every platform.
 //!
-//! A seed must give the same adapter bytes on an x86 build server and on an aarch64 board.
-//! General-purpose kernels (tract's, BLAS) split and reorder sums differently per instruction
-//! set, so their last bits differ between machines. Here the order of every floating-point
-//! operation is part of the definition:
+//! A seed must give the same adapter bytes on an x86 build server, an aarch64 board and an armv7
+//! one. General-purpose kernels (tract's, BLAS) split and reorder sums differently per
+//! instruction set, so their last bits differ between machines. Here every result is defined
+//! independently of the instruction set:
 //!
-//! - **int8 products** ([`Linear`] with [`Weights::I8`], the encoder's matmuls): each output is one
-//!   chain of fused multiply-adds in input order, `acc = fma(x[i], q[i][j], acc)` for
-//!   `i = 0, 1, …` from `+0.0`, then `y = acc · scale[j] + bias[j]`. Vector code (AVX-512, AVX2,
-//!   NEON) only runs *independent* chains side by side, one output column per lane, which changes
-//!   speed and never bits. A fused multiply-add is exactly rounded by IEEE 754 on x86 (FMA3),
-//!   aarch64 and in software (`f32::mul_add`), so every path agrees.
-//! - **fp32 products** ([`Weights::F32`], the CVAE's small matrices): the same chain with a plain
-//!   multiply then add, `acc = acc + x[i] · w[i][j]`, which the compiler may vectorise across
-//!   columns but never reorders (rustc does not contract or reassociate float operations).
-//! - Everything else (layer norm, softmax, GELU) is plain scalar Rust. `exp` and `erf` are our
-//!   own branch-free polynomials of plain multiplies and adds ([`exp`], [`erf`]: vectorisable, and
-//!   independent of the platform's C library); other functions come from the pure-Rust `libm`.
+//! - **int8 × int8 products** ([`Linear::with_int8_activations`], the encoder's matmuls by
+//!   default): the activations are quantised per row to int8 and multiplied by the int8 weights
+//!   in int32 ([`integer`]). Integer sums are exact in any order, so each CPU uses its integer
+//!   dot-product instructions (AVX-512 VNNI, AVX-VNNI, AVX2, aarch64 `sdot` / `smull`) and all of
+//!   them agree with the scalar reference; the scaling to f32 is then one fixed sequence of
+//!   operations per output.
+//! - **int8 weights, f32 activations** ([`Linear`] with [`Weights::I8`], the `int8` runtime):
+//!   each output is one chain of fused multiply-adds in input order, `acc = fma(x[i], q[i][j],
+//!   acc)` for `i = 0, 1, …` from `+0.0`, then `y = acc · scale[j] + bias[j]`. Vector code
+//!   (AVX-512, AVX2, NEON) only runs *independent* chains side by side, one output column per
+//!   lane. A fused multiply-add is exactly rounded by IEEE 754 on x86 (FMA3), aarch64 and in
+//!   software (`f32::mul_add`), so every path agrees, but without hardware FMA (armv7) it is slow.
+//! - **fp32 products** ([`Weights::F32`], the CVAE's small matrices, LoRA factors): the same
+//!   chain with a plain multiply then add, `acc = acc + x[i] · w[i][j]`, which the compiler may
+//!   vectorise across columns but never reorders (rustc does not contract or reassociate float
+//!   operations).
+//! - Everything else (layer norm, softmax, GELU, attention) is plain scalar Rust. `exp` and `erf`
+//!   are our own branch-free polynomials of plain multiplies and adds ([`exp`], [`erf`]:
+//!   vectorisable, and independent of the platform's C library); other functions come from the
+//!   pure-Rust `libm`.
+
+pub mod integer;
 
 use crate::error::{unsupported, Unsupported};
 
@@ -34,6 +44,15 @@ pub enum Weights {
     },
     /// fp32 values, `inputs × outputs`.
     F32(Vec<f32>),
+    /// int8 as [`Weights::I8`], multiplied by int8 activations ([`Linear::with_int8_activations`]).
+    Integer {
+        /// The weights in [`integer`]'s panel layout.
+        packed: integer::Packed,
+        /// Per-output-column scale.
+        scale: Vec<f32>,
+        /// Activation levels: 1 (int8) or 2 (int8 plus an int8 residual, [`integer::quantize_rows`]).
+        levels: usize,
+    },
 }
 
 /// A linear map `y = x·W + b` over rows of `x`, computed in the fixed order described above.
@@ -43,6 +62,18 @@ pub struct Linear {
     outputs: usize,
     weights: Weights,
     bias: Option<Vec<f32>>,
+}
+
+/// Scratch space of the int8 × int8 path, one per thread.
+#[derive(Default)]
+struct Scratch {
+    xq: Vec<i8>,
+    scales: Vec<f32>,
+    acc: Vec<i32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 impl Linear {
@@ -59,6 +90,16 @@ impl Linear {
         let (len, scales) = match &weights {
             Weights::I8 { q, scale } => (q.len(), Some(scale.len())),
             Weights::F32(w) => (w.len(), None),
+            Weights::Integer { packed, scale, .. } => {
+                if (packed.inputs(), packed.outputs()) != (inputs, outputs) {
+                    return Err(unsupported!(
+                        "packed weights are {}×{}, expected {inputs}×{outputs}",
+                        packed.inputs(),
+                        packed.outputs()
+                    ));
+                }
+                (cells, Some(scale.len()))
+            }
         };
         if inputs == 0 || outputs == 0 || len != cells {
             return Err(unsupported!(
@@ -86,6 +127,22 @@ impl Linear {
         })
     }
 
+    /// The same map with int8 weights multiplied by int8 activations, each row of `x` quantised
+    /// symmetrically on the fly ([`integer`]); exact integer sums, so the fastest instructions of
+    /// every CPU give the same bits. fp32 weights are kept as they are.
+    pub fn with_int8_activations(self, levels: usize) -> Linear {
+        let (k, n) = (self.inputs, self.outputs);
+        let weights = match self.weights {
+            Weights::I8 { q, scale } => Weights::Integer {
+                packed: integer::Packed::from_fn(k, n, |i, j| q[int8::at(k, n, i, j)]),
+                scale,
+                levels: levels.clamp(1, 2),
+            },
+            w => w,
+        };
+        Linear { weights, ..self }
+    }
+
     /// Input width.
     pub fn inputs(&self) -> usize {
         self.inputs
@@ -103,6 +160,14 @@ impl Linear {
         out.resize(rows * self.outputs, 0.0);
         let x = &x[..rows * self.inputs];
         let scale = match &self.weights {
+            Weights::Integer {
+                packed,
+                scale,
+                levels,
+            } => {
+                self.forward_integer(x, rows, packed, scale, *levels, out);
+                return;
+            }
             Weights::I8 { q, scale } => {
                 int8::forward(x, rows, self.inputs, self.outputs, q, out);
                 Some(scale)
@@ -135,6 +200,51 @@ impl Linear {
                 }
             }
         }
+    }
+}
+
+impl Linear {
+    /// `y = ((acc₁ · s₁[r]) + (acc₂ · s₂[r])) · scale[j] + bias[j]` from the exact int32 sums
+    /// of each activation level (one level: `(acc₁ · s₁[r]) · scale[j] + bias[j]`).
+    fn forward_integer(
+        &self,
+        x: &[f32],
+        rows: usize,
+        packed: &integer::Packed,
+        scale: &[f32],
+        levels: usize,
+        out: &mut [f32],
+    ) {
+        let (k, n) = (self.inputs, self.outputs);
+        let np = packed.padded_outputs();
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let kp = packed.padded_inputs();
+            integer::quantize_rows(x, k, kp, levels, &mut s.xq, &mut s.scales);
+            let qrows = rows * levels;
+            s.acc.resize(qrows * np, 0);
+            integer::matmul(&s.xq, packed, &mut s.acc[..qrows * np]);
+            for r in 0..rows {
+                let y = &mut out[r * n..(r + 1) * n];
+                let at = r * levels * np;
+                let (a1, s1) = (&s.acc[at..at + n], s.scales[r * levels]);
+                if levels == 1 {
+                    for ((y, &a), &sw) in y.iter_mut().zip(a1).zip(scale) {
+                        *y = a as f32 * s1 * sw;
+                    }
+                } else {
+                    let (a2, s2) = (&s.acc[at + np..at + np + n], s.scales[r * levels + 1]);
+                    for (((y, &a), &b), &sw) in y.iter_mut().zip(a1).zip(a2).zip(scale) {
+                        *y = (a as f32 * s1 + b as f32 * s2) * sw;
+                    }
+                }
+                if let Some(b) = &self.bias {
+                    for (y, &b) in y.iter_mut().zip(b) {
+                        *y += b;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -396,21 +506,55 @@ mod int8 {
     }
 }
 
+/// `Σ f(x[i])` in a fixed order that vectorises: eight running sums (element `i` into sum
+/// `i % 8`, in index order), then `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`. The same
+/// bits on every platform, whatever vector width the compiler picks.
+#[inline(always)]
+pub fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut l = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in l.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    for (a, &v) in l.iter_mut().zip(tail) {
+        *a += f(v);
+    }
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// The largest element (`-∞` for none; NaNs are skipped). Exact in any order; eight lanes so it
+/// vectorises.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut l = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in l.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for (a, &v) in l.iter_mut().zip(tail) {
+        *a = if v > *a { v } else { *a };
+    }
+    l.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
 /// Layer normalisation of each `gamma.len()`-wide row in place: `(x − mean)/sqrt(var + eps)·γ + β`,
-/// sums in index order.
+/// both sums by [`sum_by`].
+#[inline(always)]
 pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let d = gamma.len();
     for row in x.chunks_exact_mut(d) {
-        let mut s = 0.0f32;
-        for &v in row.iter() {
-            s += v;
-        }
-        let mean = s / d as f32;
-        let mut ss = 0.0f32;
-        for &v in row.iter() {
+        let mean = sum_by(row, |v| v) / d as f32;
+        let ss = sum_by(row, |v| {
             let c = v - mean;
-            ss += c * c;
-        }
+            c * c
+        });
         let inv = 1.0 / (ss / d as f32 + eps).sqrt();
         for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
             *v = (*v - mean) * inv * g + b;
@@ -420,7 +564,7 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
 
 /// `eˣ` for `x` in about `[-87, 88]` (clamped there), relative error below 3·10⁻⁷: Cephes'
 /// `expf` (Cody–Waite reduction by ln 2, degree-6 polynomial, exponent set by bits).
-#[inline]
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
@@ -438,7 +582,7 @@ pub fn exp(x: f32) -> f32 {
 
 /// `erf(x)`, absolute error below 10⁻⁶: the odd/even rational approximation on `[-4, 4]` used by
 /// Eigen and tract (±1 beyond, to single precision).
-#[inline]
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
@@ -456,20 +600,21 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// GELU as BERT exports it: `x · (1 + erf(x/√2)) · 0.5`.
+#[inline(always)]
 pub fn gelu(x: &mut [f32]) {
     for v in x {
         *v = *v * (1.0 + erf(*v / std::f32::consts::SQRT_2)) * 0.5;
     }
 }
 
-/// Softmax of one row in place: max-shifted [`exp`], sum in index order.
+/// Softmax of one row in place: max-shifted [`exp`], the sum by [`sum_by`].
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0.0f32;
+    let m = max(x);
     for v in x.iter_mut() {
         *v = exp(*v - m);
-        s += *v;
     }
+    let s = sum_by(x, |v| v);
     for v in x.iter_mut() {
         *v /= s;
     }
@@ -529,6 +674,59 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The int8 × int8 map is its definition (quantise, exact sums, scale in the documented
+    /// order) bit for bit, and two levels are far closer to the real product than one.
+    #[test]
+    fn int8_activation_products_follow_their_definition() {
+        for (rows, k, n) in [(5, 384, 48), (2, 50, 33)] {
+            let (x, l) = random_int8(rows, k, n, 11 + k as u64);
+            let Weights::I8 { q, scale } = l.weights.clone() else {
+                unreachable!()
+            };
+            let bias = l.bias.clone().unwrap();
+            let real = |r: usize, j: usize| {
+                let mut s = 0.0f64;
+                for i in 0..k {
+                    s += f64::from(x[r * k + i])
+                        * f64::from(q[int8::at(k, n, i, j)])
+                        * f64::from(scale[j]);
+                }
+                s + f64::from(bias[j])
+            };
+            let mut err = [0.0f64; 2];
+            for levels in [1usize, 2] {
+                let li = l.clone().with_int8_activations(levels);
+                let mut got = Vec::new();
+                li.forward(&x, &mut got);
+                let packed = integer::Packed::from_fn(k, n, |i, j| q[int8::at(k, n, i, j)]);
+                let (kp, np) = (packed.padded_inputs(), packed.padded_outputs());
+                let (mut xq, mut sx) = (Vec::new(), Vec::new());
+                integer::quantize_rows(&x, k, kp, levels, &mut xq, &mut sx);
+                let mut acc = vec![0i32; rows * levels * np];
+                integer::matmul_reference(&xq, &packed, &mut acc);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let a = |l: usize| acc[(r * levels + l) * np + j] as f32;
+                        let s = |l: usize| sx[r * levels + l];
+                        let want = if levels == 1 {
+                            a(0) * s(0) * scale[j] + bias[j]
+                        } else {
+                            (a(0) * s(0) + a(1) * s(1)) * scale[j] + bias[j]
+                        };
+                        assert_eq!(got[r * n + j].to_bits(), want.to_bits(), "{levels} {r} {j}");
+                        err[levels - 1] =
+                            err[levels - 1].max((f64::from(got[r * n + j]) - real(r, j)).abs());
+                    }
+                }
+            }
+            println!(
+                "k {k}: max abs error one level {:e}, two levels {:e}",
+                err[0], err[1]
+            );
+            assert!(err[1] * 20.0 < err[0], "{err:?}");
         }
     }
 

@@ -23,7 +23,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 deb test-deb deps-deb bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -37,6 +37,8 @@ help:
 	@echo "make fuzz              property-based fuzzing of every parser, bounded time"
 	@echo "make aarch64           static (musl) stripped board binary; also x86_64-static, armv7 (glibc)"
 	@echo "make test-aarch64      the library and parity tests, static, under qemu-aarch64"
+	@echo "make test-armv7        the library and parity tests under qemu-arm (digests included)"
+	@echo "make fidelity          embeddings of 1,468 texts: integer vs int8 runtime vs PyTorch fp32"
 
 build:
 	$(CARGO) build --bins
@@ -77,6 +79,13 @@ test-embed: venv test-build
 	$(VPY) tests/embed_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/embed-check
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run embed-parity --sglora $(abspath $(TARGET_DIR))/debug/sglora \
 	  --bundle $(abspath $(BUNDLE)) --work $(abspath $(TARGET_DIR))/embed-check/work --out $(abspath $(TARGET_DIR))/embed-check/parity.json
+
+# The integer kernels' fidelity gate (models/README.md, "Integer kernels"): 1,468 varied texts
+# embedded by PyTorch fp32 and by the integer and int8 runtimes; writes target/fidelity.json.
+fidelity: venv
+	$(CARGO) build --release --example fidelity
+	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run fidelity --example $(abspath $(TARGET_DIR))/release/examples/fidelity \
+	  --bundle $(abspath $(BUNDLE)) --work $(abspath $(TARGET_DIR))/fidelity-work --out $(abspath $(TARGET_DIR))/fidelity.json
 
 # Parity of the Rust side with a freshly built tiny bundle (CI runs it after models-tiny).
 test-tiny-parity:
@@ -213,6 +222,17 @@ armv7: deps-cross
 # would resolve other dependency features and build tract twice.
 test-aarch64: deps-static
 	$(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib --test parity
+	# The Cortex-A72 has no dot-product extension; the kernels' tests once more on qemu's "max"
+	# CPU, which has it, so the sdot path is checked against the reference too (same build).
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER="env SGLORA_EMULATED=qemu-aarch64 qemu-aarch64 -cpu max" \
+	  $(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib -- kernels::
+
+# The same under qemu-arm (Cortex-A15, Debian's armhf glibc sysroot): armv7 runs the integer
+# kernels' scalar path, and the digest test proves its adapters are x86-64's bytes. The runtime
+# comparison (tract and the int8 runtime's software FMA, minutes under qemu) is skipped there.
+test-armv7: deps-cross
+	$(CARGO) test --target armv7-unknown-linux-gnueabihf --workspace --lib --test parity -- \
+	  --skip the_other_runtimes_agree_with_the_integer_runtime
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.
 verify-units: test-build

@@ -644,10 +644,23 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, generation: &Value) -> Va
     let enc_weight_f32_bytes = layers * weights_per_layer * 4.0;
     let weights = g.encoder().runtime().name();
     let weight_bytes = match g.encoder().runtime() {
-        Runtime::Int8 => 1.0,
+        Runtime::Integer | Runtime::Int8 => 1.0,
         Runtime::Fp16 => 2.0,
         Runtime::Fp32 | Runtime::Auto => 4.0,
     };
+    // The integer path's peak: int8 MACs per cycle of its dot-product instructions, two issued
+    // per cycle (assumed; AVX2 needs four instructions per 32 MACs, `smull` + `sadalp` two per 8).
+    let path = sglora::IntegerPath::best();
+    let int_macs_per_cycle = match path {
+        sglora::IntegerPath::Avx512Vnni => 128.0,
+        sglora::IntegerPath::AvxVnni => 64.0,
+        sglora::IntegerPath::Avx2 => 16.0,
+        sglora::IntegerPath::NeonDot => 32.0,
+        sglora::IntegerPath::Neon => 8.0,
+        sglora::IntegerPath::Scalar => 1.0,
+    };
+    let int_peak_gmacs = int_macs_per_cycle * ghz;
+    let integer = g.encoder().runtime() == Runtime::Integer;
     let tokens20 = enc
         .get("20")
         .and_then(|v| v["tokens"].as_f64())
@@ -658,9 +671,9 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, generation: &Value) -> Va
     let d = m.lora.flat_dim as f64;
     let k = m.prior.top_k as f64;
     let prior_bytes = 2.0 * k * d * 4.0;
-    let row = |name: &str, bytes: f64, macs: f64, measured: f64| {
+    let row = |name: &str, bytes: f64, macs: f64, measured: f64, peak: f64| {
         let t_bw = bytes / (bw * 1e9) * 1e3;
-        let t_c = macs / (peak_gmacs * 1e9) * 1e3;
+        let t_c = macs / (peak * 1e9) * 1e3;
         let fl = t_bw.max(t_c);
         json!({"stage": name, "bytes": bytes, "macs": macs, "floor_bw_ms": t_bw, "floor_compute_ms": t_c,
                "floor_ms": fl, "measured_ms": measured, "x_floor": if fl > 0.0 { measured / fl } else { 0.0 }})
@@ -672,10 +685,12 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, generation: &Value) -> Va
         .unwrap_or(f64::NAN);
     json!({
         "cpu_lanes_f32": lanes, "ghz": ghz, "peak_gmacs_one_core": peak_gmacs, "read_gb_s_one_core": bw,
+        "integer_path": path.name(), "integer_peak_gmacs_one_core": int_peak_gmacs,
         "rows": [
-            row(&format!("encode, 20 words ({weights} weights as held in memory)"), enc_weight_f32_bytes / 4.0 * weight_bytes, enc_macs, enc20),
-            row("prior mixture (K experts' μ, σ²)", prior_bytes, 3.0 * k * d, st("prior")),
-            row("CVAE prior net + decoder (weights read once)", cvae_bytes, cvae_bytes / 4.0, st("cvae")),
+            row(&format!("encode, 20 words ({weights} runtime, int8 MACs at the {} peak)", if integer { path.name() } else { "f32 FMA" }),
+                enc_weight_f32_bytes / 4.0 * weight_bytes, enc_macs, enc20, if integer { int_peak_gmacs } else { peak_gmacs }),
+            row("prior mixture (K experts' μ, σ²)", prior_bytes, 3.0 * k * d, st("prior"), peak_gmacs),
+            row("CVAE prior net + decoder (weights read once)", cvae_bytes, cvae_bytes / 4.0, st("cvae"), peak_gmacs),
         ]
     })
 }
@@ -702,24 +717,30 @@ fn markdown(r: &Value, py: &Value) -> String {
     let _ = writeln!(w, "## 1. Encoder: description → embedding (one thread)\n");
     let _ = writeln!(
         w,
-        "| words (tokens) | sglora: int8 file, {} | same file, tract, fp16 weights | same file, tract, fp32 weights | tract fp32 file | onnxruntime int8 (same file) | onnxruntime fp32 | sentence-transformers (PyTorch fp32) |",
+        "| words (tokens) | sglora: int8 file, {} | same file, sglora's int8 × f32 FMA chains (`int8` runtime) | same file, tract, fp16 weights | same file, tract, fp32 weights | tract fp32 file | onnxruntime int8 (same file) | onnxruntime fp32 | sentence-transformers (PyTorch fp32) |",
         match r["encoder_weights"].as_str().unwrap_or("?") {
-            "int8" => "sglora's int8 kernels (default)".to_string(),
-            other => format!("tract, {other} weights (default here)"),
+            "integer" => format!(
+                "sglora's integer kernels, {} (default)",
+                r["integer_path"].as_str().unwrap_or("?")
+            ),
+            other => format!("{other} runtime (default here)"),
         }
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
     for words in ["5", "20", "100"] {
-        let ours = py_dist(&r["encoder"]["int8"][words]["ms"]);
+        let ours = py_dist(&r["encoder"]["default"][words]["ms"]);
+        let chains = py_dist(&r["encoder"]["int8"][words]["ms"]);
         let fp32 = py_dist(&r["encoder"]["fp32"][words]["ms"]);
         let f32w = py_dist(&r["encoder"]["int8_f32w"][words]["ms"]);
         let f16w = py_dist(&r["encoder"]["int8_f16w"][words]["ms"]);
         let p = |k: &str| py_dist(&py["encoder"][k][words]);
         let _ = writeln!(
             w,
-            "| {words} ({}) | {} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} ({}) |",
-            r["encoder"]["int8"][words]["tokens"],
+            "| {words} ({}) | {} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} ({}) |",
+            r["encoder"]["default"][words]["tokens"],
             fmt_ms(ours),
+            fmt_ms(chains),
+            ratio(chains, ours),
             fmt_ms(f16w),
             ratio(f16w, ours),
             fmt_ms(f32w),
@@ -884,11 +905,13 @@ fn markdown(r: &Value, py: &Value) -> String {
     let fl = &r["floor"];
     let _ = writeln!(
         w,
-        "\n## 6. How far from the floor\n\nOne core: {:.1} GB/s measured read bandwidth; compute peak {:.0} GMAC/s assumed ({} f32 lanes × 2 FMA units × {:.2} GHz from /proc/cpuinfo). Floor = max(bytes / bandwidth, MACs / peak).\n",
+        "\n## 6. How far from the floor\n\nOne core: {:.1} GB/s measured read bandwidth; f32 compute peak {:.0} GMAC/s assumed ({} f32 lanes × 2 FMA units × {:.2} GHz from /proc/cpuinfo); integer peak {:.0} GMAC/s assumed (the {} path's int8 MACs per instruction × 2 per cycle). Floor = max(bytes / bandwidth, MACs / peak).\n",
         fl["read_gb_s_one_core"].as_f64().unwrap_or(0.0),
         fl["peak_gmacs_one_core"].as_f64().unwrap_or(0.0),
         fl["cpu_lanes_f32"],
-        fl["ghz"].as_f64().unwrap_or(0.0)
+        fl["ghz"].as_f64().unwrap_or(0.0),
+        fl["integer_peak_gmacs_one_core"].as_f64().unwrap_or(0.0),
+        fl["integer_path"].as_str().unwrap_or("?"),
     );
     let _ = writeln!(
         w,
@@ -989,8 +1012,12 @@ fn main() -> Res<()> {
 
     println!("1. encoder");
     let mut encoder = BTreeMap::new();
-    encoder.insert("int8", bench_encoder(g.encoder(), &enc_texts, a.quick)?);
+    encoder.insert("default", bench_encoder(g.encoder(), &enc_texts, a.quick)?);
     {
+        // The same int8 weights with f32 activations (the `int8` runtime), same run.
+        let chains = Encoder::load_with(g.bundle(), Runtime::Int8)?;
+        encoder.insert("int8", bench_encoder(&chains, &enc_texts, a.quick)?);
+        drop(chains);
         // The same file run by tract, weights dequantised to fp16 / fp32 at load, same run.
         let f16w = Encoder::load_with(g.bundle(), Runtime::Fp16)?;
         encoder.insert("int8_f16w", bench_encoder(&f16w, &enc_texts, a.quick)?);
@@ -1022,7 +1049,7 @@ fn main() -> Res<()> {
     let daemon = bench_daemon(&a.bundle, a.quick)?;
     println!("5. footprint, 6. floor");
     let footprint = footprint(&a.bundle)?;
-    let fl = floor(&g, &encoder["int8"], &generation);
+    let fl = floor(&g, &encoder["default"], &generation);
     println!("7. embeddings with an adapter");
     let embed = bench_embed(&g, &a.bundle, &enc_texts["20"], a.quick)?;
     println!("  {embed}");
@@ -1043,6 +1070,7 @@ fn main() -> Res<()> {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "quick": a.quick, "encoder": encoder, "generation": generation, "cache": cache,
         "encoder_weights": g.encoder().runtime().name(),
+        "integer_path": sglora::IntegerPath::best().name(),
         "daemon": daemon, "footprint": footprint, "floor": fl, "embed": embed,
     });
     let py: Value = match &a.python {

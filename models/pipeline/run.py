@@ -53,6 +53,10 @@ def main(argv=None):
         from .evaluate import embed_parity
 
         return embed_parity(argv[1:])
+    if argv and argv[0] == "fidelity":
+        from .fidelity import main as fidelity
+
+        return fidelity(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiny", action="store_true", help="a handful of tasks and steps (CI smoke run, <= 10 min)")
     ap.add_argument("--stage", default="all", help=f"run up to and including this stage: {', '.join(STAGES)}")

@@ -19,6 +19,11 @@ struct Cli {
     /// bits on every platform), int8 (int8 weights, f32 activations), fp16 or fp32 (tract).
     #[arg(long, global = true, value_name = "RUNTIME", default_value = "auto")]
     runtime: sglora::Runtime,
+    /// State directory: where experts added with `sglora experts add` live, and for `daemon` its
+    /// cache database and drop folder too (overrides its configuration and $STATE_DIRECTORY).
+    /// Default: $SGLORA_STATE_DIR; for the installed bundle, the installed daemon's state_dir.
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,11 +112,14 @@ enum Command {
         #[arg(short, long, value_name = "PATH")]
         output: PathBuf,
     },
-    /// List the expert repository.
+    /// List the expert repository (shipped and added experts); add or remove your own.
+    #[command(args_conflicts_with_subcommands = true)]
     Experts {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        command: Option<ExpertsCommand>,
     },
     /// Run the service: D-Bus API, watched drop folder, adapter cache (see sglorad.toml.example).
     Daemon(DaemonArgs),
@@ -119,6 +127,39 @@ enum Command {
     Bundle {
         #[command(subcommand)]
         command: BundleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExpertsCommand {
+    /// Add a PEFT LoRA adapter for this base model as an expert: projected onto the bundle's
+    /// shared LoRA A (refused when that loses too much), keyed by its descriptions, kept in the
+    /// state directory's overlay. A running daemon uses it after `ReloadExperts`.
+    Add {
+        /// The adapter directory (adapter_config.json, adapter_model.safetensors).
+        adapter: PathBuf,
+        /// What the adapter's task is, in words a user would use; repeat for more wordings
+        /// (each becomes a retrieval key).
+        #[arg(long = "description", value_name = "TEXT", required = true)]
+        descriptions: Vec<String>,
+        /// Its name in the repository (default: added/<the directory's name>).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Its relation family, for the expected gain (e.g. hypernym); default none.
+        #[arg(long, value_name = "RELATION", default_value = "")]
+        relation: String,
+        /// Refuse when the projection onto the shared A loses more than this share of the
+        /// adapter's weight change, 0-1.
+        #[arg(long, value_name = "E", default_value_t = sglora::MAX_PROJECTION_ERROR)]
+        max_projection_error: f64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an added expert (shipped ones stay).
+    Remove {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -146,9 +187,6 @@ struct DaemonArgs {
     /// Serve on the bus at this D-Bus address.
     #[arg(long, value_name = "ADDRESS")]
     bus_address: Option<String>,
-    /// State directory (cache database, drop folder); overrides config and $STATE_DIRECTORY.
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
     /// Cache directory (adapter files); overrides config and $CACHE_DIRECTORY.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -172,7 +210,13 @@ struct DaemonArgs {
     max_queue: Option<usize>,
 }
 
-fn daemon(cli_bundle: Option<&Path>, a: DaemonArgs) -> anyhow::Result<()> {
+/// `sglora daemon`; `state_dir` is the global `--state-dir` (cache database, drop folder, added
+/// experts), which overrides the configuration and $STATE_DIRECTORY.
+fn daemon(
+    cli_bundle: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    a: DaemonArgs,
+) -> anyhow::Result<()> {
     use sglora_daemon::{BusKind, Config, Overrides, DEFAULT_CONFIG};
     let cfg = match &a.config {
         Some(p) => Config::load(p, true)?,
@@ -185,7 +229,7 @@ fn daemon(cli_bundle: Option<&Path>, a: DaemonArgs) -> anyhow::Result<()> {
             _ => None,
         },
         bus_address: a.bus_address,
-        state_dir: a.state_dir,
+        state_dir,
         cache_dir: a.cache_dir,
         dropbox_dir: a.dropbox_dir,
         no_dropbox: a.no_dropbox,
@@ -303,10 +347,101 @@ fn read_texts(args: Vec<String>) -> anyhow::Result<Vec<String>> {
 
 /// The runtime `--runtime` chose (set once in `main`).
 static RUNTIME: std::sync::OnceLock<sglora::Runtime> = std::sync::OnceLock::new();
+/// The state directory whose expert overlay is loaded (set once in `main`).
+static STATE_DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
 
-/// Open a bundle and load its models on the chosen runtime.
+/// The state directory: `--state-dir`, else `$SGLORA_STATE_DIR`, else — for the installed
+/// bundle only — the installed daemon's `state_dir` (`/etc/sglora/sglorad.toml`, by default
+/// `/var/lib/sglora`) if it exists.
+fn state_dir(explicit: Option<&Path>, bundle: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("SGLORA_STATE_DIR").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let chosen = bundle_dir(bundle);
+    if installed_bundle().as_deref() != Some(chosen.as_path()) {
+        return None;
+    }
+    let cfg = sglora_daemon::Config::load(Path::new("/etc/sglora/sglorad.toml"), false).ok()?;
+    cfg.state_dir.is_dir().then_some(cfg.state_dir)
+}
+
+/// Open a bundle and load its models on the chosen runtime, with the experts added in the
+/// state directory (if there is one).
 fn load(dir: impl AsRef<Path>) -> sglora::Result<Generator> {
-    Generator::load_with(dir, RUNTIME.get().copied().unwrap_or_default())
+    let g = Generator::load_with(dir, RUNTIME.get().copied().unwrap_or_default())?;
+    let Some(Some(state)) = STATE_DIR.get() else {
+        return Ok(g);
+    };
+    let g = g.with_overlay(state.join(sglora::OVERLAY_FILE))?;
+    for (name, why) in g.skipped_experts() {
+        eprintln!("warning: added expert {name:?} is left out: {why}");
+    }
+    Ok(g)
+}
+
+/// `sglora experts add` / `remove`.
+fn experts_command(bundle: PathBuf, command: ExpertsCommand) -> anyhow::Result<()> {
+    if !matches!(STATE_DIR.get(), Some(Some(_))) {
+        bail!(sglora::Error::Expert(
+            "no state directory for added experts: pass --state-dir DIR (the daemon's \
+             state_dir, /var/lib/sglora on an installed system) or set SGLORA_STATE_DIR"
+                .into()
+        ));
+    }
+    let g = load(bundle)?;
+    match command {
+        ExpertsCommand::Add {
+            adapter,
+            descriptions,
+            name,
+            relation,
+            max_projection_error,
+            json,
+        } => {
+            let lora = g.encoder().load_adapter(&adapter)?;
+            let name = name.unwrap_or_else(|| {
+                let dir = adapter.canonicalize().unwrap_or_else(|_| adapter.clone());
+                format!(
+                    "added/{}",
+                    dir.file_name()
+                        .map_or_else(|| "adapter".into(), |n| n.to_string_lossy())
+                )
+            });
+            let added = g.add_expert(
+                &lora,
+                &sglora::AddExpert {
+                    name,
+                    descriptions,
+                    relation,
+                    domain: String::new(),
+                    max_projection_error,
+                    source: adapter.display().to_string(),
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&added)?);
+            } else {
+                println!(
+                    "added {:?}: rank {}, projection onto the shared A loses {:.2} % (worst \
+                     module {}: {:.2} %); {} experts",
+                    added.name,
+                    added.rank,
+                    100.0 * added.projection_error,
+                    added.worst_module.0,
+                    100.0 * added.worst_module.1,
+                    added.experts
+                );
+            }
+        }
+        ExpertsCommand::Remove { name } => {
+            g.remove_expert(&name)?;
+            println!("removed {name:?}");
+        }
+    }
+    Ok(())
 }
 
 /// `sglora embed`: every text is checked before anything is printed; the output is written a
@@ -574,7 +709,7 @@ fn print_explanation(ex: &Explanation) {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Daemon(a) => daemon(cli.bundle.as_deref(), a),
+        Command::Daemon(a) => daemon(cli.bundle.as_deref(), cli.state_dir.clone(), a),
         Command::Bundle {
             command: BundleCommand::Verify { dir },
         } => {
@@ -621,7 +756,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             int8,
             output,
         ),
-        Command::Experts { json } => {
+        Command::Experts {
+            command: Some(command),
+            ..
+        } => experts_command(bundle_dir(cli.bundle.as_deref()), command),
+        Command::Experts {
+            json,
+            command: None,
+        } => {
             let g = load(bundle_dir(cli.bundle.as_deref()))?;
             let ex = g.experts();
             let bytes_each = ex.dim() * 4 * 2;
@@ -629,18 +771,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let list: Vec<_> = ex
                     .metas()
                     .iter()
-                    .map(|m| serde_json::json!({"name": m.name, "description": m.description, "relation": m.relation, "domain": m.domain, "bytes": bytes_each}))
+                    .map(|m| serde_json::json!({"name": m.name, "description": m.description, "relation": m.relation, "domain": m.domain, "bytes": bytes_each, "origin": m.origin(), "added": m.added}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{} experts ({} parameters each, {} KiB of mean+variance each)",
+                    "{} experts ({} shipped, {} added; {} parameters each, {} KiB of \
+                     mean+variance each)",
                     ex.len(),
+                    ex.shipped(),
+                    ex.len() - ex.shipped(),
                     ex.dim(),
                     bytes_each / 1024
                 );
                 for m in ex.metas() {
-                    println!("  {:<34} {}", m.name, m.description);
+                    let tag = if m.added.is_some() { " [added]" } else { "" };
+                    println!("  {:<34} {}{tag}", m.name, m.description);
                 }
             }
             Ok(())
@@ -698,6 +844,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = RUNTIME.set(cli.runtime);
+    let _ = STATE_DIR.set(state_dir(cli.state_dir.as_deref(), cli.bundle.as_deref()));
     if !matches!(cli.command, Command::Daemon(_)) {
         // A CLI piped into `head` should end quietly, like other Unix tools, not panic on EPIPE.
         // (The daemon keeps SIGPIPE ignored: a vanished peer must not kill it.)
@@ -731,6 +878,8 @@ fn main() -> ExitCode {
                 Some(sglora::Error::Bundle { .. }) => 4,
                 Some(sglora::Error::Output { .. }) => 5,
                 Some(sglora::Error::Adapter { .. }) => 6,
+                Some(sglora::Error::Expert(_)) => 7,
+                Some(sglora::Error::Overlay { .. }) => 8,
                 _ => 1,
             })
         }

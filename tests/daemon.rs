@@ -1186,3 +1186,179 @@ async fn export_hands_a_read_only_merged_onnx() {
     assert!(e.contains("Error.NotFound"), "{e}");
     d.stop();
 }
+
+/// An expert added over `org.sglora.Admin1.AddExpert` (the adapter's files as descriptors, so
+/// the service reads nothing of the caller's) is listed with its origin and retrieved at once;
+/// the adapters cached before it are not served in its presence (the repository's version is
+/// part of the cache scope), it survives a restart, and once removed the earlier adapters are
+/// served again. Bad calls get their own errors and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_added_over_the_bus_is_used_at_once_and_kept() {
+    const ADMIN: &str = "org.sglora.Admin1";
+    const ADDED: &str =
+        "Crossword helper: from a clue word, come up with another word that means the same thing";
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let src = src.path().join("adapter");
+    sglora::Generator::load(bundle_dir())
+        .unwrap()
+        .generate_to(
+            "Given an adjective, find the word with the opposite meaning.",
+            &sglora::GenerateOptions::default(),
+            &src,
+            false,
+        )
+        .unwrap();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    let list = |c: zbus::Connection| async move {
+        let m = c
+            .call_method(Some(NAME), PATH, Some(NAME), "ListExperts", &())
+            .await
+            .unwrap();
+        m.body()
+            .deserialize::<Vec<(String, String, String)>>()
+            .unwrap()
+    };
+    let shipped = list(c.clone()).await;
+    assert!(shipped.iter().all(|(_, _, o)| o == "bundle"));
+    let (_, _, hit, before) = generate(&c, ADDED, &opts(1)).await.unwrap();
+    assert!(!hit);
+
+    let add = |c: zbus::Connection, name: &'static str, o: HashMap<String, Variant<'static>>| {
+        let (cfg, w) = (
+            std::fs::File::open(src.join("adapter_config.json")).unwrap(),
+            std::fs::File::open(src.join("adapter_model.safetensors")).unwrap(),
+        );
+        async move {
+            use std::os::fd::AsFd;
+            let m = c
+                .call_method(
+                    Some(NAME),
+                    PATH,
+                    Some(ADMIN),
+                    "AddExpert",
+                    &(
+                        zbus::zvariant::Fd::from(cfg.as_fd()),
+                        zbus::zvariant::Fd::from(w.as_fd()),
+                        name,
+                        vec![ADDED, "given a word, find a synonym"],
+                        o,
+                    ),
+                )
+                .await?;
+            m.body().deserialize::<(String, f64, u32)>()
+        }
+    };
+    let (name, err, n) = add(c.clone(), "mine/synonym", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(name, "mine/synonym");
+    assert!(err < 1e-3, "projection error {err}");
+    assert_eq!(n as usize, shipped.len() + 1);
+    let now = list(c.clone()).await;
+    assert!(now.contains(&("mine/synonym".into(), ADDED.into(), "added".into())));
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(NAME),
+            "Explain",
+            &(ADDED, HashMap::<String, Variant>::new()),
+        )
+        .await
+        .unwrap();
+    let picked: Vec<(String, f64, f64)> = m.body().deserialize().unwrap();
+    assert_eq!(picked[0].0, "mine/synonym", "{picked:?}");
+    let (_, _, hit, with) = generate(&c, ADDED, &opts(1)).await.unwrap();
+    assert!(
+        !hit,
+        "an adapter cached before the expert was added was served"
+    );
+    let sha = |p: &str| {
+        serde_json::from_str::<serde_json::Value>(p).unwrap()["weights_sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(sha(&with), sha(&before));
+
+    // Refused, nothing changed: the same name again, an unknown option, a directory as a file,
+    // removing a shipped expert or an unknown one.
+    let e = dbus_error(
+        add(c.clone(), "mine/synonym", HashMap::new())
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.contains("ExpertRefused") && e.contains("already"), "{e}");
+    let e = dbus_error(
+        add(
+            c.clone(),
+            "other",
+            HashMap::from([("colour".to_string(), Variant::U32(1))]),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.contains("InvalidOption") && e.contains("colour"), "{e}");
+    let dir = std::fs::File::open(state.path()).unwrap();
+    let w = std::fs::File::open(src.join("adapter_model.safetensors")).unwrap();
+    use std::os::fd::AsFd;
+    let r = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(ADMIN),
+            "AddExpert",
+            &(
+                zbus::zvariant::Fd::from(dir.as_fd()),
+                zbus::zvariant::Fd::from(w.as_fd()),
+                "other",
+                vec![ADDED],
+                HashMap::<String, Variant>::new(),
+            ),
+        )
+        .await;
+    let e = dbus_error(r.unwrap_err());
+    assert!(
+        e.contains("InvalidArgument") && e.contains("not a regular file"),
+        "{e}"
+    );
+    for who in [shipped[0].0.as_str(), "nobody"] {
+        let r = c
+            .call_method(Some(NAME), PATH, Some(ADMIN), "RemoveExpert", &(who,))
+            .await;
+        let e = dbus_error(r.unwrap_err());
+        assert!(e.contains("ExpertRefused"), "{e}");
+    }
+    assert_eq!(list(c.clone()).await.len(), shipped.len() + 1);
+
+    // Across a restart: still there, and the adapter made with it is a cache hit.
+    d.stop();
+    let d = Daemon::start(&bus, state.path(), &["--no-dropbox"]);
+    let c = connect(&bus).await;
+    assert_eq!(list(c.clone()).await, now);
+    let (_, _, hit, again) = generate(&c, ADDED, &opts(1)).await.unwrap();
+    assert!(hit && sha(&again) == sha(&with));
+
+    // Removed: the repository is the bundle's again, and so is what it serves.
+    let m = c
+        .call_method(
+            Some(NAME),
+            PATH,
+            Some(ADMIN),
+            "RemoveExpert",
+            &("mine/synonym",),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        m.body().deserialize::<u32>().unwrap() as usize,
+        shipped.len()
+    );
+    assert_eq!(list(c.clone()).await, shipped);
+    let (_, _, hit, back) = generate(&c, ADDED, &opts(1)).await.unwrap();
+    assert!(hit && sha(&back) == sha(&before));
+    d.stop();
+}

@@ -582,6 +582,7 @@ fn members_cannot_read_or_disturb_each_other() {
         ("Evict", vec!["s", id_a.as_str()]),
         ("ReloadExperts", vec![]),
         ("ListAdapters", vec![]),
+        ("RemoveExpert", vec!["s", "added/anything"]),
     ] {
         let o = call_as(&address, CLIENT2, ADMIN, method, &args);
         assert!(

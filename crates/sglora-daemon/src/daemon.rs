@@ -186,15 +186,22 @@ pub async fn run(cfg: Config, bundle: PathBuf) -> Result<()> {
     restrict_umask();
     limit_malloc_arenas();
     let runtime = cfg.model.encoder_weights;
-    let g = tokio::task::spawn_blocking(move || Generator::load_with(&bundle, runtime))
-        .await?
-        .map_err(|e| Error::from(e).context("loading the model bundle"))?;
+    let overlay = cfg.state_dir.join(sglora::OVERLAY_FILE);
+    let g = tokio::task::spawn_blocking(move || {
+        Generator::load_with(&bundle, runtime)?.with_overlay(overlay)
+    })
+    .await?
+    .map_err(|e| Error::from(e).context("loading the model bundle and the added experts"))?;
     log::info(&format!(
-        "bundle {} loaded ({} experts) in {:.0} ms",
+        "bundle {} loaded ({} experts, {} of them added) in {:.0} ms",
         g.bundle().manifest.bundle_id,
         g.experts().len(),
+        g.experts().len() - g.experts().shipped(),
         t0.elapsed().as_secs_f64() * 1e3
     ));
+    for (name, why) in g.skipped_experts() {
+        log::warn(&format!("added expert {name:?} is left out: {why}"));
+    }
     private_dir(&cfg.state_dir, 0o750)?;
     private_dir(&cfg.cache_dir, 0o700)?;
     private_dir(&cfg.cache_dir.join("adapters"), 0o700)?;

@@ -59,6 +59,9 @@ pub enum DbusError {
     InvalidArgument(String),
     /// A cached adapter's files were changed or damaged on disk; it has been removed.
     Damaged(String),
+    /// An expert cannot be added or removed: its name is in use or unknown, it is shipped with
+    /// the bundle, or its projection onto the shared LoRA A loses too much.
+    ExpertRefused(String),
     /// The caller may not call this method (an administrator's).
     AccessDenied(String),
     /// The service is stopping and takes no new work.
@@ -83,6 +86,8 @@ impl From<Error> for DbusError {
                 e @ sglora::Error::LowExpectedGain { .. } => {
                     DbusError::LowExpectedGain(e.to_string())
                 }
+                sglora::Error::Expert(m) => DbusError::ExpertRefused(m.clone()),
+                e @ sglora::Error::Adapter { .. } => DbusError::InvalidArgument(e.to_string()),
                 e => DbusError::Internal(e.to_string()),
             },
             e @ (Error::Busy { .. } | Error::CallerBusy { .. }) => DbusError::Busy(e.detail()),
@@ -414,6 +419,31 @@ fn description_arg(t: Text) -> Result<String, DbusError> {
     })
 }
 
+/// The contents of a file passed as a descriptor: a regular file of at most `max` bytes.
+fn read_fd(fd: zbus::OwnedFd, what: &str, max: u64) -> Result<Vec<u8>, DbusError> {
+    use std::io::Read;
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let meta = file
+        .metadata()
+        .map_err(|e| DbusError::InvalidArgument(format!("{what}: cannot read it: {e}")))?;
+    if !meta.is_file() {
+        return Err(DbusError::InvalidArgument(format!(
+            "{what}: the descriptor is not a regular file"
+        )));
+    }
+    let mut bytes = Vec::new();
+    (&file)
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| DbusError::InvalidArgument(format!("{what}: cannot read it: {e}")))?;
+    if bytes.len() as u64 > max {
+        return Err(DbusError::InvalidArgument(format!(
+            "{what} is more than {max} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// An id argument (ids are 24 hex digits; a longer string is no id of anyone's).
 fn id_arg(id: Bounded<64>) -> String {
     id.0.unwrap_or_default()
@@ -658,14 +688,21 @@ impl Generator1 {
         ))
     }
 
-    /// The expert repository: (name, description).
-    async fn list_experts(&self) -> Vec<(String, String)> {
+    /// The expert repository: (name, description, origin), origin `bundle` for a shipped
+    /// expert and `added` for one added on the device (`AddExpert`, `sglora experts add`).
+    async fn list_experts(&self) -> Vec<(String, String, String)> {
         self.svc
             .generator()
             .experts()
             .metas()
             .iter()
-            .map(|m| (m.name.clone(), m.description.clone()))
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    m.description.clone(),
+                    m.origin().to_string(),
+                )
+            })
             .collect()
     }
 
@@ -858,6 +895,98 @@ impl Admin1 {
                 .await;
         }
         Ok(n)
+    }
+
+    /// Add a PEFT LoRA adapter as an expert, at once and across restarts (the overlay in the
+    /// state directory): `config` and `weights` are read-only descriptors of its
+    /// `adapter_config.json` and `adapter_model.safetensors` (so the service needs no access
+    /// to the caller's files), `name` unique, `descriptions` one or more wordings of its task
+    /// (each a retrieval key); options `relation` (s) and `max_projection_error` (d, 0-1,
+    /// default 0.1). Returns (name, relative projection error, experts now). An adapter for
+    /// another base model, modules or shapes is `InvalidArgument`; a name in use or a
+    /// projection that loses more than the limit is `ExpertRefused`.
+    async fn add_expert(
+        &self,
+        config: zbus::OwnedFd,
+        weights: zbus::OwnedFd,
+        name: Bounded<256>,
+        descriptions: Texts,
+        options: Options,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(String, f64, u32), DbusError> {
+        let caller = self.admin(conn, &header).await?;
+        let name = name.take(|n| {
+            DbusError::InvalidArgument(format!(
+                "the name is {n} bytes long; the limit is {} bytes",
+                sglora::MAX_EXPERT_NAME_BYTES
+            ))
+        })?;
+        if let Some(m) = descriptions.refused {
+            return Err(DbusError::InvalidArgument(m));
+        }
+        if let Some(m) = options.refused {
+            return Err(DbusError::InvalidOption(m));
+        }
+        let mut relation = String::new();
+        let mut max_projection_error = sglora::MAX_PROJECTION_ERROR;
+        for (k, v) in &options.map {
+            match k.as_str() {
+                "relation" => {
+                    relation = String::try_from(v.try_clone().map_err(zbus::Error::from)?).map_err(
+                        |_| DbusError::InvalidOption("option relation must be a string (s)".into()),
+                    )?
+                }
+                "max_projection_error" => {
+                    max_projection_error = f64::try_from(v).map_err(|_| {
+                        DbusError::InvalidOption(
+                            "option max_projection_error must be a number (d)".into(),
+                        )
+                    })?
+                }
+                other => {
+                    return Err(DbusError::InvalidOption(format!(
+                        "unknown option {other:?} (AddExpert takes relation and \
+                         max_projection_error)"
+                    )))
+                }
+            }
+        }
+        let config = read_fd(config, "adapter_config.json", 1 << 20)?;
+        let weights = read_fd(
+            weights,
+            "adapter_model.safetensors",
+            sglora::MAX_ADAPTER_BYTES,
+        )?;
+        let req = sglora::AddExpert {
+            name,
+            descriptions: descriptions.texts,
+            relation,
+            domain: String::new(),
+            max_projection_error,
+            source: format!("AddExpert by uid {}", caller.uid),
+        };
+        let added = self.svc.add_expert(config, weights, req).await?;
+        Ok((
+            added.name,
+            added.projection_error,
+            u32::try_from(added.experts).unwrap_or(u32::MAX),
+        ))
+    }
+
+    /// Remove an added expert; returns the number of experts now. A shipped expert or an
+    /// unknown name is `ExpertRefused`.
+    async fn remove_expert(
+        &self,
+        name: Bounded<256>,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<u32, DbusError> {
+        self.admin(conn, &header).await?;
+        let name =
+            name.take(|n| DbusError::ExpertRefused(format!("no expert has a name of {n} bytes")))?;
+        let n = self.svc.remove_expert(name).await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// Every cached adapter: (id, owner uid, bytes, last used in ms since the epoch, hits),

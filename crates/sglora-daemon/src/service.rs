@@ -146,16 +146,17 @@ impl std::fmt::Debug for Service {
 /// lowered threshold or without a minimum is never served to a request that would have been
 /// refused). The caller is part of it so that nobody is served, or learns from a cache hit,
 /// what another caller asked for.
-/// The cache scope of a request: the caller, the bundle, the runtime whose arithmetic made the
-/// adapter (another runtime gives other bytes for the same seed, so a change of
-/// `encoder_weights`, or of the default runtime in an upgrade, must not serve the old ones), and
-/// every option that changes the result.
-fn scope(caller: Caller, bundle_hash: &str, runtime: Runtime, o: &ResolvedOptions) -> String {
+/// The cache scope of a request: the caller, the expert repository's version (the bundle's
+/// hash, with the overlay's once experts were added: an added or removed expert can change any
+/// retrieval), the runtime whose arithmetic made the adapter (another runtime gives other bytes
+/// for the same seed, so a change of `encoder_weights`, or of the default runtime in an upgrade,
+/// must not serve the old ones), and every option that changes the result.
+fn scope(caller: Caller, repository: &str, runtime: Runtime, o: &ResolvedOptions) -> String {
     let min_gain = o
         .min_expected_gain
         .map_or_else(|| "none".to_string(), |g| g.to_string());
     format!(
-        "uid={};{bundle_hash};runtime={};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
+        "uid={};{repository};runtime={};seed={};k={};tau={};noise={};ood={};min_sim={};min_gain={min_gain}",
         caller.uid,
         runtime.name(),
         o.seed,
@@ -359,11 +360,64 @@ impl Service {
                 ))
             })?;
         let n = g.experts().len();
+        self.put_in_service(g);
+        Ok(n)
+    }
+
+    /// Add an adapter (the contents of its `adapter_config.json` and
+    /// `adapter_model.safetensors`) as an expert to the overlay in the state directory and put
+    /// the repository with it in service; runs with reloads one at a time, so the repository
+    /// served afterwards holds it. Requests already running finish on the repository they
+    /// started with; new ones (and the cache scope) see the new version.
+    pub async fn add_expert(
+        &self,
+        config: Vec<u8>,
+        weights: Vec<u8>,
+        req: sglora::AddExpert,
+    ) -> Result<sglora::Added> {
+        let _one = self.reloading.lock().await;
+        let g = self.generator();
+        let (added, next) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let label = std::path::PathBuf::from(&req.source);
+            let lora = g.encoder().load_adapter_bytes(&label, &config, &weights)?;
+            let added = g.add_expert(&lora, &req)?;
+            let next = g.reload().map_err(|e| {
+                Error::Internal(format!(
+                    "the expert was added to the overlay, but loading the repository again \
+                     failed, so the previous one stays in service: {e}"
+                ))
+            })?;
+            Ok((added, next))
+        })
+        .await??;
+        self.put_in_service(next);
+        Ok(added)
+    }
+
+    /// Remove an added expert from the overlay and put the repository without it in service.
+    pub async fn remove_expert(&self, name: String) -> Result<usize> {
+        let _one = self.reloading.lock().await;
+        let g = self.generator();
+        let next = tokio::task::spawn_blocking(move || -> Result<_> {
+            g.remove_expert(&name)?;
+            g.reload().map_err(|e| {
+                Error::Internal(format!(
+                    "the expert was removed from the overlay, but loading the repository again \
+                     failed, so the previous one stays in service: {e}"
+                ))
+            })
+        })
+        .await??;
+        let n = next.experts().len();
+        self.put_in_service(next);
+        Ok(n)
+    }
+
+    fn put_in_service(&self, g: Generator) {
         match self.generator.write() {
             Ok(mut w) => *w = Arc::new(g),
             Err(p) => *p.into_inner() = Arc::new(g),
         }
-        Ok(n)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -472,7 +526,7 @@ impl Service {
         let opts = generator.resolve(options)?;
         let scope = scope(
             caller,
-            &generator.bundle().hash,
+            &generator.repository_version(),
             generator.encoder().runtime(),
             &opts,
         );

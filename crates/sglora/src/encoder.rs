@@ -418,6 +418,27 @@ impl Encoder {
         Lora::from_dir(dir, &self.base_id, bert.layers(), |t| bert.shape(t))
     }
 
+    /// [`Encoder::load_adapter`] on the contents of `adapter_config.json` and
+    /// `adapter_model.safetensors` (received as file descriptors, say); `label` names the
+    /// adapter in errors.
+    pub fn load_adapter_bytes(
+        &self,
+        label: &std::path::Path,
+        config: &[u8],
+        weights: &[u8],
+    ) -> Result<Lora> {
+        let Model::Native(bert) = &self.model else {
+            return Err(Error::InvalidOption(format!(
+                "adapters are applied by sglora's own kernels only, and this encoder runs on \
+                 tract ({}); load it with the default runtime (encoder_weights = \"auto\")",
+                self.runtime.name()
+            )));
+        };
+        Lora::from_bytes(label, config, weights, &self.base_id, bert.layers(), |t| {
+            bert.shape(t)
+        })
+    }
+
     /// Token ids (with special tokens, truncated) of `text`.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode(text))

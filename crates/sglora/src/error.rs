@@ -99,6 +99,17 @@ pub enum Error {
         /// What is wrong with it.
         what: String,
     },
+    /// The expert overlay file (experts added on the device) cannot be read.
+    #[error("expert overlay {}: {what}", path.display())]
+    Overlay {
+        /// The overlay file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// An expert cannot be added or removed (a name in use or unknown, a projection too poor).
+    #[error("{0}")]
+    Expert(String),
     /// The adapter could not be delivered where it was asked for.
     #[error("output {}: {what}", path.display())]
     Output {

@@ -33,6 +33,47 @@ pub struct ExpertMeta {
     /// Domain (informational).
     #[serde(default)]
     pub domain: String,
+    /// For an expert added on the device (not shipped in the bundle): where it came from.
+    #[serde(skip)]
+    pub added: Option<AddedOrigin>,
+}
+
+/// Where an added expert came from ([`crate::overlay`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AddedOrigin {
+    /// The adapter directory given when it was added.
+    pub source: String,
+    /// Hex SHA-256 of its `adapter_model.safetensors`.
+    pub weights_sha256: String,
+    /// The adapter's rank.
+    pub rank: usize,
+    /// Relative error of its projection onto the bundle's shared A.
+    pub projection_error: f64,
+    /// Seconds since the Unix epoch when it was added.
+    pub added_unix: u64,
+    /// Every description it was added with (the first is [`ExpertMeta::description`]).
+    pub descriptions: Vec<String>,
+}
+
+impl ExpertMeta {
+    /// `"bundle"` for a shipped expert, `"added"` for one added on the device.
+    pub fn origin(&self) -> &'static str {
+        if self.added.is_some() {
+            "added"
+        } else {
+            "bundle"
+        }
+    }
+}
+
+/// An expert to append to a loaded repository: its record, its keys (`[per_expert, key dim]`,
+/// each L2-normalised) and its `μ`, `σ²` rows.
+#[derive(Debug, Clone)]
+pub(crate) struct Extra {
+    pub meta: ExpertMeta,
+    pub keys: Vec<f32>,
+    pub mu: Vec<f32>,
+    pub var: Vec<f32>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +154,10 @@ pub struct Experts {
     dim: usize,
     keys: Keys,
     params: Params,
+    /// Rows in `params`; experts after them are added ones, their rows in `extra`.
+    base: usize,
+    /// `(μ, σ²)` of each added expert.
+    extra: Vec<(Vec<f32>, Vec<f32>)>,
     /// Shared LoRA A matrices, `[modules, r, in]` flattened.
     pub lora_a: Vec<f32>,
 }
@@ -256,6 +301,8 @@ impl Experts {
             dim: d,
             keys,
             params,
+            base: n,
+            extra: Vec::new(),
             lora_a: f32_tensor(&st, "lora_A", &a_shape, &file)?,
             meta: meta.experts,
         };
@@ -302,6 +349,7 @@ impl Experts {
                 description,
                 relation: String::new(),
                 domain: String::new(),
+                added: None,
             })
             .collect();
         Ok(Experts {
@@ -309,6 +357,8 @@ impl Experts {
             dim,
             keys,
             params: Params::Memory { mu, var },
+            base: n,
+            extra: Vec::new(),
             lora_a: vec![],
         })
     }
@@ -360,9 +410,58 @@ impl Experts {
         self.read_row(i, true, out)
     }
 
+    /// Append added experts (their keys must have this repository's shape).
+    pub(crate) fn with_extra(mut self, extra: Vec<Extra>) -> Result<Experts> {
+        let (m, kd) = (self.keys.per_expert, self.keys.dim);
+        for e in extra {
+            if e.keys.len() != m * kd
+                || e.mu.len() != self.dim
+                || e.var.len() != self.dim
+                || !e.keys.chunks_exact(kd).all(unit_norm)
+                || bad_params(e.mu.iter().copied(), e.var.iter().copied())
+            {
+                return Err(Error::model(
+                    "experts",
+                    format!("added expert {} does not fit the repository", e.meta.name),
+                ));
+            }
+            self.keys.values.extend_from_slice(&e.keys);
+            self.meta.push(e.meta);
+            self.extra.push((e.mu, e.var));
+        }
+        Ok(self)
+    }
+
+    /// Number of experts shipped in the bundle (the first ones; added experts follow).
+    pub fn shipped(&self) -> usize {
+        self.base
+    }
+
+    /// The per-parameter mean of the shipped experts' `σ²` (f64 sums in expert order): the
+    /// variance an added expert without snapshots gets.
+    pub(crate) fn mean_var(&self) -> Result<Vec<f32>> {
+        let mut acc = vec![0f64; self.dim];
+        let mut row = vec![0f32; self.dim];
+        for i in 0..self.base {
+            self.read_var(i, &mut row)?;
+            for (a, x) in acc.iter_mut().zip(&row) {
+                *a += f64::from(*x);
+            }
+        }
+        let n = self.base.max(1) as f64;
+        Ok(acc.iter().map(|a| (a / n) as f32).collect())
+    }
+
     fn read_row(&self, i: usize, var: bool, out: &mut [f32]) -> Result<()> {
         let d = self.dim;
-        if i >= self.len() || out.len() != d {
+        if let Some((mu, v)) = i.checked_sub(self.base).and_then(|j| self.extra.get(j)) {
+            if out.len() != d {
+                return Err(Error::model("experts", "row of the wrong length"));
+            }
+            out.copy_from_slice(if var { v } else { mu });
+            return Ok(());
+        }
+        if i >= self.base || out.len() != d {
             return Err(Error::model(
                 "experts",
                 format!(

@@ -5,7 +5,7 @@
 //! [`crate::stages`] and returns the next, so a caller (the daemon) can stop between them — embed
 //! once, look up its cache, then generate — without anything being computed twice.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::adapter::{self, AdapterFiles};
@@ -13,9 +13,11 @@ use crate::bundle::Bundle;
 use crate::cvae::Cvae;
 use crate::encoder::{Encoder, Runtime};
 use crate::error::{Error, Result};
-use crate::experts::Experts;
+use crate::experts::{AddedOrigin, ExpertMeta, Experts, Extra};
 use crate::gain::{Features, GainModel};
+use crate::lora::Lora;
 use crate::options::{GenerateOptions, ResolvedOptions};
+use crate::overlay::{self, AddedExpert, AddedMeta, Overlay};
 use crate::prior::{self, Retrieved};
 use crate::scope::Scope;
 use crate::stages::{
@@ -31,6 +33,50 @@ pub struct Generator {
     cvae: Cvae,
     gain: GainModel,
     scope: Option<Scope>,
+    overlay: Option<LoadedOverlay>,
+}
+
+/// The expert overlay a generator was loaded with.
+#[derive(Debug, Clone)]
+struct LoadedOverlay {
+    path: PathBuf,
+    sha256: Option<String>,
+    skipped: Vec<(String, String)>,
+}
+
+/// What [`Generator::add_expert`] asks for.
+#[derive(Debug, Clone)]
+pub struct AddExpert {
+    /// Name in the repository (unique).
+    pub name: String,
+    /// One or more descriptions of the adapter's task; each becomes a retrieval key.
+    pub descriptions: Vec<String>,
+    /// Relation family (for the expected gain's relation agreement); may be empty.
+    pub relation: String,
+    /// Domain (informational); may be empty.
+    pub domain: String,
+    /// Refuse when the projection onto the shared A loses more than this share of `ΔW`
+    /// (`‖residual‖_F / ‖ΔW‖_F`), in [0, 1]; [`overlay::MAX_PROJECTION_ERROR`] by default.
+    pub max_projection_error: f64,
+    /// Where the adapter came from (recorded).
+    pub source: String,
+}
+
+/// What [`Generator::add_expert`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Added {
+    /// The expert's name.
+    pub name: String,
+    /// Relative error of the projection onto the shared A.
+    pub projection_error: f64,
+    /// The module whose projection lost most, and its own relative error.
+    pub worst_module: (String, f64),
+    /// The adapter's rank.
+    pub rank: usize,
+    /// Experts in the repository once the overlay is loaded again.
+    pub experts: usize,
+    /// Hex SHA-256 of the overlay file written.
+    pub overlay_sha256: Option<String>,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -75,13 +121,254 @@ impl Generator {
             cvae,
             gain,
             scope,
+            overlay: None,
         })
+    }
+
+    /// Join the experts of the overlay file at `path` (it may not exist yet: nothing was
+    /// added) to the repository, and remember `path` for [`Generator::reload`],
+    /// [`Generator::add_expert`] and [`Generator::remove_expert`]. Each added expert is
+    /// projected onto this bundle's shared A and its descriptions embedded; one whose name a
+    /// shipped expert has, or whose projection now loses more than its limit, is left out and
+    /// listed by [`Generator::skipped_experts`].
+    pub fn with_overlay(mut self, path: impl Into<PathBuf>) -> Result<Generator> {
+        let path = path.into();
+        let ov = Overlay::read(&path)?;
+        let mut skipped = Vec::new();
+        if !ov.is_empty() {
+            let var = self.experts.mean_var()?;
+            let mut extra = Vec::with_capacity(ov.len());
+            for e in &ov.experts {
+                match self.prepare(e, &var) {
+                    Ok(x) if self.experts.metas().iter().any(|m| m.name == x.meta.name) => {
+                        skipped.push((
+                            x.meta.name.clone(),
+                            "a shipped expert has this name".to_string(),
+                        ));
+                    }
+                    Ok(x) => extra.push(x),
+                    Err(err) => skipped.push((e.meta.name.clone(), err.to_string())),
+                }
+            }
+            self.experts = self.experts.with_extra(extra)?;
+        }
+        self.overlay = Some(LoadedOverlay {
+            path,
+            sha256: ov.sha256().map(str::to_string),
+            skipped,
+        });
+        Ok(self)
+    }
+
+    /// One overlay expert made ready for the repository: projected, keyed, checked.
+    fn prepare(&self, e: &AddedExpert, var: &[f32]) -> Result<Extra> {
+        let m = &self.bundle.manifest;
+        let p = overlay::project(
+            &m.lora.layout,
+            &self.experts.lora_a,
+            m.lora.lora_alpha / m.lora.r as f64,
+            m.lora.flat_dim,
+            &e.factors,
+        )?;
+        if p.relative_error > e.meta.max_projection_error {
+            return Err(Error::Expert(format!(
+                "its projection onto this bundle's shared LoRA A loses {:.1} % of the adapter's \
+                 weight change (limit {:.1} %)",
+                100.0 * p.relative_error,
+                100.0 * e.meta.max_projection_error
+            )));
+        }
+        let keys = self.keys_of(&e.meta.descriptions)?;
+        Ok(Extra {
+            meta: ExpertMeta {
+                name: e.meta.name.clone(),
+                description: e.meta.descriptions.first().cloned().unwrap_or_default(),
+                relation: e.meta.relation.clone(),
+                domain: e.meta.domain.clone(),
+                added: Some(AddedOrigin {
+                    source: e.meta.source.clone(),
+                    weights_sha256: e.meta.weights_sha256.clone(),
+                    rank: e.meta.rank,
+                    projection_error: p.relative_error,
+                    added_unix: e.meta.added_unix,
+                    descriptions: e.meta.descriptions.clone(),
+                }),
+            },
+            keys,
+            mu: p.flat,
+            var: var.to_vec(),
+        })
+    }
+
+    /// Retrieval keys for descriptions: each embedded and projected as a request is, the
+    /// repository's key slots filled with them in turn.
+    fn keys_of(&self, descriptions: &[String]) -> Result<Vec<f32>> {
+        let keys = self.experts.keys();
+        if descriptions.is_empty() || descriptions.len() > overlay::MAX_DESCRIPTIONS {
+            return Err(Error::Expert(format!(
+                "an expert needs 1 to {} descriptions, {} given",
+                overlay::MAX_DESCRIPTIONS,
+                descriptions.len()
+            )));
+        }
+        let mut projected = Vec::with_capacity(descriptions.len());
+        for d in descriptions {
+            let d = Description::new(d)?;
+            let e = self.encoder.embed(d.text())?;
+            projected.push(keys.project(&e.vector).into_owned());
+        }
+        Ok((0..keys.per_expert)
+            .flat_map(|j| projected[j % projected.len()].iter().copied())
+            .collect())
+    }
+
+    /// The overlay file this generator reads added experts from, if any.
+    pub fn overlay_path(&self) -> Option<&Path> {
+        self.overlay.as_ref().map(|o| o.path.as_path())
+    }
+
+    /// Added experts left out at load, with the reason.
+    pub fn skipped_experts(&self) -> &[(String, String)] {
+        self.overlay.as_ref().map_or(&[], |o| o.skipped.as_slice())
+    }
+
+    /// Hex SHA-256 of the overlay file loaded (`None`: nothing added).
+    pub fn overlay_sha256(&self) -> Option<&str> {
+        self.overlay.as_ref().and_then(|o| o.sha256.as_deref())
+    }
+
+    /// The expert repository's version: the bundle's hash, with the overlay's when experts were
+    /// added. Everything a generation depends on is in it (the daemon's cache scope).
+    pub fn repository_version(&self) -> String {
+        match self.overlay_sha256() {
+            Some(o) => format!("{}+overlay:{o}", self.bundle.hash),
+            None => self.bundle.hash.clone(),
+        }
+    }
+
+    /// Add an adapter (read with [`Encoder::load_adapter`]) to the overlay file as an expert.
+    /// The overlay is locked, read again and replaced atomically; this generator is not
+    /// changed: load the overlay again ([`Generator::reload`]) to use the expert. Refused with
+    /// [`Error::Expert`]: no overlay path, a name in use, a projection that loses more than
+    /// `max_projection_error`; with [`Error::Adapter`]: modules other than the bundle's.
+    pub fn add_expert(&self, lora: &Lora, req: &AddExpert) -> Result<Added> {
+        let path = self.overlay_path().ok_or_else(|| {
+            Error::Expert(
+                "no place for added experts: give a state directory (--state-dir, or the \
+                 daemon's state_dir)"
+                    .into(),
+            )
+        })?;
+        overlay::check_name(&req.name)?;
+        if !(0.0..=1.0).contains(&req.max_projection_error) {
+            return Err(Error::InvalidOption(format!(
+                "max_projection_error must be a number in [0, 1], got {}",
+                req.max_projection_error
+            )));
+        }
+        // Descriptions are checked (and embedded) before anything else is computed.
+        self.keys_of(&req.descriptions)?;
+        let m = &self.bundle.manifest;
+        let factors = overlay::factors_on(lora, &m.lora.layout)?;
+        let p = overlay::project(
+            &m.lora.layout,
+            &self.experts.lora_a,
+            m.lora.lora_alpha / m.lora.r as f64,
+            m.lora.flat_dim,
+            &factors,
+        )?;
+        if p.relative_error > req.max_projection_error {
+            return Err(Error::Expert(format!(
+                "adapter {} cannot join this repository: the bundle's experts share one frozen \
+                 LoRA A, and the adapter's weight change projected onto it loses {:.1} % \
+                 (worst module {}: {:.1} %), more than the limit {:.1} %; train it with the \
+                 bundle's A (models/README.md) or raise max_projection_error",
+                lora.dir().display(),
+                100.0 * p.relative_error,
+                p.worst_module.0,
+                100.0 * p.worst_module.1,
+                100.0 * req.max_projection_error
+            )));
+        }
+        let locked = overlay::lock(path)?;
+        let mut ov = locked.read()?;
+        if self.experts.metas()[..self.experts.shipped()]
+            .iter()
+            .any(|e| e.name == req.name)
+            || ov.experts().any(|e| e.name == req.name)
+        {
+            return Err(Error::Expert(format!(
+                "an expert named {:?} is already in the repository; choose another name (or \
+                 remove the added one first)",
+                req.name
+            )));
+        }
+        ov.experts.push(AddedExpert {
+            meta: AddedMeta {
+                name: req.name.clone(),
+                descriptions: req.descriptions.clone(),
+                relation: req.relation.clone(),
+                domain: req.domain.clone(),
+                source: req.source.clone(),
+                weights_sha256: lora.weights_sha256().to_string(),
+                rank: lora.rank(),
+                added_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                max_projection_error: req.max_projection_error,
+            },
+            factors,
+        });
+        locked.write(&ov)?;
+        let written = locked.read()?;
+        Ok(Added {
+            name: req.name.clone(),
+            projection_error: p.relative_error,
+            worst_module: p.worst_module,
+            rank: lora.rank(),
+            experts: self.experts.shipped() + written.len(),
+            overlay_sha256: written.sha256().map(str::to_string),
+        })
+    }
+
+    /// Remove an added expert from the overlay file (locked, replaced atomically); this
+    /// generator is not changed ([`Generator::reload`]). A shipped expert or an unknown name is
+    /// refused with [`Error::Expert`].
+    pub fn remove_expert(&self, name: &str) -> Result<()> {
+        let path = self.overlay_path().ok_or_else(|| {
+            Error::Expert(
+                "no place for added experts: give a state directory (--state-dir, or the \
+                 daemon's state_dir)"
+                    .into(),
+            )
+        })?;
+        let locked = overlay::lock(path)?;
+        let mut ov = locked.read()?;
+        let Some(at) = ov.experts().position(|e| e.name == name) else {
+            let shipped = self.experts.metas()[..self.experts.shipped()]
+                .iter()
+                .any(|e| e.name == name);
+            return Err(Error::Expert(if shipped {
+                format!(
+                    "{name:?} is shipped with the bundle; only experts added with `sglora \
+                     experts add` can be removed"
+                )
+            } else {
+                format!("no added expert is named {name:?}; `sglora experts` lists them")
+            }));
+        };
+        ov.experts.remove(at);
+        locked.write(&ov)
     }
 
     /// Load the same bundle directory again, on the same runtime (the daemon's reload): a bundle
     /// that changed on disk is verified anew.
     pub fn reload(&self) -> Result<Generator> {
-        Generator::load_with(&self.bundle.dir, self.encoder.runtime())
+        let g = Generator::load_with(&self.bundle.dir, self.encoder.runtime())?;
+        match &self.overlay {
+            Some(o) => g.with_overlay(&o.path),
+            None => Ok(g),
+        }
     }
 
     /// The bundle.
@@ -214,7 +501,7 @@ impl Generator {
 
     /// Stage 4: serialise a generation into adapter files (weights, PEFT config, provenance).
     pub fn adapter_files(&self, g: &Generation) -> Result<AdapterFiles> {
-        AdapterFiles::new(&self.bundle, g, &self.experts.lora_a)
+        AdapterFiles::new(&self.bundle, g, &self.experts.lora_a, self.overlay_sha256())
     }
 
     /// Every stage for a description: validate, resolve the options, embed, generate.

@@ -37,6 +37,7 @@ mod le;
 mod lora;
 mod onnx_graph;
 mod options;
+mod overlay;
 mod prior;
 mod rng;
 mod scope;
@@ -56,17 +57,21 @@ pub use bundle::{
 pub use cvae::{Cvae, LatentPrior, Normalisation};
 pub use encoder::{check_text, Embedding, Encoder, Runtime, MAX_TEXT_BYTES};
 pub use error::{Error, Result};
-pub use experts::{ExpertMeta, Experts, Keys};
+pub use experts::{AddedOrigin, ExpertMeta, Experts, Keys};
 pub use export::{
     onnx_adapter, onnx_adapter_file, onnx_merged, slot_names, write_onnx_merged,
     write_onnx_slotted, AdapterParameter, Precision,
 };
 pub use gain::{ExpectedGain, Feature, Features, GainModel};
-pub use generator::Generator;
+pub use generator::{AddExpert, Added, Generator};
 pub use kernels::integer::Path as IntegerPath;
 pub use le::{f32s_from_le, f32s_to_le};
 pub use lora::{Lora, Target, MAX_ADAPTER_BYTES};
 pub use options::{GenerateOptions, ResolvedOptions};
+pub use overlay::{
+    AddedMeta, Overlay, MAX_DESCRIPTIONS as MAX_EXPERT_DESCRIPTIONS,
+    MAX_NAME_BYTES as MAX_EXPERT_NAME_BYTES, MAX_PROJECTION_ERROR, OVERLAY_FILE,
+};
 pub use prior::{mixture, retrieve, similarities, Prior, Retrieved};
 pub use rng::Rng;
 pub use scope::Scope;

@@ -317,6 +317,17 @@ fn is_pooler(key: &str) -> bool {
     k.starts_with("pooler.dense.lora_")
 }
 
+/// A module path as a bundle's LoRA layout names it
+/// (`base_model.model.encoder.layer.3.attention.self.query`) → (3, Query).
+pub(crate) fn parse_module(module: &str) -> Option<(usize, Target)> {
+    let mut k = module;
+    for prefix in ["base_model.model.", "bert.", "0.auto_model.", "auto_model."] {
+        k = k.strip_prefix(prefix).unwrap_or(k);
+    }
+    let (layer, rest) = k.strip_prefix("encoder.layer.")?.split_once('.')?;
+    Some((layer.parse().ok()?, Target::from_path(rest)?))
+}
+
 /// `base_model.model.encoder.layer.3.attention.self.query.lora_A.weight` → (3, Query, 'A').
 fn parse_key(key: &str) -> Option<(usize, Target, char)> {
     let mut k = key;
@@ -395,6 +406,29 @@ impl Lora {
             ));
         }
         let cfg_bytes = read_bounded(dir, crate::CONFIG_FILE, MAX_CONFIG_BYTES)?;
+        let bytes = read_bounded(dir, crate::WEIGHTS_FILE, MAX_ADAPTER_BYTES)?;
+        Lora::from_bytes(dir, &cfg_bytes, &bytes, base_id, layers, shape)
+    }
+
+    /// [`Lora::from_dir`] on the two files' contents already read (the daemon's `AddExpert`
+    /// gets them as file descriptors); `dir` only names the adapter in errors.
+    pub(crate) fn from_bytes(
+        dir: &Path,
+        cfg_bytes: &[u8],
+        bytes: &[u8],
+        base_id: &str,
+        layers: usize,
+        shape: impl Fn(Target) -> (usize, usize),
+    ) -> Result<Lora> {
+        if cfg_bytes.len() as u64 > MAX_CONFIG_BYTES || bytes.len() as u64 > MAX_ADAPTER_BYTES {
+            return Err(refuse(
+                dir,
+                format!(
+                    "is too large (at most {MAX_CONFIG_BYTES} bytes of adapter_config.json and \
+                     {MAX_ADAPTER_BYTES} of adapter_model.safetensors are accepted)"
+                ),
+            ));
+        }
         let cfg: Value = serde_json::from_slice(&cfg_bytes)
             .map_err(|e| refuse(dir, format!("adapter_config.json is not valid JSON: {e}")))?;
         let (r, alpha, rslora) = check_config(dir, &cfg, base_id)?;
@@ -403,8 +437,7 @@ impl Lora {
         } else {
             alpha / r as f64
         };
-        let bytes = read_bounded(dir, crate::WEIGHTS_FILE, MAX_ADAPTER_BYTES)?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
             refuse(
                 dir,
                 format!("adapter_model.safetensors is not a valid safetensors file: {e}"),
@@ -497,7 +530,7 @@ impl Lora {
             });
         }
         let modules = out.iter().flatten().flatten().count();
-        let weights_sha256 = crate::bundle::sha256_hex(&bytes);
+        let weights_sha256 = crate::bundle::sha256_hex(bytes);
         Ok(Lora {
             weights_sha256,
             layers: out,

@@ -1240,8 +1240,8 @@ async fn an_expert_added_over_the_bus_is_used_at_once_and_kept() {
                     Some(ADMIN),
                     "AddExpert",
                     &(
-                        zbus::zvariant::Fd::from(cfg.as_fd()),
-                        zbus::zvariant::Fd::from(w.as_fd()),
+                        zbus::Fd::from(cfg.as_fd()),
+                        zbus::Fd::from(w.as_fd()),
                         name,
                         vec![ADDED, "given a word, find a synonym"],
                         o,
@@ -1312,8 +1312,8 @@ async fn an_expert_added_over_the_bus_is_used_at_once_and_kept() {
             Some(ADMIN),
             "AddExpert",
             &(
-                zbus::zvariant::Fd::from(dir.as_fd()),
-                zbus::zvariant::Fd::from(w.as_fd()),
+                zbus::Fd::from(dir.as_fd()),
+                zbus::Fd::from(w.as_fd()),
                 "other",
                 vec![ADDED],
                 HashMap::<String, Variant>::new(),

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::process::Output;
 
 use common::cli::*;
-use common::*;
 
 const ANTONYM: &str = "Given an adjective, find the word with the opposite meaning.";
 /// How a device maker might describe the task of the adapter they add.

@@ -53,6 +53,10 @@ def main(argv=None):
         from .evaluate import embed_parity
 
         return embed_parity(argv[1:])
+    if argv and argv[0] == "hot-add":
+        from .hot_add import main as hot_add
+
+        return hot_add(argv[1:])
     if argv and argv[0] == "fidelity":
         from .fidelity import main as fidelity
 

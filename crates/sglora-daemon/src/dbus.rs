@@ -905,6 +905,8 @@ impl Admin1 {
     /// default 0.1). Returns (name, relative projection error, experts now). An adapter for
     /// another base model, modules or shapes is `InvalidArgument`; a name in use or a
     /// projection that loses more than the limit is `ExpertRefused`.
+    // The D-Bus signature is (h, h, s, as, a{sv}); header and connection are zbus's.
+    #[allow(clippy::too_many_arguments)]
     async fn add_expert(
         &self,
         config: zbus::OwnedFd,
@@ -933,9 +935,9 @@ impl Admin1 {
         for (k, v) in &options.map {
             match k.as_str() {
                 "relation" => {
-                    relation = String::try_from(v.try_clone().map_err(zbus::Error::from)?).map_err(
-                        |_| DbusError::InvalidOption("option relation must be a string (s)".into()),
-                    )?
+                    relation = String::try_from(v.try_clone()?).map_err(|_| {
+                        DbusError::InvalidOption("option relation must be a string (s)".into())
+                    })?
                 }
                 "max_projection_error" => {
                     max_projection_error = f64::try_from(v).map_err(|_| {

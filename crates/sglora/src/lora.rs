@@ -429,7 +429,7 @@ impl Lora {
                 ),
             ));
         }
-        let cfg: Value = serde_json::from_slice(&cfg_bytes)
+        let cfg: Value = serde_json::from_slice(cfg_bytes)
             .map_err(|e| refuse(dir, format!("adapter_config.json is not valid JSON: {e}")))?;
         let (r, alpha, rslora) = check_config(dir, &cfg, base_id)?;
         let scale = if rslora {

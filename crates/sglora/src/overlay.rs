@@ -554,7 +554,7 @@ pub(crate) fn project(
             }
         }
     }
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return Err(Error::Expert(
             "the adapter changes nothing (every LoRA product is zero), so there is nothing to \
              add"

@@ -23,7 +23,7 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity test-hot-add lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
@@ -79,6 +79,13 @@ test-embed: venv test-build
 	$(VPY) tests/embed_check.py --sglora $(TARGET_DIR)/debug/sglora --bundle $(BUNDLE) --work $(TARGET_DIR)/embed-check
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run embed-parity --sglora $(abspath $(TARGET_DIR))/debug/sglora \
 	  --bundle $(abspath $(BUNDLE)) --work $(abspath $(TARGET_DIR))/embed-check/work --out $(abspath $(TARGET_DIR))/embed-check/parity.json
+
+# Added experts, proved on the tiny run (after models-tiny): an unseen task's oracle, saved by PEFT,
+# joins with `sglora experts add` (projection error 0), its requests are served before and after,
+# and no other task's adapter changes unless it retrieves the new expert (models/README.md).
+test-hot-add: venv test-build
+	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run hot-add --tiny --sglora $(abspath $(TARGET_DIR))/debug/sglora \
+	  --bundle $(abspath models/work/tiny/bundle) --out $(abspath $(TARGET_DIR))/hot-add-tiny.json
 
 # The integer kernels' fidelity gate (models/README.md, "Integer kernels"): 1,468 varied texts
 # embedded by PyTorch fp32 and by the integer and int8 runtimes; writes target/fidelity.json.

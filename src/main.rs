@@ -134,7 +134,8 @@ enum Command {
 enum ExpertsCommand {
     /// Add a PEFT LoRA adapter for this base model as an expert: projected onto the bundle's
     /// shared LoRA A (refused when that loses too much), keyed by its descriptions, kept in the
-    /// state directory's overlay. A running daemon uses it after `ReloadExperts`.
+    /// state directory's overlay. A running daemon on that state directory uses it from its next
+    /// request.
     Add {
         /// The adapter directory (adapter_config.json, adapter_model.safetensors).
         adapter: PathBuf,

@@ -692,7 +692,8 @@ impl Generator1 {
     /// expert and `added` for one added on the device (`AddExpert`, `sglora experts add`).
     async fn list_experts(&self) -> Vec<(String, String, String)> {
         self.svc
-            .generator()
+            .current()
+            .await
             .experts()
             .metas()
             .iter()

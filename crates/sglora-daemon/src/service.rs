@@ -128,6 +128,8 @@ pub struct Service {
     by_caller: Mutex<HashMap<u32, usize>>,
     stopping: std::sync::atomic::AtomicBool,
     reloading: tokio::sync::Mutex<()>,
+    /// The overlay file identity whose reload failed (not retried until the file changes).
+    failed_overlay: Mutex<Option<Option<String>>>,
     inflight: Mutex<HashMap<String, Shared>>,
     embed_limits: EmbedConfig,
     /// Request counters, exposed as D-Bus properties.
@@ -190,6 +192,7 @@ impl Service {
             by_caller: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
+            failed_overlay: Mutex::new(None),
             inflight: Mutex::new(HashMap::new()),
             embed_limits: EmbedConfig::default(),
             counters: Counters::default(),
@@ -325,6 +328,41 @@ impl Service {
         .await??;
         let (dim, out) = vectors;
         Ok((dim, out.into_iter().flat_map(|e| e.vector).collect()))
+    }
+
+    /// The generator for a new request: the current one, loaded again first when the expert
+    /// overlay file changed since (an expert added or removed with the CLI, say), so a change
+    /// takes effect at the next request. A reload that fails leaves the current one serving, is
+    /// logged, and is not tried again until the file changes once more.
+    pub async fn current(&self) -> Arc<Generator> {
+        let g = self.generator();
+        let Some(now) = g.overlay_changed() else {
+            return g;
+        };
+        let failed = |s: &Self| {
+            s.failed_overlay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        };
+        if failed(self) == Some(now.clone()) {
+            return g;
+        }
+        drop(g);
+        match self.reload().await {
+            Ok(_) => {}
+            Err(e) => {
+                crate::log::warn(&format!(
+                    "the expert overlay changed, but loading it failed; the previous \
+                     repository stays in service: {e}"
+                ));
+                *self
+                    .failed_overlay
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(now);
+            }
+        }
+        self.generator()
     }
 
     /// The current generator.
@@ -521,7 +559,7 @@ impl Service {
         caller: Caller,
     ) -> Result<Served> {
         self.check_running()?;
-        let generator = self.generator();
+        let generator = self.current().await;
         let description = Description::new(description)?;
         let opts = generator.resolve(options)?;
         let scope = scope(
@@ -607,7 +645,7 @@ impl Service {
         caller: Caller,
     ) -> Result<Explanation> {
         self.check_running()?;
-        let generator = self.generator();
+        let generator = self.current().await;
         let description = Description::new(description)?;
         let opts = generator.resolve(options)?;
         let _slot = self.enter(caller).await?;

@@ -42,6 +42,23 @@ struct LoadedOverlay {
     path: PathBuf,
     sha256: Option<String>,
     skipped: Vec<(String, String)>,
+    /// The file's identity when it was read ([`overlay_stamp`]).
+    stamp: Option<String>,
+}
+
+/// The identity of the overlay file: device, inode, size and change time (it is replaced by a
+/// rename, so any change gives a new inode); `None` when there is no file.
+fn overlay_stamp(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}:{}:{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
 }
 
 /// What [`Generator::add_expert`] asks for.
@@ -133,6 +150,9 @@ impl Generator {
     /// listed by [`Generator::skipped_experts`].
     pub fn with_overlay(mut self, path: impl Into<PathBuf>) -> Result<Generator> {
         let path = path.into();
+        // The identity is taken before the contents: a file replaced in between is seen as
+        // changed by the next check, never the other way round.
+        let stamp = overlay_stamp(&path);
         let ov = Overlay::read(&path)?;
         let mut skipped = Vec::new();
         if !ov.is_empty() {
@@ -156,8 +176,18 @@ impl Generator {
             path,
             sha256: ov.sha256().map(str::to_string),
             skipped,
+            stamp,
         });
         Ok(self)
+    }
+
+    /// Whether the overlay file was changed (added to, removed from, created, deleted) since
+    /// this generator read it: `Some(its identity now)` if so (one `stat`; the daemon checks
+    /// before each request so that `sglora experts add` takes effect without a reload).
+    pub fn overlay_changed(&self) -> Option<Option<String>> {
+        let o = self.overlay.as_ref()?;
+        let now = overlay_stamp(&o.path);
+        (now != o.stamp).then_some(now)
     }
 
     /// One overlay expert made ready for the repository: projected, keyed, checked.

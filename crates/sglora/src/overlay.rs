@@ -279,6 +279,7 @@ impl Overlay {
                 .mode(0o600)
                 .open(&tmp)
                 .and_then(|mut f| {
+                    give_to_dir_owner(&f, &tmp).map_err(std::io::Error::other)?;
                     f.write_all(&bytes)?;
                     f.sync_all()
                 });
@@ -291,6 +292,22 @@ impl Overlay {
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io("syncing", dir, e))
     }
+}
+
+/// When root writes into the state directory (`sudo sglora experts add` on an installed
+/// system), the file it creates is given to the directory's owner (the service user), so the
+/// daemon can still read the overlay and take the lock; mode 0600 stays.
+fn give_to_dir_owner(file: &std::fs::File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let owner = std::fs::metadata(dir).map_err(|e| Error::io("reading", dir, e))?;
+    std::os::unix::fs::fchown(file, Some(owner.uid()), Some(owner.gid()))
+        .map_err(|e| Error::io("giving to the state directory's owner", path, e))
 }
 
 /// An exclusive lock on the overlay of `path` (its [`LOCK_FILE`]), held until dropped.
@@ -310,6 +327,7 @@ pub(crate) fn lock(path: &Path) -> Result<Locked> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&lock_path)
         .map_err(|e| Error::io("opening the lock", &lock_path, e))?;
+    give_to_dir_owner(&file, &lock_path)?;
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor this function owns.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -702,6 +720,41 @@ mod tests {
             e.contains("not a valid safetensors") && e.contains("remove or restore"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn files_root_writes_belong_to_the_state_directorys_owner() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("skipped: needs root (CI runs as root)");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(4242), Some(4343)).unwrap();
+        let path = dir.path().join(OVERLAY_FILE);
+        let o = Overlay {
+            experts: vec![AddedExpert {
+                meta: AddedMeta {
+                    name: "x".into(),
+                    descriptions: vec!["d".into()],
+                    relation: String::new(),
+                    domain: String::new(),
+                    source: String::new(),
+                    weights_sha256: String::new(),
+                    rank: 1,
+                    added_unix: 0,
+                    max_projection_error: 0.1,
+                },
+                factors: vec![(vec![1.0], vec![1.0])],
+            }],
+            sha256: None,
+        };
+        lock(&path).unwrap().write(&o).unwrap();
+        for f in [path.clone(), dir.path().join(LOCK_FILE)] {
+            let m = std::fs::metadata(&f).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4242, 4343), "{}", f.display());
+        }
     }
 
     #[test]

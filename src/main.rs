@@ -366,7 +366,16 @@ fn state_dir(explicit: Option<&Path>, bundle: Option<&Path>) -> Option<PathBuf> 
         return None;
     }
     let cfg = sglora_daemon::Config::load(Path::new("/etc/sglora/sglorad.toml"), false).ok()?;
-    cfg.state_dir.is_dir().then_some(cfg.state_dir)
+    // The service's state directory is private to it: a user who cannot read the overlay there
+    // runs on the shipped experts (the daemon, which can, serves the added ones); root and the
+    // service user use it, and a directory without an overlay yet is fine.
+    match std::fs::File::open(cfg.state_dir.join(sglora::OVERLAY_FILE)) {
+        Ok(_) => Some(cfg.state_dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cfg.state_dir.is_dir() => {
+            Some(cfg.state_dir)
+        }
+        Err(_) => None,
+    }
 }
 
 /// Open a bundle and load its models on the chosen runtime, with the experts added in the

@@ -192,14 +192,7 @@ impl Generator {
 
     /// One overlay expert made ready for the repository: projected, keyed, checked.
     fn prepare(&self, e: &AddedExpert, var: &[f32]) -> Result<Extra> {
-        let m = &self.bundle.manifest;
-        let p = overlay::project(
-            &m.lora.layout,
-            &self.experts.lora_a,
-            m.lora.lora_alpha / m.lora.r as f64,
-            m.lora.flat_dim,
-            &e.factors,
-        )?;
+        let p = self.project(&e.factors)?;
         if p.relative_error > e.meta.max_projection_error {
             return Err(Error::Expert(format!(
                 "its projection onto this bundle's shared LoRA A loses {:.1} % of the adapter's \
@@ -227,6 +220,29 @@ impl Generator {
             keys,
             mu: p.flat,
             var: var.to_vec(),
+        })
+    }
+
+    /// Adapter factors on the bundle's layout, projected onto its shared A.
+    fn project(&self, factors: &[(Vec<f32>, Vec<f32>)]) -> Result<overlay::Projection> {
+        let m = &self.bundle.manifest;
+        overlay::project(
+            &m.lora.layout,
+            &self.experts.lora_a,
+            m.lora.lora_alpha / m.lora.r as f64,
+            m.lora.flat_dim,
+            factors,
+        )
+    }
+
+    /// The overlay file to change, or why there is none.
+    fn writable_overlay(&self) -> Result<&Path> {
+        self.overlay_path().ok_or_else(|| {
+            Error::Expert(
+                "no place for added experts: give a state directory (--state-dir, or the \
+                 daemon's state_dir)"
+                    .into(),
+            )
         })
     }
 
@@ -282,13 +298,7 @@ impl Generator {
     /// [`Error::Expert`]: no overlay path, a name in use, a projection that loses more than
     /// `max_projection_error`; with [`Error::Adapter`]: modules other than the bundle's.
     pub fn add_expert(&self, lora: &Lora, req: &AddExpert) -> Result<Added> {
-        let path = self.overlay_path().ok_or_else(|| {
-            Error::Expert(
-                "no place for added experts: give a state directory (--state-dir, or the \
-                 daemon's state_dir)"
-                    .into(),
-            )
-        })?;
+        let path = self.writable_overlay()?;
         overlay::check_name(&req.name)?;
         if !(0.0..=1.0).contains(&req.max_projection_error) {
             return Err(Error::InvalidOption(format!(
@@ -300,13 +310,7 @@ impl Generator {
         self.keys_of(&req.descriptions)?;
         let m = &self.bundle.manifest;
         let factors = overlay::factors_on(lora, &m.lora.layout)?;
-        let p = overlay::project(
-            &m.lora.layout,
-            &self.experts.lora_a,
-            m.lora.lora_alpha / m.lora.r as f64,
-            m.lora.flat_dim,
-            &factors,
-        )?;
+        let p = self.project(&factors)?;
         if p.relative_error > req.max_projection_error {
             return Err(Error::Expert(format!(
                 "adapter {} cannot join this repository: the bundle's experts share one frozen \
@@ -365,13 +369,7 @@ impl Generator {
     /// generator is not changed ([`Generator::reload`]). A shipped expert or an unknown name is
     /// refused with [`Error::Expert`].
     pub fn remove_expert(&self, name: &str) -> Result<()> {
-        let path = self.overlay_path().ok_or_else(|| {
-            Error::Expert(
-                "no place for added experts: give a state directory (--state-dir, or the \
-                 daemon's state_dir)"
-                    .into(),
-            )
-        })?;
+        let path = self.writable_overlay()?;
         let locked = overlay::lock(path)?;
         let mut ov = locked.read()?;
         let Some(at) = ov.experts().position(|e| e.name == name) else {

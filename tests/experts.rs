@@ -70,7 +70,12 @@ fn write_lora(
             ));
         }
     }
-    let views: Vec<_> = bufs
+    write_weights(dir, &bufs);
+}
+
+/// Write `adapter_model.safetensors` in `dir` from (name, shape, little-endian F32 bytes).
+fn write_weights(dir: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<_> = tensors
         .iter()
         .map(|(n, s, b)| {
             (
@@ -120,21 +125,7 @@ fn an_added_adapter_is_retrieved_served_and_removed_again() {
             (n, t.shape().to_vec(), sglora::f32s_to_le(&v))
         })
         .collect();
-    let views: Vec<_> = owned
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        src.join("adapter_model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    write_weights(&src, &owned);
 
     let before = json(&in_state(&state, &["experts", "--json"]));
     let shipped = before.as_array().unwrap().len();

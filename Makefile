@@ -23,13 +23,15 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity test-hot-add lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity test-hot-add test-ray deps-ray lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
 	@echo "make test              lint + Rust tests + PEFT load check (what CI runs)"
 	@echo "make models            rebuild models/default with the full pipeline (hours, resumable)"
+	@echo "make models [RAY_ADDRESS=host:port]  ... the experts and oracles stages as Ray tasks on that cluster"
 	@echo "make models-tiny       the pipeline's --tiny smoke run (minutes)"
+	@echo "make test-ray          the tiny run's experts on a local Ray cluster: byte-identical to the local path"
 	@echo "make ablations-tiny    the ablations of models/README.md (LoRA-FA, prior corrections, recipe) on the tiny run"
 	@echo "make venv              create the pinned Python virtualenv ($(VENV))"
 	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
@@ -126,8 +128,22 @@ deps-cross:
 	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user)
 	rustup target add armv7-unknown-linux-gnueabihf
 
-models: venv deps-apt
-	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK)
+# RAY_ADDRESS=host:port (or in the environment): the experts and oracles stages run as Ray tasks on
+# that cluster, whose nodes have this venv's packages and models/requirements-ray.txt
+# (models/README.md, "Scale-out"); results are cached per task as the local path caches them.
+models: venv deps-apt $(if $(RAY_ADDRESS),deps-ray)
+	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+
+# The optional Ray client and runtime, into the pipeline's venv.
+deps-ray: venv $(VENV)/.ray-ok
+$(VENV)/.ray-ok: models/requirements-ray.txt
+	$(VPY) -m pip install -q -r models/requirements-ray.txt
+	touch $@
+
+# The tiny run's experts and oracles stages on a local Ray cluster (a head and two worker nodes,
+# started and stopped by the script), mixed with the local path: byte-identical to models-tiny's.
+test-ray: deps-ray
+	RAY_ADDRESS= tests/ray_check.sh $(VPY) models/work/tiny
 
 models-tiny: venv deps-apt
 	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny

@@ -190,7 +190,12 @@ class Lora:
         pass over those batches in their order, with no warm-up and each batch's positives taken
         from the batch itself (the `multitask` stage: every batch from one task, so in-batch
         negatives are of the same kind); `epochs`, `batch`, `snapshots` and `seed` are then unused,
-        the one snapshot is the final adapter and the loss is the mean over batches."""
+        the one snapshot is the final adapter and the loss is the mean over batches.
+
+        torch's generator (the base model's dropout) is seeded with `seed` first, so an adapter
+        depends on its own inputs only, not on what this process trained before (a resumed run,
+        or a Ray worker, trains the same bytes)."""
+        torch.manual_seed(seed)
         self.zero()
         params = self._trained()
         for p in params:

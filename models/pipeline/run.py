@@ -68,8 +68,19 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help="work folder (default models/work/{full,tiny})")
     ap.add_argument("--bundle-out", default=None)
     ap.add_argument("--fixtures-out", default=None)
+    ap.add_argument(
+        "--ray-address",
+        default=None,
+        help="train the experts and oracles stages as Ray tasks on this cluster (default: $RAY_ADDRESS; "
+        "unset: here); cached per task either way, byte-identical (pipeline/scale.py)",
+    )
+    ap.add_argument(
+        "--ray-cpus", type=int, default=None, help="CPUs each Ray job reserves (default: its torch threads)"
+    )
     args = ap.parse_args(argv)
-    p = Work(args.tiny, args.work, args.bundle_out, args.fixtures_out)
+    if args.ray_cpus is not None and args.ray_cpus < 1:
+        raise SystemExit(f"--ray-cpus must be at least 1, not {args.ray_cpus}")
+    p = Work(args.tiny, args.work, args.bundle_out, args.fixtures_out, args.ray_address, args.ray_cpus)
     names = list(STAGES)
     if args.only:
         if args.only not in STAGES and args.only not in ABLATIONS:

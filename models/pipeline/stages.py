@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .fixtures import FIXTURE_DESCRIPTIONS
 from .prior import denormalise, norm_stats, normalise, normalise_spread, semantic_prior
-from .work import Work, jdump, jload, log, safe, save_trained
+from .work import Work, jdump, jload, log, save_trained
 
 
 def suite(w: Work):
@@ -62,38 +62,18 @@ def zeroshot(w: Work):
 
 def _train_cached(w: Work, task, folder, seed):
     """Train and score one task's adapter into `folder` unless it is cached there."""
-    from .lora import evaluate
+    from .scale import run_jobs
 
-    os.makedirs(w.p(folder), exist_ok=True)
-    path = w.p(folder, safe(task.name) + ".npz")
-    if os.path.exists(path):
-        return
-    t0 = time.time()
-    snaps, losses = w.train(task.train, seed, task.name)
-    mu = snaps.mean(0)
-    m_test = evaluate(w.lora, task.test, mu)
-    m_val = evaluate(w.lora, task.val, mu)
-    m_last = evaluate(w.lora, task.test, snaps[-1])
-    info = {
-        "losses": losses,
-        "test": m_test,
-        "val": m_val,
-        "test_last": m_last,
-        "secs": time.time() - t0,
-        "n_train_pairs": len(task.train),
-    }
-    save_trained(path, snaps, info)
+    run_jobs(w, folder, [(task, seed)], task.name)
 
 
 def experts(w: Work):
-    """One LoRA-FA adapter per expert task (snapshots of the last epochs)."""
-    experts = w.suite["experts"]
-    todo = [i for i, t in enumerate(experts) if not os.path.exists(w.p("experts", safe(t.name) + ".npz"))]
-    log(f"experts: {len(experts) - len(todo)} cached, {len(todo)} to train")
+    """One LoRA-FA adapter per expert task (snapshots of the last epochs), here or on Ray."""
+    from .scale import run_jobs
+
     # the seed follows the task's place in the suite, not in the to-do list, so a resumed run
     # trains every expert exactly as an uninterrupted one would
-    for i in tqdm(todo, desc="experts"):
-        _train_cached(w, experts[i], "experts", seed=1000 + i)
+    run_jobs(w, "experts", [(t, 1000 + i) for i, t in enumerate(w.suite["experts"])], "experts")
 
 
 def gate(w: Work):
@@ -146,8 +126,9 @@ def gate(w: Work):
 
 def oracles(w: Work):
     """One adapter per unseen task on its own train split: the upper bound of the evaluation."""
-    for i, t in enumerate(tqdm(w.suite["unseen"], desc="oracles")):
-        _train_cached(w, t, "oracles", seed=5000 + i)
+    from .scale import run_jobs
+
+    run_jobs(w, "oracles", [(t, 5000 + i) for i, t in enumerate(w.suite["unseen"])], "oracles")
 
 
 def multitask(w: Work):

@@ -102,10 +102,11 @@ def jdump(path, obj):
 
 
 def save_trained(path, snaps, info: dict) -> None:
-    """Write an adapter's snapshots (float32) and its info atomically: what `Work.load_trained` reads."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, snaps=snaps.astype(np.float32), info=json.dumps(info))
-    os.replace(tmp, path)
+    """Write an adapter's snapshots (float32) and its info atomically: what `Work.load_trained`
+    reads (the same bytes for the same content: `scale.trained_bytes`)."""
+    from .scale import trained_bytes, write_atomic
+
+    write_atomic(path, trained_bytes(snaps, info))
 
 
 def jload(path):
@@ -122,8 +123,11 @@ class Work:
     """One run: recipe `cfg`, the work folder (`p()`), the bundle and fixtures folders, the base
     model (`lora`) and readers of the results earlier stages cached there."""
 
-    def __init__(self, tiny: bool, work=None, bundle_out=None, fixtures_out=None):
+    def __init__(self, tiny: bool, work=None, bundle_out=None, fixtures_out=None, ray_address=None, ray_cpus=None):
         self.tiny = tiny
+        # where the experts/oracles stages train (scale.run_jobs): a Ray cluster, or here
+        self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS") or None
+        self.ray_cpus = ray_cpus
         self.cfg = TINY if tiny else FULL
         self.work = work or os.path.join(MODELS, "work", "tiny" if tiny else "full")
         self.bundle = bundle_out or (os.path.join(self.work, "bundle") if tiny else os.path.join(MODELS, "default"))

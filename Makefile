@@ -9,7 +9,13 @@ VPY := $(VENV)/bin/python
 BUNDLE ?= models/default
 # The full pipeline's stage cache (hours of CPU): outside the clone, so `git clean` or a fresh
 # checkout keeps it, like the virtualenv.
-MODELS_WORK ?= $(HOME)/.cache/sglora/work-full
+MODELS_WORK ?= $(HOME)/.cache/sglora/work-$(if $(TASKS),$(notdir $(abspath $(TASKS))),full)
+# A library in the task format (models/TASKS.md) to build from instead of the WordNet suite, and
+# the names of its tasks to hold out (default: its library.json's "unseen").
+TASKS ?=
+UNSEEN ?=
+TASKS_ARGS = $(if $(TASKS),--tasks $(abspath $(TASKS)))$(if $(UNSEEN), --unseen $(UNSEEN))
+FREEDICT ?= $(HOME)/.cache/sglora/tasks/freedict
 DESC ?= Given the name of an animal, find the broader category it is a kind of.
 
 PREFIX ?= /usr
@@ -23,13 +29,15 @@ PROFILE ?= release
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 BIN ?= $(TARGET_DIR)/$(PROFILE)/sglora
 
-.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity test-hot-add test-ray deps-ray lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
+.PHONY: help build run test test-build test-rust test-peft test-embed test-tiny-parity test-hot-add test-ray deps-ray tasks-freedict test-tasks lint fmt venv models models-tiny ablations-tiny deps-apt deps-cross deps-static clean install uninstall verify-units aarch64 x86_64-static armv7 test-aarch64 test-armv7 fidelity deb test-deb deps-deb bench soak fuzz
 
 help:
 	@echo "make run [DESC='...']  generate an adapter with the bundled default model"
 	@echo "make test              lint + Rust tests + PEFT load check (what CI runs)"
 	@echo "make models            rebuild models/default with the full pipeline (hours, resumable)"
 	@echo "make models [RAY_ADDRESS=host:port]  ... the experts and oracles stages as Ray tasks on that cluster"
+	@echo "make models TASKS=DIR [UNSEEN=a,b]  ... from your own library (models/TASKS.md)"
+	@echo "make tasks-freedict    write the FreeDict translation library (15 tasks) to $(FREEDICT)"
 	@echo "make models-tiny       the pipeline's --tiny smoke run (minutes)"
 	@echo "make test-ray          the tiny run's experts on a local Ray cluster: byte-identical to the local path"
 	@echo "make ablations-tiny    the ablations of models/README.md (LoRA-FA, prior corrections, recipe) on the tiny run"
@@ -132,7 +140,15 @@ deps-cross:
 # that cluster, whose nodes have this venv's packages and models/requirements-ray.txt
 # (models/README.md, "Scale-out"); results are cached per task as the local path caches them.
 models: venv deps-apt $(if $(RAY_ADDRESS),deps-ray)
-	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --work $(MODELS_WORK) $(TASKS_ARGS) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+
+# The second task family (models/TASKS.md): word translation from Debian's FreeDict dictionaries,
+# 15 tasks written to $(FREEDICT); then e.g. make models TASKS=$(FREEDICT).
+FREEDICT_PKGS := $(foreach p,eng-deu eng-fra eng-spa eng-ita eng-nld eng-por eng-swe deu-eng fra-eng spa-eng ita-eng nld-eng por-eng swe-eng dan-eng,dict-freedict-$(p))
+tasks-freedict: venv
+	@test -e /usr/share/dictd/freedict-dan-eng.index && test -e /usr/share/dictd/freedict-eng-swe.index \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(FREEDICT_PKGS))
+	cd models && $(VPY) -m pipeline.freedict --out $(FREEDICT)
 
 # The optional Ray client and runtime, into the pipeline's venv.
 deps-ray: venv $(VENV)/.ray-ok
@@ -140,13 +156,25 @@ $(VENV)/.ray-ok: models/requirements-ray.txt
 	$(VPY) -m pip install -q -r models/requirements-ray.txt
 	touch $@
 
+# The second task family end to end on the tiny recipe (models/TASKS.md): the FreeDict library
+# checked (read back exactly, broken copies refused), the pipeline run on it unchanged, the Rust
+# parity tests on the bundle it built, and an adapter generated from it by the CLI.
+TASKS_TINY := models/work/freedict-tiny
+test-tasks: tasks-freedict test-build
+	$(VPY) tests/tasks_check.py $(FREEDICT)
+	$(MAKE) models-tiny TASKS=$(FREEDICT)
+	SGLORA_TEST_BUNDLE=$(TASKS_TINY)/bundle SGLORA_TEST_FIXTURES=$(TASKS_TINY)/fixtures $(CARGO) test -p sglora-cli --test parity
+	rm -rf $(TARGET_DIR)/freedict-adapter
+	$(TARGET_DIR)/debug/sglora --bundle $(TASKS_TINY)/bundle generate "how do I say a word in Italian?" -o $(TARGET_DIR)/freedict-adapter
+	test -s $(TARGET_DIR)/freedict-adapter/adapter_model.safetensors
+
 # The tiny run's experts and oracles stages on a local Ray cluster (a head and two worker nodes,
 # started and stopped by the script), mixed with the local path: byte-identical to models-tiny's.
 test-ray: deps-ray
 	RAY_ADDRESS= tests/ray_check.sh $(VPY) models/work/tiny
 
 models-tiny: venv deps-apt
-	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny
+	cd models && OMP_WAIT_POLICY=PASSIVE $(VPY) -m pipeline.run --tiny $(TASKS_ARGS)
 
 # The analyses of models/README.md on the tiny work folder (after models-tiny), so they cannot rot;
 # on a full run: python -m pipeline.<name> --work <that run's work folder>. (ablate_pooled needs two

@@ -370,3 +370,37 @@ def description_set(task: Task, n: int, seed: int = 20261201) -> list[str]:
             seen.add(text)
             out.append(text)
     return out
+
+
+def _body(text: str) -> str:
+    """A description as a clause to frame: no final full stop, lower-case start (unless an acronym)."""
+    t = text.strip().rstrip(".")
+    return t if t[:2].isupper() else t[:1].lower() + t[1:]
+
+
+def extend(name: str, given: list[str], n: int, seed: int = 20261203) -> list[str]:
+    """`n` distinct wordings of a task from its own descriptions (a library's `task.json`,
+    models/TASKS.md): the given ones first, in order; when there are fewer than `n`, each further
+    one is a given description in a seeded app framing, plain framing or verbose tail (the
+    phrase banks' generic parts, so a library with one description per task still gets a set)."""
+    out = list(dict.fromkeys(x.strip() for x in given if x.strip()))[:n]
+    if len(out) >= n:
+        return out
+    rng = random.Random(f"{seed}/{name}")
+    bodies = [_body(x) for x in out]
+    seen, tries = set(out), 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        body = rng.choice(bodies)
+        verb = body.split()[0].lower() in VERBS | {"translate", "convert", "turn", "match", "rank", "pick"}
+        style = rng.randrange(10)
+        frames = [f for f, needs_verb in (FRAMES if style <= 4 else PLAIN) if verb or not needs_verb]
+        app = rng.choice(APPS)
+        text = rng.choice(frames).format(app=app, App=_cap(app), body=body, Body=_cap(body))
+        if style >= 8:
+            text += rng.choice(VERBOSE)
+        text = text.replace("?.", "?").replace("?,", "?")
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out

@@ -284,8 +284,9 @@ def rank_metrics(ranks: np.ndarray) -> dict:
 
 
 def test_set(pairs):
-    """Queries, gallery (unique targets) and each query's positive gallery indices."""
-    gallery = list(dict.fromkeys(t for _, t, _ in pairs))
+    """Queries, gallery (unique targets, or the task's own gallery: `tasks.Split`) and each
+    query's positive gallery indices."""
+    gallery = list(getattr(pairs, "gallery", None) or dict.fromkeys(t for _, t, _ in pairs))
     gi = {t: i for i, t in enumerate(gallery)}
     qpos: dict[str, set[int]] = {}
     for q, t, _ in pairs:

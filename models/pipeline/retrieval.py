@@ -23,7 +23,6 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .descriptions import description_set
 from .prior import Keys, scores, semantic_prior
 from .work import MODELS, Work, jdump, jload, log
 
@@ -33,12 +32,21 @@ RELATION_BETAS = (2, 4, 10, 25, 100)
 USER_WORDING = os.path.join(MODELS, "eval", "user_wording.json")
 
 
-def user_wording() -> dict:
+def user_wording(w: Work | None = None) -> dict:
     """The hand-written held-out set: user-worded descriptions per unseen task, and the off-topic
-    descriptions split into a calibration part (even positions) and a test part (odd)."""
+    descriptions split into a calibration part (even positions) and a test part (odd). For a
+    library in the task format (models/TASKS.md) the user wording is its tasks'
+    `eval_descriptions`, and off-topic descriptions of a kind the library declares in scope
+    (`in_scope_kinds`: a translation library's "translation") are left out of both parts."""
     d = jload(USER_WORDING)
-    off = [x["text"] for x in d["off_topic"]]
-    return {"unseen": d["unseen"], "off_calibration": off[0::2], "off_test": off[1::2], "off_kinds": d["off_topic"]}
+    unseen = d["unseen"]
+    kinds = set()
+    if w is not None and not w.wordnet:
+        unseen = {t.name: t.eval_descriptions for t in w.suite["unseen"] if t.eval_descriptions}
+        kinds = set(w.suite["in_scope_kinds"])
+    offk = [x for x in d["off_topic"] if x["kind"] not in kinds]
+    off = [x["text"] for x in offk]
+    return {"unseen": unseen, "off_calibration": off[0::2], "off_test": off[1::2], "off_kinds": offk}
 
 
 def features(idx, sims, wts, relations) -> list[float]:
@@ -122,7 +130,7 @@ def keys_stage(w: Work):
     if os.path.exists(w.p("desc_sets.npz")):
         embs = dict(np.load(w.p("desc_sets.npz")))
     else:
-        sets = {g: [description_set(t, n) for t in w.suite[g]] for g in ("experts", "unseen")}
+        sets = {g: [w.description_set(t, n) for t in w.suite[g]] for g in ("experts", "unseen")}
         embs = {
             g: np.stack([np.stack([E(x) for x in s]) for s in tqdm(sets[g], desc=f"description sets ({g})")])
             for g in sets
@@ -131,7 +139,7 @@ def keys_stage(w: Work):
         np.savez(w.p("desc_sets.npz"), **embs)
     experts = w.suite["experts"]
     rel = [t.relation for t in experts]
-    off = np.stack([E(x) for x in user_wording()["off_calibration"]])
+    off = np.stack([E(x) for x in user_wording(w)["off_calibration"]])
     table = {}
     cands = _candidates(embs["experts"], rel, n_keys)
     for name, keys in cands.items():
@@ -246,7 +254,7 @@ def guard_stage(w: Work):
     }
     # the threshold on the best score
     E = w.embedder()
-    uw = user_wording()
+    uw = user_wording(w)
     inscope = [r["features"][0] for r in rows if r["query"] != 0]
     off = [float(scores(E(x), keys).max()) for x in tqdm(uw["off_calibration"], desc="off-topic calibration")]
     thr = threshold_for(off)

@@ -75,12 +75,25 @@ def main(argv=None):
         "unset: here); cached per task either way, byte-identical (pipeline/scale.py)",
     )
     ap.add_argument(
+        "--tasks",
+        default=None,
+        help="build from this library in the task format (models/TASKS.md) instead of the WordNet suite",
+    )
+    ap.add_argument(
+        "--unseen",
+        default=None,
+        help="comma-separated names of the library's tasks to hold out for evaluation (default: its library.json)",
+    )
+    ap.add_argument(
         "--ray-cpus", type=int, default=None, help="CPUs each Ray job reserves (default: its torch threads)"
     )
     args = ap.parse_args(argv)
     if args.ray_cpus is not None and args.ray_cpus < 1:
         raise SystemExit(f"--ray-cpus must be at least 1, not {args.ray_cpus}")
-    p = Work(args.tiny, args.work, args.bundle_out, args.fixtures_out, args.ray_address, args.ray_cpus)
+    unseen = [x.strip() for x in args.unseen.split(",") if x.strip()] if args.unseen is not None else None
+    p = Work(
+        args.tiny, args.work, args.bundle_out, args.fixtures_out, args.ray_address, args.ray_cpus, args.tasks, unseen
+    )
     names = list(STAGES)
     if args.only:
         if args.only not in STAGES and args.only not in ABLATIONS:

@@ -167,12 +167,12 @@ VERBOSE = [
 ]
 
 
-def off_topic_set(n: int, seed: int = 20261202) -> list[tuple[str, str]]:
+def off_topic_set(n: int, seed: int = 20261202, in_scope=()) -> list[tuple[str, str]]:
     """`n` distinct (kind, description) pairs of tasks the repository is not about, the kinds in
-    turn, drawn with a fixed seed."""
+    turn (but those `in_scope`: a library's `in_scope_kinds`), drawn with a fixed seed."""
     rng = random.Random(seed)
     out, seen = [], set()
-    kinds = sorted(OFF_TASKS)
+    kinds = sorted(k for k in OFF_TASKS if k not in in_scope)
     while len(out) < n:
         kind = kinds[len(out) % len(kinds)]
         body = rng.choice(OFF_TASKS[kind])
@@ -187,9 +187,12 @@ def off_topic_set(n: int, seed: int = 20261202) -> list[tuple[str, str]]:
     return out
 
 
-def expert_wording() -> dict[str, list[str]]:
+def expert_wording(w: Work | None = None) -> dict[str, list[str]]:
     """Hand-written descriptions of expert tasks in users' styles (task name -> texts): the
-    in-scope side of the guard's choice, never a training example."""
+    in-scope side of the guard's choice, never a training example (for a library in the task
+    format: its expert tasks' `eval_descriptions`)."""
+    if w is not None and not w.wordnet:
+        return {t.name: t.eval_descriptions for t in w.suite["experts"] if t.eval_descriptions}
     return jload(EXPERT_WORDING)
 
 
@@ -236,12 +239,12 @@ def fit(w: Work) -> dict:
     E = w.embedder()
     embs = np.load(w.p("desc_sets.npz"))
     pos = embs["experts"].reshape(-1, embs["experts"].shape[-1])
-    off = off_topic_set(N_OFF_TOPIC if not w.tiny else 400)
+    off = off_topic_set(N_OFF_TOPIC if not w.tiny else 400, in_scope=w.suite["in_scope_kinds"])
     neg = np.stack([E(t) for _, t in off])
-    uw = user_wording()
+    uw = user_wording(w)
     cal = np.stack([E(x) for x in uw["off_calibration"]])
     names = {t.name for t in w.suite["experts"]}
-    dev_texts = [x for name, xs in expert_wording().items() if name in names for x in xs]
+    dev_texts = [x for name, xs in expert_wording(w).items() if name in names for x in xs]
     # without hand-written wordings of these experts (the tiny suite), the held-out bank paraphrases
     n_keys = w.cfg["desc_keys"]
     dev = (
@@ -346,7 +349,7 @@ def guard_records(w: Work, ood: dict) -> dict:
 
     E = w.embedder()
     keys = w.keys()
-    uw = user_wording()
+    uw = user_wording(w)
     sets = jload(w.p("desc_sets.json"))["unseen"]
 
     def rec(text, **kw):
@@ -358,14 +361,18 @@ def guard_records(w: Work, ood: dict) -> dict:
     for t in w.suite["unseen"]:
         out["templated"].append(rec(t.description))
         out["bank"] += [rec(x) for x in sets[t.name][1 : 1 + BANK_PER_TASK]]
-        out["user"] += [rec(x, style=STYLES[i]) for i, x in enumerate(uw["unseen"].get(t.name, []))]
+        out["user"] += [
+            rec(x, style=STYLES[i] if w.wordnet and i < len(STYLES) else None)
+            for i, x in enumerate(uw["unseen"].get(t.name, []))
+        ]
     kinds = {x["text"]: x["kind"] for x in uw["off_kinds"]}
     for part in ("off_calibration", "off_test"):
         out[part] = [rec(x, off_kind=kinds[x]) for x in uw[part]]
     names = {t.name for t in w.suite["experts"]}
-    out["expert_wording"] = [rec(x) for n, xs in expert_wording().items() if n in names for x in xs]
+    out["expert_wording"] = [rec(x) for n, xs in expert_wording(w).items() if n in names for x in xs]
     have = {t.relation for t in w.suite["experts"]}
-    out["missing"] = [rec(describe(r, d), relation=r) for r in RELATIONS if r not in have for d in MISSING_DOMAINS]
+    missing = [r for r in RELATIONS if r not in have] if w.wordnet else []  # WordNet's relations only
+    out["missing"] = [rec(describe(r, d), relation=r) for r in missing for d in MISSING_DOMAINS]
     return out
 
 
@@ -404,17 +411,22 @@ def guard_section(ood: dict, g: dict) -> list[str]:
         + ", ".join(f"{k} {_pct(r['accepted'] for r in g['off_test'] if r['off_kind'] == k)}" for k in kinds)
         + " |"
     )
-    L += ["", "User wording accepted, by style:", "", "| style | accepted |", "|---|---|"]
-    for s in STYLES:
-        L.append(f"| {s} | {_pct(r['accepted'] for r in g['user'] if r.get('style') == s)} |")
+    if any(r.get("style") for r in g["user"]):
+        L += ["", "User wording accepted, by style:", "", "| style | accepted |", "|---|---|"]
+        for s in STYLES:
+            L.append(f"| {s} | {_pct(r['accepted'] for r in g['user'] if r.get('style') == s)} |")
     miss = g["missing"]
-    L += [
-        "",
-        f"Requests for relations the repository has no expert for ({', '.join(sorted({m['relation'] for m in miss}))}; "
-        f"the suite's template over their domains): accepted {_pct(m['accepted'] for m in miss)}. The scope "
-        "classifier tells word-relation tasks from other tasks, not one relation from another: such a request is "
-        "in scope and is served by the nearest relations' experts.",
-    ]
+    L += (
+        []
+        if not miss
+        else [
+            "",
+            f"Requests for relations the repository has no expert for ({', '.join(sorted({m['relation'] for m in miss}))}; "
+            f"the suite's template over their domains): accepted {_pct(m['accepted'] for m in miss)}. The scope "
+            "classifier tells word-relation tasks from other tasks, not one relation from another: such a request is "
+            "in scope and is served by the nearest relations' experts.",
+        ]
+    )
     return L
 
 

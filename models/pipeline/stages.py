@@ -20,31 +20,85 @@ from .work import Work, jdump, jload, log, save_trained
 
 
 def suite(w: Work):
-    """The task suite from WordNet: expert and unseen tasks with descriptions and splits."""
+    """The run's tasks, read from a library in the task format (models/TASKS.md): the one given
+    (`--tasks DIR`), else the WordNet suite, which this stage first writes as a library into the
+    work folder (`tasks/`). Every later stage reads only what this one loaded."""
     if os.path.exists(w.p("suite.json")):
         return
-    from .tasks import build_suite
+    from . import taskdir
+
+    if w.tasks_dir:
+        root, lib = w.tasks_dir, taskdir.library(w.tasks_dir)
+        source = {"library": os.path.abspath(root)}
+    else:
+        root = w.p("tasks")
+        if not os.path.exists(os.path.join(root, "library.json")):
+            _write_wordnet_library(w, root)
+        lib = taskdir.library(root)
+        source = {"library": "wordnet", **jload(os.path.join(root, "wordnet.json"))}
+    tasks = taskdir.load(root, limit=w.cfg["max_sources"] if w.tasks_dir and w.tiny else None)
+    unseen_names = w.unseen if w.unseen is not None else lib["unseen"]
+    by_name = {t.name: t for t in tasks}
+    unknown = [n for n in unseen_names if n not in by_name]
+    if unknown:
+        raise SystemExit(
+            f"unseen task(s) {', '.join(map(repr, unknown))} not in {root}; its tasks: {', '.join(by_name)}"
+        )
+    if not unseen_names:
+        raise SystemExit(f"{root}: no unseen tasks named (library.json 'unseen', or UNSEEN=a,b / --unseen a,b)")
+    experts = [t for t in tasks if t.name not in unseen_names]
+    unseen = [by_name[n] for n in unseen_names]
+    if len(experts) < 2:
+        raise SystemExit(
+            f"{root}: {len(experts)} expert task(s); the pipeline needs at least 2 besides the unseen ones"
+        )
+    s = {
+        **source,
+        "name": lib["name"],
+        "in_scope_kinds": lib.get("in_scope_kinds", []),
+        "experts": [t.to_json() for t in experts],
+        "unseen": [dict(t.to_json(), novelty=t.meta.get("novelty") or taskdir.novelty(t, experts)) for t in unseen],
+    }
+    jdump(w.p("suite.json"), s)
+    log(f"suite ({lib['name']}): {len(experts)} experts, {len(unseen)} unseen")
+
+
+def _write_wordnet_library(w: Work, root: str) -> None:
+    """The WordNet suite as a library (models/TASKS.md): each task with its description set from
+    the phrase banks (`descriptions.description_set`, the recipe's size) and its novelty."""
+    from . import taskdir
+    from .descriptions import description_set
+    from .tasks import Task, build_suite
 
     log("building task suite from WordNet")
-    s = build_suite(
-        {
-            k: w.cfg[k]
-            for k in (
-                "min_sources",
-                "min_targets",
-                "min_sources_after_exclusion",
-                "n_experts",
-                "n_unseen",
-                "max_experts_per_relation",
-                "max_sources",
-                "max_pairs_per_source",
-                "exclude_relations",
-                "added_relations",
-            )
-        }
+    keys = (
+        "min_sources",
+        "min_targets",
+        "min_sources_after_exclusion",
+        "n_experts",
+        "n_unseen",
+        "max_experts_per_relation",
+        "max_sources",
+        "max_pairs_per_source",
+        "exclude_relations",
+        "added_relations",
     )
-    jdump(w.p("suite.json"), s)
-    log(f"suite: {len(s['experts'])} experts, {len(s['unseen'])} unseen, {s['n_candidate_cells']} candidate cells")
+    s = build_suite({k: w.cfg[k] for k in keys})
+    tasks = []
+    for d in s["experts"] + s["unseen"]:
+        t = Task.from_json({k: v for k, v in d.items() if k != "novelty"})
+        t.descriptions = description_set(t, w.cfg["desc_set_size"])
+        if "novelty" in d:
+            t.meta = {"novelty": d["novelty"]}
+        tasks.append(t)
+    taskdir.write(root, tasks, [d["name"] for d in s["unseen"]], "wordnet")
+    jdump(
+        os.path.join(root, "wordnet.json"),
+        {k: s[k] for k in ("seed", "config", "n_candidate_cells", "candidate_cells")},
+    )
+    log(
+        f"WordNet suite: {len(s['experts'])} experts, {len(s['unseen'])} unseen, {s['n_candidate_cells']} candidate cells"
+    )
 
 
 def zeroshot(w: Work):
@@ -476,12 +530,15 @@ def bundle(w: Work):
         adapter_cfg = jload(os.path.join(d, "adapter_config.json"))
     adapter_cfg["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
     pr = jload(w.p("prior.json"))["best"]
+    suite = jload(w.p("suite.json"))
     split = {
-        "seed": jload(w.p("suite.json"))["seed"],
+        **({"seed": suite["seed"]} if w.wordnet else {"library": w.suite["name"]}),
         "experts": [t.name for t in experts],
         "unseen": [{"name": t.name, "novelty": w.suite["novelty"][t.name]} for t in w.suite["unseen"]],
         "split": "per task: up to max_sources source synsets, 40% test, 15% of the rest validation, rest train; "
-        "no unseen-task source synset occurs in any expert task",
+        "no unseen-task source synset occurs in any expert task"
+        if w.wordnet
+        else "the library's own train/val/test files (models/TASKS.md)",
     }
     jdump(os.path.join(w.bundle, "split.json"), split)
     manifest = {

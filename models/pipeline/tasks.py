@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import wordnet
 
@@ -99,6 +99,14 @@ RELATIONS = {
 FLAT_RELATIONS = ["example", "group", "similar", "definition"]
 
 
+class Split(list):
+    """A split's (query, target, source) pairs; `gallery`, when not empty, is the gallery its
+    queries are ranked against (a task's gallery.jsonl, models/TASKS.md) instead of the split's
+    distinct targets (`lora.test_set`)."""
+
+    gallery: list[str] = []
+
+
 @dataclass
 class Task:
     name: str
@@ -109,9 +117,24 @@ class Task:
     val: list[tuple[str, str, int]]
     test: list[tuple[str, str, int]]
     n_sources: int
+    # from the task format (models/TASKS.md): every wording of the task (the first is `description`),
+    # other metadata, wordings kept for evaluation only, and the gallery (empty: each split's targets)
+    descriptions: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    eval_descriptions: list[str] = field(default_factory=list)
+    gallery: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for k in ("train", "val", "test"):
+            split = Split(getattr(self, k))
+            split.gallery = self.gallery
+            setattr(self, k, split)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("train", "val", "test"):
+            d[k] = list(getattr(self, k))
+        return d
 
     @staticmethod
     def from_json(d: dict) -> Task:

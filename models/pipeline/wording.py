@@ -51,7 +51,7 @@ def evaluate_wording(w: Work, model) -> dict:
     nm, ns = norm_stats(mu)
     zs = jload(w.p("zeroshot.json"))
     E = w.embedder()
-    uw = user_wording()
+    uw = user_wording(w)
     sets = jload(w.p("desc_sets.json"))["unseen"]
 
     def record(text, relation=None):
@@ -96,7 +96,7 @@ def evaluate_wording(w: Work, model) -> dict:
                 r.update(
                     task=t.name,
                     kind=kind,
-                    style=STYLES[si] if kind == "user" and si < len(STYLES) else None,
+                    style=STYLES[si] if kind == "user" and w.wordnet and si < len(STYLES) else None,
                     gain_top1=100 * (top1_cache[(t.name, j)] - z),
                     gain_merge=100 * (evaluate(w.lora, t.test, gain * mstar)["r1"] - z),
                     gain_sglora=100 * (evaluate(w.lora, t.test, gen)["r1"] - z),
@@ -111,9 +111,10 @@ def evaluate_wording(w: Work, model) -> dict:
         for r in part:
             r["off_kind"] = kinds_of[r["text"]]
     have = set(rel)
-    missing = [dict(record(describe(r, d))[2], relation=r) for r in RELATIONS if r not in have for d in MISSING_DOMAINS]
+    lacking = [r for r in RELATIONS if r not in have] if w.wordnet else []  # WordNet's relations only
+    missing = [dict(record(describe(r, d))[2], relation=r) for r in lacking for d in MISSING_DOMAINS]
     names = {t.name for t in experts}
-    mine = [record(x)[2] for n, xs in expert_wording().items() if n in names for x in xs]
+    mine = [record(x)[2] for n, xs in expert_wording(w).items() if n in names for x in xs]
     return {"records": list(cache.values()), "off_topic": off, "missing": missing, "expert_wording": mine, "ood": ood}
 
 
@@ -212,8 +213,14 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
         "",
         "Every unseen task requested three ways: its templated description, "
         f"{BANK_PER_TASK} paraphrases from its phrase-bank description set, and the hand-written user-wording "
-        "set (`models/eval/user_wording.json`: 7 styles per task, written before any tuning, never used to build "
-        "keys or choose anything). *Accepted* = accepted by the guard (next section); "
+        + (
+            "set (`models/eval/user_wording.json`: 7 styles per task, written before any tuning, never used to build "
+            "keys or choose anything). "
+            if w.wordnet
+            else "set (each task's `eval_descriptions` in the library, models/TASKS.md: never used to build keys "
+            "or choose anything). "
+        )
+        + "*Accepted* = accepted by the guard (next section); "
         "*right relation* = the top expert has the task's relation. Format 1 = the previous "
         f"retrieval (the templated description as each expert's only key) at v3's threshold {V3_THRESHOLD}.",
         "",
@@ -225,10 +232,11 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
             f"| {kind} | {len(rs)} | {_pct(r['accepted'] for r in rs)} | {_pct(r['relation_ok'] for r in rs)} | "
             f"{_pct(r['v1_accepted'] for r in rs)} | {_pct(r['v1_relation_ok'] for r in rs)} |"
         )
-    L += ["", "By style of the user-wording set:", "", "| style | accepted | right relation |", "|---|---|---|"]
-    for s in STYLES:
-        rs = [r for r in by_kind["user"] if r["style"] == s]
-        L.append(f"| {s} | {_pct(r['accepted'] for r in rs)} | {_pct(r['relation_ok'] for r in rs)} |")
+    if any(r["style"] for r in by_kind["user"]):
+        L += ["", "By style of the user-wording set:", "", "| style | accepted | right relation |", "|---|---|---|"]
+        for s in STYLES:
+            rs = [r for r in by_kind["user"] if r["style"] == s]
+            L.append(f"| {s} | {_pct(r['accepted'] for r in rs)} | {_pct(r['relation_ok'] for r in rs)} |")
     gains = {}
     L += [
         "",
@@ -245,8 +253,10 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
     ):
         g = {k: _mean_over_tasks(rs, field) for k, rs in by_kind.items()}
         gains[field] = g
-        ratio = g["user"] / g["templated"] if by_kind["user"] and g["templated"] else float("nan")
-        L.append(f"| {label} | {g['templated']:+.2f} | {g['bank']:+.2f} | {g['user']:+.2f} | {ratio:.2f} |")
+        # a ratio to a gain of less than a twentieth of a point says nothing
+        ratio = g["user"] / g["templated"] if by_kind["user"] and abs(g["templated"]) >= 0.05 else float("nan")
+        shown = "n/a" if np.isnan(ratio) else f"{ratio:.2f}"
+        L.append(f"| {label} | {g['templated']:+.2f} | {g['bank']:+.2f} | {g['user']:+.2f} | {shown} |")
     off = wording["off_topic"]
     miss = wording["missing"]
     L += guard_section(
@@ -280,7 +290,7 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
             m = (pred > lo) & (pred <= hi)
             if m.any():
                 L.append(f"| {name} | {int(m.sum())} | {pred[m].mean():+.2f} | {meas[m].mean():+.2f} |")
-    L += added_relations(w)
+    L += added_relations(w) if w.wordnet else []
     rows = quality_vs_coverage(w, cache, recs)
     png = "quality_vs_coverage.png"
     plot(rows, os.path.join(w.bundle, png))

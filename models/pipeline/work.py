@@ -123,16 +123,35 @@ class Work:
     """One run: recipe `cfg`, the work folder (`p()`), the bundle and fixtures folders, the base
     model (`lora`) and readers of the results earlier stages cached there."""
 
-    def __init__(self, tiny: bool, work=None, bundle_out=None, fixtures_out=None, ray_address=None, ray_cpus=None):
+    def __init__(
+        self,
+        tiny: bool,
+        work=None,
+        bundle_out=None,
+        fixtures_out=None,
+        ray_address=None,
+        ray_cpus=None,
+        tasks_dir=None,
+        unseen=None,
+    ):
         self.tiny = tiny
+        # the library the `suite` stage reads (models/TASKS.md; None: the WordNet suite) and the
+        # unseen tasks named on the command line (None: the library's own list)
+        self.tasks_dir = tasks_dir
+        self.unseen = unseen
         # where the experts/oracles stages train (scale.run_jobs): a Ray cluster, or here
         self.ray_address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS") or None
         self.ray_cpus = ray_cpus
         self.cfg = TINY if tiny else FULL
+        if work is None and tasks_dir is not None:
+            lib = os.path.basename(os.path.abspath(tasks_dir))
+            work = os.path.join(MODELS, "work", lib + ("-tiny" if tiny else ""))
         self.work = work or os.path.join(MODELS, "work", "tiny" if tiny else "full")
-        self.bundle = bundle_out or (os.path.join(self.work, "bundle") if tiny else os.path.join(MODELS, "default"))
+        # only the full WordNet run writes the shipped bundle and the Rust fixtures
+        own = tiny or tasks_dir is not None
+        self.bundle = bundle_out or (os.path.join(self.work, "bundle") if own else os.path.join(MODELS, "default"))
         self.fixtures = fixtures_out or (
-            os.path.join(self.work, "fixtures") if tiny else os.path.join(REPO, "tests", "fixtures")
+            os.path.join(self.work, "fixtures") if own else os.path.join(REPO, "tests", "fixtures")
         )
         os.makedirs(self.work, exist_ok=True)
         self._lora = None
@@ -162,8 +181,27 @@ class Work:
                 "experts": [Task.from_json(t) for t in s["experts"]],
                 "unseen": [Task.from_json({k: v for k, v in t.items() if k != "novelty"}) for t in s["unseen"]],
                 "novelty": {t["name"]: t["novelty"] for t in s["unseen"]},
+                # which library (a folder, or "wordnet": also a suite.json of before the task format)
+                "library": s.get("library", "wordnet"),
+                "name": s.get("name", "wordnet"),
+                "in_scope_kinds": s.get("in_scope_kinds", []),
             }
         return self._suite
+
+    @property
+    def wordnet(self) -> bool:
+        """Whether the tasks are the WordNet suite (its hand-written evaluation sets apply)."""
+        return self.suite["library"] == "wordnet"
+
+    def description_set(self, task, n: int) -> list[str]:
+        """The first `n` wordings of `task` (its library's descriptions, extended by the generic
+        framings of `descriptions.extend` when it has fewer; a suite.json of before the task
+        format has none stored, and its WordNet phrase-bank set is made here)."""
+        from .descriptions import description_set, extend
+
+        if not task.descriptions:
+            return description_set(task, n)
+        return extend(task.name, task.descriptions, n)
 
     def train(self, task_pairs, seed, desc):
         """A LoRA-FA adapter trained on the pairs with the recipe's settings (snapshots, losses)."""

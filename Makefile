@@ -144,10 +144,10 @@ models: venv deps-apt $(if $(RAY_ADDRESS),deps-ray)
 
 # The second task family (models/TASKS.md): word translation from Debian's FreeDict dictionaries,
 # 15 tasks written to $(FREEDICT); then e.g. make models TASKS=$(FREEDICT).
-FREEDICT_PKGS := $(foreach p,eng-deu eng-fra eng-spa eng-ita eng-nld eng-por eng-swe deu-eng fra-eng spa-eng ita-eng nld-eng por-eng swe-eng dan-eng,dict-freedict-$(p))
+FREEDICT_DICTS := eng-deu eng-fra eng-spa eng-ita eng-nld eng-por eng-swe deu-eng fra-eng spa-eng ita-eng nld-eng por-eng swe-eng dan-eng
 tasks-freedict: venv
-	@test -e /usr/share/dictd/freedict-dan-eng.index && test -e /usr/share/dictd/freedict-eng-swe.index \
-	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(FREEDICT_PKGS))
+	@missing=$$(for d in $(FREEDICT_DICTS); do test -e /usr/share/dictd/freedict-$$d.index || echo dict-freedict-$$d; done); \
+	  [ -z "$$missing" ] || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing)
 	cd models && $(VPY) -m pipeline.freedict --out $(FREEDICT)
 
 # The optional Ray client and runtime, into the pipeline's venv.

@@ -120,6 +120,11 @@ def entries(src: str, tgt: str, root: str = DICTD):
             yield head, out
 
 
+def _fill(template: str, lang: str) -> str:
+    """A template with the language filled in ("a Italian word" -> "an Italian word")."""
+    return re.sub(r"\ba ([AEIOU])", r"an \1", template.format(L=lang))
+
+
 def task(src: str, tgt: str, root: str = DICTD) -> Task:
     """One dictionary as a task."""
     seen, recs = set(), []
@@ -140,9 +145,9 @@ def task(src: str, tgt: str, root: str = DICTD) -> Task:
     lang = LANGS[src if to_english else tgt]
     templates = TO_ENGLISH if to_english else FROM_ENGLISH
     ex = ", ".join(f"{q} -> {ps[0]}" for q, ps in random.Random(f"{SEED}/{src}-{tgt}/ex").sample(cut["train"], 3))
-    descriptions = [x.format(L=lang) + ("" if x.endswith("?") else ".") for x in templates]
-    descriptions.append(f"{templates[0].format(L=lang)} (for example {ex}).")
-    evals = [x.format(L=lang) for x in (EVAL_TO_ENGLISH if to_english else EVAL_FROM_ENGLISH)]
+    descriptions = [_fill(x, lang) + ("" if x.endswith("?") else ".") for x in templates]
+    descriptions.append(f"{_fill(templates[0], lang)} (for example {ex}).")
+    evals = [_fill(x, lang) for x in (EVAL_TO_ENGLISH if to_english else EVAL_FROM_ENGLISH)]
     return Task(
         name=f"{src}-{tgt}",
         relation="to_english" if to_english else "from_english",

@@ -24,6 +24,7 @@ def suite(w: Work):
     (`--tasks DIR`), else the WordNet suite, which this stage first writes as a library into the
     work folder (`tasks/`). Every later stage reads only what this one loaded."""
     if os.path.exists(w.p("suite.json")):
+        _same_suite(w, jload(w.p("suite.json")))
         return
     from . import taskdir
 
@@ -61,6 +62,20 @@ def suite(w: Work):
     }
     jdump(w.p("suite.json"), s)
     log(f"suite ({lib['name']}): {len(experts)} experts, {len(unseen)} unseen")
+
+
+def _same_suite(w: Work, s: dict) -> None:
+    """Refuse a work folder whose cached suite is not the one asked for (another library, other
+    unseen tasks): every later stage would silently reuse results computed for it."""
+    have = s.get("library", "wordnet")
+    want = os.path.abspath(w.tasks_dir) if w.tasks_dir else "wordnet"
+    held = [u["name"] for u in s["unseen"]]
+    if have != want or (w.unseen is not None and held != w.unseen):
+        raise SystemExit(
+            f"{w.work} holds a run of {have} with unseen tasks {', '.join(held)}; this run asks for {want}"
+            + (f" with {', '.join(w.unseen)}" if w.unseen is not None else "")
+            + ": use another work folder (--work, or MODELS_WORK=... for make models), or delete this one"
+        )
 
 
 def _write_wordnet_library(w: Work, root: str) -> None:

@@ -316,6 +316,14 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+def _framed(rng: random.Random, body: str, verb: bool, app_frame: bool) -> str:
+    """`body` in a seeded app framing (`app_frame`) or plain framing; frames that need a clause
+    starting with a verb only when `verb`."""
+    frames = [f for f, needs_verb in (FRAMES if app_frame else PLAIN) if verb or not needs_verb]
+    app = rng.choice(APPS)
+    return rng.choice(frames).format(app=app, App=_cap(app), body=body, Body=_cap(body))
+
+
 def _examples(task: Task, rng: random.Random) -> list[str]:
     """2-4 domain-side items from the train split: the query word, or for `term` (whose query is
     a definition) the word defined."""
@@ -360,9 +368,7 @@ def description_set(task: Task, n: int, seed: int = 20261201) -> list[str]:
         else:
             body = rng.choice(RELATION_BANK[task.relation]).format(q=q, qs=qs)
             verb = body.split()[0] in VERBS and "?" not in body
-            frames = [f for f, needs_verb in (FRAMES if style <= 3 else PLAIN) if verb or not needs_verb]
-            app = rng.choice(APPS)
-            text = rng.choice(frames).format(app=app, App=_cap(app), body=body, Body=_cap(body))
+            text = _framed(rng, body, verb, style <= 3)
             if style >= 8:
                 text += rng.choice(VERBOSE)
         text = text.replace("?.", "?").replace("?,", "?")
@@ -394,9 +400,7 @@ def extend(name: str, given: list[str], n: int, seed: int = 20261203) -> list[st
         body = rng.choice(bodies)
         verb = body.split()[0].lower() in VERBS | {"translate", "convert", "turn", "match", "rank", "pick"}
         style = rng.randrange(10)
-        frames = [f for f, needs_verb in (FRAMES if style <= 4 else PLAIN) if verb or not needs_verb]
-        app = rng.choice(APPS)
-        text = rng.choice(frames).format(app=app, App=_cap(app), body=body, Body=_cap(body))
+        text = _framed(rng, body, verb, style <= 4)
         if style >= 8:
             text += rng.choice(VERBOSE)
         text = text.replace("?.", "?").replace("?,", "?")

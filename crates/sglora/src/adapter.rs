@@ -289,8 +289,42 @@ pub fn create_synced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
     f.sync_all()
 }
 
-fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    create_synced(path, bytes, mode).map_err(|e| write_failed(path, "writing", e))
+/// Create and write every file, then fsync each: the writes are all handed to the kernel and
+/// their write-back started (`sync_file_range`, Linux) before the first fsync waits, so the
+/// files' data goes to the disk together instead of one round trip after another. Each file is
+/// still fsynced before this returns.
+fn write_all_synced(files: &[(&Path, &[u8])], mode: u32) -> Result<()> {
+    let mut open = Vec::with_capacity(files.len());
+    for &(path, bytes) in files {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes).map(|()| f))
+            .map_err(|e| write_failed(path, "writing", e))?;
+        start_writeback(&mut f);
+        open.push((path, f));
+    }
+    for (path, f) in open {
+        f.sync_all().map_err(|e| write_failed(path, "writing", e))?;
+    }
+    Ok(())
+}
+
+/// Ask the kernel to start writing `f`'s dirty pages now, without waiting (a hint: the fsync
+/// that follows is what makes the data durable, so a failure here is ignored).
+fn start_writeback(f: &mut File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; the call only reads its arguments.
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
@@ -476,9 +510,14 @@ fn write_atomic_modes(
                     parent.display()
                 ),
             })?;
-        write_synced(&tmp.join(WEIGHTS_FILE), &files.weights, file_mode)?;
-        write_synced(&tmp.join(CONFIG_FILE), &files.config, file_mode)?;
-        write_synced(&tmp.join(PROVENANCE_FILE), &files.provenance, file_mode)?;
+        write_all_synced(
+            &[
+                (&tmp.join(WEIGHTS_FILE), &files.weights),
+                (&tmp.join(CONFIG_FILE), &files.config),
+                (&tmp.join(PROVENANCE_FILE), &files.provenance),
+            ],
+            file_mode,
+        )?;
         prepare(&tmp).map_err(|e| Error::Output {
             path: dest.into(),
             what: format!("cannot set the permissions of the new adapter: {e}"),

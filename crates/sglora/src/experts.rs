@@ -132,15 +132,8 @@ impl Keys {
         let Some(p) = &self.projection else {
             return std::borrow::Cow::Borrowed(query);
         };
-        let rows: Vec<f64> = p
-            .chunks_exact(query.len().max(1))
-            .map(|row| {
-                row.iter()
-                    .zip(query)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum()
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(self.dim);
+        crate::kernels::dots_f64(p, query, &mut rows);
         let norm = rows.iter().map(|x| x * x).sum::<f64>().sqrt();
         let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
         std::borrow::Cow::Owned(rows.iter().map(|x| (x * scale) as f32).collect())

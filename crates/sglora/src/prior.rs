@@ -27,21 +27,11 @@ pub struct Retrieved {
 pub fn similarities(query: &[f32], experts: &Experts) -> Vec<f64> {
     let keys = experts.keys();
     let projected = keys.project(query);
-    let query: &[f32] = &projected;
-    let mut dots = Vec::with_capacity(keys.per_expert);
-    (0..experts.len())
-        .map(|i| {
-            dots.clear();
-            dots.extend((0..keys.per_expert).map(|j| {
-                experts
-                    .key(i, j)
-                    .iter()
-                    .zip(query)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum::<f64>()
-            }));
-            mean_top(&mut dots, keys.top)
-        })
+    let mut dots = Vec::with_capacity(keys.values.len() / keys.dim.max(1));
+    crate::kernels::dots_f64(&keys.values, &projected, &mut dots);
+    dots.chunks_exact_mut(keys.per_expert)
+        .take(experts.len())
+        .map(|d| mean_top(d, keys.top))
         .collect()
 }
 

@@ -506,6 +506,132 @@ mod int8 {
     }
 }
 
+/// `out[r] = Σ_e f64(rows[r][e]) · f64(q[e])` for every row of `rows` (`[n, q.len()]` row-major;
+/// nothing for an empty `q`),
+/// each sum one chain in element order from `-0.0` (as `Iterator::sum` does) — the retrieval scores and the key-space
+/// projection. The f64 product of two f32 values is exact, so a result depends only on that
+/// order; [`DOT_LANES`] rows run side by side (independent chains, so the compiler may keep them
+/// in vector lanes) instead of one latency-bound chain after another.
+pub fn dots_f64(rows: &[f32], q: &[f32], out: &mut Vec<f64>) {
+    out.clear();
+    let d = q.len();
+    if d == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked above).
+        unsafe { dots_f64_avx2(rows, q, out) };
+        return;
+    }
+    dots_f64_lanes(rows, q, out);
+}
+
+/// Rows processed together by [`dots_f64`].
+pub const DOT_LANES: usize = 8;
+
+/// [`dots_f64_lanes`] with AVX2: each block of 8 rows × 8 elements is transposed in registers,
+/// so lane `l` of the two f64 accumulators holds row `l`'s chain, fed element by element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dots_f64_avx2(rows: &[f32], q: &[f32], out: &mut Vec<f64>) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let mut blocks = rows.chunks_exact(d * DOT_LANES);
+    let whole = d / 8 * 8;
+    for block in &mut blocks {
+        let mut lo = _mm256_set1_pd(-0.0);
+        let mut hi = _mm256_set1_pd(-0.0);
+        let p = block.as_ptr();
+        let mut e = 0;
+        while e < whole {
+            // SAFETY: rows l·d + e .. + 8 lie inside the block (e + 8 ≤ d).
+            let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(p.add(l * d + e)));
+            // 8×8 transpose: t[i] = element e + i of rows 0..8.
+            let a0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let a1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let a2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let a3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let a4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let a5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let a6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let a7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let b0 = _mm256_shuffle_ps::<0x44>(a0, a2);
+            let b1 = _mm256_shuffle_ps::<0xEE>(a0, a2);
+            let b2 = _mm256_shuffle_ps::<0x44>(a1, a3);
+            let b3 = _mm256_shuffle_ps::<0xEE>(a1, a3);
+            let b4 = _mm256_shuffle_ps::<0x44>(a4, a6);
+            let b5 = _mm256_shuffle_ps::<0xEE>(a4, a6);
+            let b6 = _mm256_shuffle_ps::<0x44>(a5, a7);
+            let b7 = _mm256_shuffle_ps::<0xEE>(a5, a7);
+            let t = [
+                _mm256_permute2f128_ps::<0x20>(b0, b4),
+                _mm256_permute2f128_ps::<0x20>(b1, b5),
+                _mm256_permute2f128_ps::<0x20>(b2, b6),
+                _mm256_permute2f128_ps::<0x20>(b3, b7),
+                _mm256_permute2f128_ps::<0x31>(b0, b4),
+                _mm256_permute2f128_ps::<0x31>(b1, b5),
+                _mm256_permute2f128_ps::<0x31>(b2, b6),
+                _mm256_permute2f128_ps::<0x31>(b3, b7),
+            ];
+            for (i, t) in t.into_iter().enumerate() {
+                let qe = _mm256_set1_pd(f64::from(q[e + i]));
+                let l = _mm256_cvtps_pd(_mm256_castps256_ps128(t));
+                let h = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(t));
+                lo = _mm256_add_pd(lo, _mm256_mul_pd(l, qe));
+                hi = _mm256_add_pd(hi, _mm256_mul_pd(h, qe));
+            }
+            e += 8;
+        }
+        let mut acc = [0.0f64; DOT_LANES];
+        _mm256_storeu_pd(acc.as_mut_ptr(), lo);
+        _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
+        for (e, &qe) in q.iter().enumerate().skip(whole) {
+            let qe = f64::from(qe);
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += f64::from(block[l * d + e]) * qe;
+            }
+        }
+        out.extend_from_slice(&acc);
+    }
+    out.extend(
+        blocks
+            .remainder()
+            .chunks_exact(d)
+            .map(|row| dot_f64(row, q)),
+    );
+}
+
+#[inline(always)]
+fn dots_f64_lanes(rows: &[f32], q: &[f32], out: &mut Vec<f64>) {
+    let d = q.len();
+    let mut blocks = rows.chunks_exact(d * DOT_LANES);
+    for block in &mut blocks {
+        let mut acc = [-0.0f64; DOT_LANES];
+        for (e, &qe) in q.iter().enumerate() {
+            let qe = f64::from(qe);
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += f64::from(block[l * d + e]) * qe;
+            }
+        }
+        out.extend_from_slice(&acc);
+    }
+    out.extend(
+        blocks
+            .remainder()
+            .chunks_exact(d)
+            .map(|row| dot_f64(row, q)),
+    );
+}
+
+/// The reference chain of [`dots_f64`] for one row.
+pub fn dot_f64(row: &[f32], q: &[f32]) -> f64 {
+    row.iter()
+        .zip(q)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum()
+}
+
 /// `Σ f(x[i])` in a fixed order that vectorises: eight running sums (element `i` into sum
 /// `i % 8`, in index order), then `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`. The same
 /// bits on every platform, whatever vector width the compiler picks.
@@ -807,5 +933,32 @@ mod tests {
         assert_eq!(g[0], 0.0);
         assert!((g[1] - 0.841_344_7).abs() < 1e-6);
         assert!((g[2] + 0.004_049_7).abs() < 1e-6);
+    }
+    #[test]
+    fn dots_f64_match_the_reference_chain_bit_for_bit() {
+        let mut rng = crate::rng::Rng::new(11);
+        for (n, d) in [
+            (0, 5),
+            (1, 1),
+            (7, 3),
+            (8, 8),
+            (9, 16),
+            (8, 395),
+            (29, 384),
+            (2772, 17),
+        ] {
+            let rows: Vec<f32> = rng.normals(n * d).iter().map(|v| *v as f32).collect();
+            let q: Vec<f32> = rng.normals(d).iter().map(|v| *v as f32).collect();
+            let want: Vec<u64> = rows
+                .chunks_exact(d)
+                .map(|r| dot_f64(r, &q).to_bits())
+                .collect();
+            let mut got = vec![1.0];
+            dots_f64(&rows, &q, &mut got);
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+            let mut lanes = Vec::new();
+            dots_f64_lanes(&rows, &q, &mut lanes);
+            assert_eq!(lanes.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        }
     }
 }

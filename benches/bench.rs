@@ -665,7 +665,17 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, generation: &Value) -> Va
         .get("20")
         .and_then(|v| v["tokens"].as_f64())
         .unwrap_or(20.0);
-    let enc_macs = tokens20 * layers * weights_per_layer;
+    // The integer runtime multiplies every weight by each activation level.
+    let levels = if integer {
+        sglora::INTEGER_LEVELS as f64
+    } else {
+        1.0
+    };
+    let enc_macs = tokens20 * layers * weights_per_layer * levels;
+    let keys = g.experts().keys();
+    let key_rows = keys.values.len() as f64 / keys.dim.max(1) as f64;
+    let proj = keys.projection.as_ref().map_or(0.0, |p| p.len() as f64);
+    let retrieve_macs = keys.values.len() as f64 + proj;
     let file = |k: &str| m.files.get(k).map(|f| f.bytes as f64).unwrap_or(0.0);
     let cvae_bytes = file(&m.cvae.prior_file) + file(&m.cvae.decoder_file);
     let d = m.lora.flat_dim as f64;
@@ -687,8 +697,9 @@ fn floor(g: &Generator, enc: &BTreeMap<String, Value>, generation: &Value) -> Va
         "cpu_lanes_f32": lanes, "ghz": ghz, "peak_gmacs_one_core": peak_gmacs, "read_gb_s_one_core": bw,
         "integer_path": path.name(), "integer_peak_gmacs_one_core": int_peak_gmacs,
         "rows": [
-            row(&format!("encode, 20 words ({weights} runtime, int8 MACs at the {} peak)", if integer { path.name() } else { "f32 FMA" }),
+            row(&format!("encode, 20 words ({weights} runtime{}, MACs at the {} peak)", if integer { format!(", {levels} int8 activation levels") } else { String::new() }, if integer { path.name() } else { "f32 FMA" }),
                 enc_weight_f32_bytes / 4.0 * weight_bytes, enc_macs, enc20, if integer { int_peak_gmacs } else { peak_gmacs }),
+            row(&format!("retrieve ({key_rows:.0} keys of {}, f64 chains)", keys.dim), retrieve_macs * 4.0, retrieve_macs, st("retrieve"), peak_gmacs / 2.0),
             row("prior mixture (K experts' μ, σ²)", prior_bytes, 3.0 * k * d, st("prior"), peak_gmacs),
             row("CVAE prior net + decoder (weights read once)", cvae_bytes, cvae_bytes / 4.0, st("cvae"), peak_gmacs),
         ]

@@ -127,8 +127,9 @@ impl std::str::FromStr for Runtime {
     }
 }
 
-/// Activation levels of the integer runtime ([`crate::kernels::integer::quantize_rows`]).
-const INTEGER_LEVELS: usize = 2;
+/// Activation levels of the integer runtime: each activation is quantised to an int8 and an int8
+/// residual, so a matmul does this many int8 × int8 products per weight.
+pub const INTEGER_LEVELS: usize = 2;
 
 /// Weight constants smaller than this stay fp32 (biases, norms): they cost nothing.
 const MIN_NARROWED: usize = 4096;

@@ -280,13 +280,18 @@ fn write_failed(path: &Path, action: &str, e: std::io::Error) -> Error {
 /// entry (`O_EXCL`) — write `bytes` and fsync them: the one durable file write of the adapter
 /// writer and the daemon.
 pub fn create_synced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    create_written(path, bytes, mode)?.sync_all()
+}
+
+/// [`create_synced`] without the fsync: the open file, its bytes handed to the kernel.
+fn create_written(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<File> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(path)?;
     f.write_all(bytes)?;
-    f.sync_all()
+    Ok(f)
 }
 
 /// Create and write every file, then fsync each: the writes are all handed to the kernel and
@@ -296,13 +301,8 @@ pub fn create_synced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
 fn write_all_synced(files: &[(&Path, &[u8])], mode: u32) -> Result<()> {
     let mut open = Vec::with_capacity(files.len());
     for &(path, bytes) in files {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-            .and_then(|mut f| f.write_all(bytes).map(|()| f))
-            .map_err(|e| write_failed(path, "writing", e))?;
+        let mut f =
+            create_written(path, bytes, mode).map_err(|e| write_failed(path, "writing", e))?;
         start_writeback(&mut f);
         open.push((path, f));
     }

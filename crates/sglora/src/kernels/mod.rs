@@ -586,20 +586,10 @@ unsafe fn dots_f64_avx2(rows: &[f32], q: &[f32], out: &mut Vec<f64>) {
         let mut acc = [0.0f64; DOT_LANES];
         _mm256_storeu_pd(acc.as_mut_ptr(), lo);
         _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
-        for (e, &qe) in q.iter().enumerate().skip(whole) {
-            let qe = f64::from(qe);
-            for (l, a) in acc.iter_mut().enumerate() {
-                *a += f64::from(block[l * d + e]) * qe;
-            }
-        }
+        lanes_from(&mut acc, block, q, whole);
         out.extend_from_slice(&acc);
     }
-    out.extend(
-        blocks
-            .remainder()
-            .chunks_exact(d)
-            .map(|row| dot_f64(row, q)),
-    );
+    remainder_dots(blocks.remainder(), q, out);
 }
 
 #[inline(always)]
@@ -608,20 +598,29 @@ fn dots_f64_lanes(rows: &[f32], q: &[f32], out: &mut Vec<f64>) {
     let mut blocks = rows.chunks_exact(d * DOT_LANES);
     for block in &mut blocks {
         let mut acc = [-0.0f64; DOT_LANES];
-        for (e, &qe) in q.iter().enumerate() {
-            let qe = f64::from(qe);
-            for (l, a) in acc.iter_mut().enumerate() {
-                *a += f64::from(block[l * d + e]) * qe;
-            }
-        }
+        lanes_from(&mut acc, block, q, 0);
         out.extend_from_slice(&acc);
     }
-    out.extend(
-        blocks
-            .remainder()
-            .chunks_exact(d)
-            .map(|row| dot_f64(row, q)),
-    );
+    remainder_dots(blocks.remainder(), q, out);
+}
+
+/// Carry the [`DOT_LANES`] chains of `block` (`DOT_LANES` rows of `q.len()`) on from element
+/// `from` to the end.
+#[inline(always)]
+fn lanes_from(acc: &mut [f64; DOT_LANES], block: &[f32], q: &[f32], from: usize) {
+    let d = q.len();
+    for (e, &qe) in q.iter().enumerate().skip(from) {
+        let qe = f64::from(qe);
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f64::from(block[l * d + e]) * qe;
+        }
+    }
+}
+
+/// The rows after the last whole block, one reference chain each.
+#[inline(always)]
+fn remainder_dots(rows: &[f32], q: &[f32], out: &mut Vec<f64>) {
+    out.extend(rows.chunks_exact(q.len()).map(|row| dot_f64(row, q)));
 }
 
 /// The reference chain of [`dots_f64`] for one row.

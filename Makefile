@@ -130,9 +130,10 @@ deps-static:
 	@command -v qemu-aarch64 >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user)
 	rustup target add x86_64-unknown-linux-musl aarch64-unknown-linux-musl
 
-# Cross toolchains (Debian) and the Rust standard library for the armv7 (glibc) build.
+# Cross toolchains (Debian: gcc and glibc's static libraries for armhf) and the Rust standard
+# library for the armv7 (static glibc) build.
 deps-cross:
-	@command -v arm-linux-gnueabihf-gcc >/dev/null && command -v qemu-arm >/dev/null && test -e /usr/arm-linux-gnueabihf/lib/libc.so.6 \
+	@command -v arm-linux-gnueabihf-gcc >/dev/null && command -v qemu-arm >/dev/null && test -e /usr/arm-linux-gnueabihf/lib/libc.a \
 	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user)
 	rustup target add armv7-unknown-linux-gnueabihf
 
@@ -261,27 +262,36 @@ x86_64-static: deps-static
 	$(ZIG) zigbuild --profile board --target x86_64-unknown-linux-musl --bin sglora
 	cross/check-static $(TARGET_DIR)/x86_64-unknown-linux-musl/board/sglora
 
-# armv7 stays a glibc build: rustup here cannot download armv7-unknown-linux-musleabihf's
-# standard library (cross/README.md).
+# armv7 is statically linked against glibc (Debian's armhf cross toolchain, `+crt-static` in
+# .cargo/config.toml): rustup here cannot download armv7-unknown-linux-musleabihf's standard
+# library (cross/README.md). No loader, no NEEDED entries: any armv7 Linux runs it.
 armv7: deps-cross
 	$(CARGO) build --profile board --target armv7-unknown-linux-gnueabihf --bin sglora
-	@ls -l $(TARGET_DIR)/armv7-unknown-linux-gnueabihf/board/sglora
+	cross/check-static $(TARGET_DIR)/armv7-unknown-linux-gnueabihf/board/sglora
+
+# The test executables a `cargo test --no-run --message-format=json` built, one per line.
+EXECUTABLES := sed -n 's/.*"executable":"\([^"]*\)".*/\1/p'
 
 # The libraries' unit tests (core and daemon) and the parity tests on the real bundle (Rust vs
 # the Python golden fixtures), run under qemu-aarch64 (cortex-a72) through the runner in
 # .cargo/config.toml. One cargo call over the whole workspace: selecting packages separately
 # would resolve other dependency features and build tract twice.
 test-aarch64: deps-static
+	$(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib --test parity --no-run \
+	  --message-format=json | $(EXECUTABLES) | xargs cross/check-static
 	$(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib --test parity
 	# The Cortex-A72 has no dot-product extension; the kernels' tests once more on qemu's "max"
 	# CPU, which has it, so the sdot path is checked against the reference too (same build).
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER="env SGLORA_EMULATED=qemu-aarch64 qemu-aarch64 -cpu max" \
 	  $(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib -- kernels::
 
-# The same under qemu-arm (Cortex-A15, Debian's armhf glibc sysroot): armv7 runs the integer
-# kernels' scalar path, and the digest test proves its adapters are x86-64's bytes. The runtime
-# comparison (tract and the int8 runtime's software FMA, minutes under qemu) is skipped there.
+# The same under qemu-arm (Cortex-A15) with no sysroot: the armv7 binaries are static (glibc),
+# so a dynamic one could not start. armv7 runs the integer kernels' scalar path, and the digest
+# test proves its adapters are x86-64's bytes. The runtime comparison (tract and the int8
+# runtime's software FMA, minutes under qemu) is skipped there.
 test-armv7: deps-cross
+	$(CARGO) test --target armv7-unknown-linux-gnueabihf --workspace --lib --test parity --no-run \
+	  --message-format=json | $(EXECUTABLES) | xargs cross/check-static
 	$(CARGO) test --target armv7-unknown-linux-gnueabihf --workspace --lib --test parity -- \
 	  --skip the_other_runtimes_agree_with_the_integer_runtime
 

@@ -498,23 +498,13 @@ impl Dropbox {
     }
 
     /// Requests are made for their file's owner, who must be root, the service user or a
-    /// member of the inbox's group (a file of anyone else's may be moved in by a member, but it
-    /// is not theirs to spend).
+    /// member of the inbox's group by `/etc/passwd` and `/etc/group` ([`crate::accounts`]): a
+    /// file of anyone else's may be moved in by a member, but it is not theirs to spend.
     fn check_member(&self, uid: u32) -> Result<(), String> {
         if Caller::uid(uid).is_admin() {
             return Ok(());
         }
-        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten();
-        let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(self.group))
-            .ok()
-            .flatten();
-        let member = match (&user, &group) {
-            (Some(u), Some(g)) => u.gid.as_raw() == self.group || g.mem.contains(&u.name),
-            _ => false,
-        };
-        if member {
+        if crate::accounts::is_member(uid, self.group) {
             Ok(())
         } else {
             Err(format!(

@@ -10,6 +10,7 @@
 //! [`Dropbox`] and the interface objects [`Generator1`] and [`Admin1`].
 #![deny(missing_docs)]
 
+mod accounts;
 mod acl;
 mod cache;
 mod config;

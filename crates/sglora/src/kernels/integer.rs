@@ -56,6 +56,10 @@ pub struct Packed {
     np: usize,
     data: Vec<i8>,
     /// `128 · Σᵢ q[i][j]` per (padded) column, for the unsigned-times-signed paths.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
     offset: Vec<i32>,
 }
 

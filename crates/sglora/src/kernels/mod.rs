@@ -335,7 +335,11 @@ mod int8 {
     }
 
     /// Run `tile::<R>` (`$width` columns of a panel) for every block of rows, `R` up to `MAX`,
-    /// then the scalar tail columns.
+    /// then the scalar tail columns. (armv7 has no vector path: only the scalar columns.)
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(unused_macros)
+    )]
     macro_rules! by_row_blocks {
         ($x:ident, $rows:ident, $k:ident, $n:ident, $q:ident, $out:ident, $width:expr, $tile:ident, $max:expr) => {{
             let cols = $n / PANEL * PANEL;

@@ -45,9 +45,9 @@ help:
 	@echo "make bench [QUICK=1]   benchmarks against onnxruntime/PyTorch, writes BENCHMARKS.md"
 	@echo "make soak              32 clients x 60 s, 100 SIGKILL cycles (RELIABILITY.md numbers)"
 	@echo "make fuzz              property-based fuzzing of every parser, bounded time"
-	@echo "make aarch64           static (musl) stripped board binary; also x86_64-static, armv7 (glibc)"
+	@echo "make aarch64           static (musl) stripped board binary; also x86_64-static, armv7 (static glibc)"
 	@echo "make test-aarch64      the library and parity tests, static, under qemu-aarch64"
-	@echo "make test-armv7        the library and parity tests under qemu-arm (digests included)"
+	@echo "make test-armv7        the library and parity tests, static, under qemu-arm (digests included)"
 	@echo "make fidelity          embeddings of 1,468 texts: integer vs int8 runtime vs PyTorch fp32"
 
 build:
@@ -233,7 +233,7 @@ uninstall:
 
 # --- Debian packages (packaging/) ------------------------------------------------------------
 # make deb ARCH=amd64|arm64|armhf: target/deb/sglora_VERSION_ARCH.deb from the static x86-64 or
-# aarch64 binary (armhf: the glibc armv7 one).
+# aarch64 binary (musl; armhf: the static glibc armv7 one).
 ARCH ?= amd64
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 DEB_BIN_amd64 := $(TARGET_DIR)/x86_64-unknown-linux-musl/board/sglora

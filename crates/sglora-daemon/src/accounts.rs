@@ -25,45 +25,53 @@ fn is_member_in(passwd: &Path, group: &Path, uid: u32, gid: u32) -> bool {
     let Ok(users) = std::fs::read(passwd) else {
         return false;
     };
-    let Some((name, primary)) = user(&users, uid) else {
-        return false;
-    };
-    if primary == gid {
-        return true;
-    }
-    std::fs::read(group).is_ok_and(|groups| members(&groups, gid).any(|m| m == name))
+    member_of(&users, || std::fs::read(group).ok(), uid, gid)
 }
 
-/// Colon-separated fields of the lines of an account file; comments, NIS `+`/`-` entries and
-/// blank lines skipped.
+/// The decision on the files' contents; `group` is read only when the primary group does not
+/// answer it (`None`: unreadable).
+fn member_of(passwd: &[u8], group: impl FnOnce() -> Option<Vec<u8>>, uid: u32, gid: u32) -> bool {
+    let Some((name, primary)) = user(passwd, uid) else {
+        return false;
+    };
+    primary == gid || group().is_some_and(|groups| members(&groups, gid).any(|m| m == name))
+}
+
+/// Colon-separated fields of the lines of an account file, as glibc's `files` source splits them:
+/// leading blanks skipped; comments, NIS `+`/`-` entries, blank lines and lines of fewer than
+/// four fields dropped.
 fn entries(file: &[u8]) -> impl Iterator<Item = Vec<&[u8]>> {
     file.split(|&b| b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line).trim_ascii_start())
         .filter(|line| !line.is_empty() && !matches!(line[0], b'#' | b'+' | b'-'))
-        .map(|line| line.split(|&b| b == b':').collect())
+        .map(|line| line.split(|&b| b == b':').collect::<Vec<_>>())
+        .filter(|fields| fields.len() >= 4)
 }
 
 fn number(field: &[u8]) -> Option<u32> {
-    std::str::from_utf8(field).ok()?.parse().ok()
+    std::str::from_utf8(field.trim_ascii_start())
+        .ok()?
+        .parse()
+        .ok()
 }
 
-/// The first `/etc/passwd` entry of `uid` (as `getpwuid` returns the first): name and primary
-/// group.
+/// The first well-formed `/etc/passwd` entry of `uid` (as `getpwuid` returns the first): name
+/// and primary group.
 fn user(passwd: &[u8], uid: u32) -> Option<(&[u8], u32)> {
-    entries(passwd)
-        .filter(|f| f.len() >= 4)
-        .find(|f| number(f[2]) == Some(uid))
-        .and_then(|f| Some((f[0], number(f[3])?)))
+    entries(passwd).find_map(|f| match (number(f[2]), number(f[3])) {
+        (Some(u), Some(g)) if u == uid => Some((f[0], g)),
+        _ => None,
+    })
 }
 
-/// The member names of the first `/etc/group` entry of `gid`.
+/// The member names of the first `/etc/group` entry of `gid` (blanks before a name skipped).
 fn members(group: &[u8], gid: u32) -> impl Iterator<Item = &[u8]> {
     entries(group)
-        .filter(|f| f.len() >= 4)
         .find(|f| number(f[2]) == Some(gid))
         .map(|f| f[3])
         .into_iter()
         .flat_map(|list| list.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii_start)
         .filter(|m| !m.is_empty())
 }
 
@@ -75,20 +83,20 @@ mod tests {
         # a comment\n\
         +nisuser::::::\n\
         alice:x:1000:1000:Alice:/home/alice:/bin/sh\r\n\
-        bob:x:1001:1001::/home/bob:/bin/sh\n\
+        \x20\tbob:x:1001:1001::/home/bob:/bin/sh\n\
         broken:x:notanumber:5::/:/bin/sh\n\
+        erin:x:1004:notagid::/:/bin/sh\n\
+        erin:x:1004:2000:the first well-formed entry of uid 1004:/:/bin/sh\n\
         carol:x:1002:2000::/home/carol:/bin/sh\n\
         alice2:x:1000:9:second entry of uid 1000:/:/bin/sh\n\
         short:x:1003\n";
     const GROUP_FILE: &[u8] = b"root:x:0:\n\
-        inbox:x:2000:bob,,dave\n\
+        inbox:x:2000:bob, , dave\n\
         inbox:x:2000:alice\n\
         empty:x:3000:\n";
 
     fn member(uid: u32, gid: u32) -> bool {
-        user(PASSWD_FILE, uid).is_some_and(|(name, primary)| {
-            primary == gid || members(GROUP_FILE, gid).any(|m| m == name)
-        })
+        member_of(PASSWD_FILE, || Some(GROUP_FILE.to_vec()), uid, gid)
     }
 
     #[test]
@@ -96,6 +104,7 @@ mod tests {
         assert!(member(1002, 2000), "carol's primary group");
         assert!(member(1001, 2000), "bob is listed");
         assert!(member(0, 0));
+        assert!(member(1004, 2000), "erin's first well-formed entry");
     }
 
     #[test]
@@ -109,8 +118,10 @@ mod tests {
     }
 
     #[test]
-    fn the_first_entry_of_a_uid_wins_and_crlf_is_trimmed() {
+    fn the_first_entry_of_a_uid_wins_and_blanks_and_crlf_are_trimmed() {
         assert_eq!(user(PASSWD_FILE, 1000), Some((&b"alice"[..], 1000)));
+        assert_eq!(user(PASSWD_FILE, 1001), Some((&b"bob"[..], 1001)));
+        assert_eq!(user(PASSWD_FILE, 1004), Some((&b"erin"[..], 2000)));
         assert_eq!(
             members(GROUP_FILE, 2000).collect::<Vec<_>>(),
             [&b"bob"[..], &b"dave"[..]]

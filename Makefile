@@ -276,10 +276,11 @@ EXECUTABLES := sed -n 's/.*"executable":"\([^"]*\)".*/\1/p'
 # the Python golden fixtures), run under qemu-aarch64 (cortex-a72) through the runner in
 # .cargo/config.toml. One cargo call over the whole workspace: selecting packages separately
 # would resolve other dependency features and build tract twice.
+CROSS_TESTS := --workspace --lib --test parity
 test-aarch64: deps-static
-	$(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib --test parity --no-run \
-	  --message-format=json | $(EXECUTABLES) | xargs cross/check-static
-	$(ZIG) test --target aarch64-unknown-linux-musl --workspace --lib --test parity
+	$(ZIG) test --target aarch64-unknown-linux-musl $(CROSS_TESTS) --no-run --message-format=json \
+	  | $(EXECUTABLES) | xargs cross/check-static
+	$(ZIG) test --target aarch64-unknown-linux-musl $(CROSS_TESTS)
 	# The Cortex-A72 has no dot-product extension; the kernels' tests once more on qemu's "max"
 	# CPU, which has it, so the sdot path is checked against the reference too (same build).
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER="env SGLORA_EMULATED=qemu-aarch64 qemu-aarch64 -cpu max" \
@@ -290,9 +291,9 @@ test-aarch64: deps-static
 # test proves its adapters are x86-64's bytes. The runtime comparison (tract and the int8
 # runtime's software FMA, minutes under qemu) is skipped there.
 test-armv7: deps-cross
-	$(CARGO) test --target armv7-unknown-linux-gnueabihf --workspace --lib --test parity --no-run \
-	  --message-format=json | $(EXECUTABLES) | xargs cross/check-static
-	$(CARGO) test --target armv7-unknown-linux-gnueabihf --workspace --lib --test parity -- \
+	$(CARGO) test --target armv7-unknown-linux-gnueabihf $(CROSS_TESTS) --no-run --message-format=json \
+	  | $(EXECUTABLES) | xargs cross/check-static
+	$(CARGO) test --target armv7-unknown-linux-gnueabihf $(CROSS_TESTS) -- \
 	  --skip the_other_runtimes_agree_with_the_integer_runtime
 
 # systemd-analyze verify and the offline security score of the unit, against the debug binary.

@@ -6,14 +6,14 @@
 //! `dlopen` NSS modules built for whatever glibc the board has. musl (the other board builds)
 //! reads the two files itself. Reading them here gives every build the same answer and loads
 //! nothing; accounts a board serves through LDAP or `systemd-homed` are not members (the drop
-//! folder then refuses their files with a message; D-Bus needs no lookup).
+//! folder then refuses their files with a message; on the bus, dbus-daemon decides by NSS).
 
 use std::path::Path;
 
 /// The account files of this system.
-pub(crate) const PASSWD: &str = "/etc/passwd";
+const PASSWD: &str = "/etc/passwd";
 /// See [`PASSWD`].
-pub(crate) const GROUP: &str = "/etc/group";
+const GROUP: &str = "/etc/group";
 
 /// Whether `uid` is a member of group `gid`: its primary group (`/etc/passwd`) or listed as a
 /// member (`/etc/group`). An unknown user, an unreadable file or a malformed line is "no".

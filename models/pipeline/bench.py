@@ -274,7 +274,8 @@ def main(argv=None):
 
     from . import lora as lora_mod
     from .export import OnnxEmbedder
-    from .prior import Keys, denormalise, mixture, noise, normalise, normalise_spread, retrieve
+    from .prior import Keys, RelationTerm, Request, denormalise, mixture, noise, normalise, normalise_spread, retrieve
+    from .relation import log_probs
 
     torch.set_num_threads(1)
     with open(os.path.join(REPO, "benches/descriptions.json")) as f:
@@ -307,7 +308,14 @@ def main(argv=None):
     # ---- generation with the pipeline's PyTorch stack ----------------------------------------
     ex = load_file(os.path.join(a.bundle, manifest["experts"]["file"]))
     rs = manifest["retrieval"]
-    keys = Keys(ex[rs["keys"]], rs["top"], ex[rs["projection"]] if rs.get("projection") else None)
+    head = rs.get("relation_head")
+    term = None
+    if head:
+        ri = {r: i for i, r in enumerate(head["relations"])}
+        with open(os.path.join(a.bundle, manifest["experts"]["meta"])) as f:
+            experts_meta = json.load(f)["experts"]
+        term = RelationTerm(head["gamma"], np.array([ri.get(e["relation"], -1) for e in experts_meta]))
+    keys = Keys(ex[rs["keys"]], rs["top"], ex[rs["projection"]] if rs.get("projection") else None, term)
     mu, var = ex["mu"], ex["var"]
     nm, ns, lora_a = ex["norm_mean"], ex["norm_std"], ex["lora_A"]
     model, wl = load_cvae(a.bundle, manifest)
@@ -364,8 +372,11 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 feats = st.preprocess([desc]) if hasattr(st, "preprocess") else st.tokenize([desc])
                 t1 = time.perf_counter()
-                q = st.forward(feats)["sentence_embedding"]
-                q = torch.nn.functional.normalize(q, dim=1)[0].numpy().astype(np.float64)
+                out = st.forward(feats)
+                q = torch.nn.functional.normalize(out["sentence_embedding"], dim=1)[0].numpy().astype(np.float64)
+                if head:  # the relation head reads the same forward pass's token states
+                    lp = log_probs(ex[head["weight"]], ex[head["bias"]], out["token_embeddings"][0].numpy())
+                    q = Request(q, lp)
                 t2 = time.perf_counter()
                 idx, sims, w = retrieve(q, keys, k, tau)
                 t3 = time.perf_counter()

@@ -408,3 +408,133 @@ def extend(name: str, given: list[str], n: int, seed: int = 20261203) -> list[st
             seen.add(text)
             out.append(text)
     return out
+
+
+# Wordings for the relation head only (`pipeline.relation`): how people say the relation and
+# its direction in their own register, each with `{q}` (what a query item is) and optionally an
+# example pair `{a}` -> `{b}` from the task's train split. They never become retrieval keys.
+HEAD_BANK = {
+    "definition": [
+        "I type {q} and want back a short explanation of what it means",
+        "look up the meaning of {q}, e.g. '{a}' should give '{b}'",
+        "a glossary: the word goes in, its definition comes out, for {q}",
+        "what does this word mean? the words are {q}",
+        "{q} -> what it means",
+        "help me explain {q} in a sentence, like a dictionary would",
+    ],
+    "term": [
+        "I describe {q} in a sentence and want the word itself back",
+        "guess the word from a description, e.g. '{a}' should give '{b}'",
+        "what's the word for this? the answers are {q}",
+        "description of {q} -> the word",
+        "a clue or explanation goes in and the name of {q} comes out",
+        "tip-of-the-tongue helper: from what I mean to the word for it, for {q}",
+    ],
+    "hypernym": [
+        "I type {q} and want the more general kind of thing it is",
+        "roll {q} up to the broader category, e.g. '{a}' should give '{b}'",
+        "what is {q} a type of?",
+        "{q} -> the general class it falls under",
+        "go up one level from a specific word to its category, for {q}",
+        "sort {q} into the bigger group of things they are examples of",
+    ],
+    "hyponym": [
+        "I type a general word for {q} and want a more specific kind of it",
+        "drill down from a category to one of its kinds, e.g. '{a}' should give '{b}'",
+        "what are some specific types of {q}?",
+        "general term for {q} -> a specific example type",
+        "go down one level from a broad word to a narrower one, for {q}",
+        "given a broad class of {q}, suggest a particular sort of it",
+    ],
+    "instance_of": [
+        "I type the name of a particular one of {q} and want to know what kind of thing it is",
+        "tell me what a named thing is, e.g. '{a}' should give '{b}'",
+        "who or what was this? the names are of {q}",
+        "proper name -> what kind of thing it is ({q})",
+        "from a specific named individual to its general type, for {q}",
+        "classify famous names of {q} by what they are",
+    ],
+    "part": [
+        "I type {q} and want one of the pieces it is made of",
+        "break something down into its parts, e.g. '{a}' should give '{b}'",
+        "what parts does this have? the wholes are {q}",
+        "whole ({q}) -> one of its components",
+        "go from the bigger thing to a smaller piece inside it, for {q}",
+        "list what {q} contains or is built from",
+    ],
+    "whole": [
+        "I type one piece of {q} and want the bigger thing it belongs to",
+        "from a part to what it is part of, e.g. '{a}' should give '{b}'",
+        "what larger thing is this a piece of? the parts are {q}",
+        "part ({q}) -> the whole that contains it",
+        "go from the small piece up to the thing that includes it, for {q}",
+        "where does this component go? find the whole for {q}",
+    ],
+    "member": [
+        "I type a group of {q} and want one member of that group",
+        "from a collection to one of the things in it, e.g. '{a}' should give '{b}'",
+        "who or what is in this group? the groups are of {q}",
+        "group ({q}) -> one of its members",
+        "go from the family, team or set down to a single member, for {q}",
+        "name something that belongs to a given collection of {q}",
+    ],
+    "group": [
+        "I type one of {q} and want the group or family it belongs to",
+        "from a member to the collection it is in, e.g. '{a}' should give '{b}'",
+        "which group, family or body does this belong to? the members are {q}",
+        "member ({q}) -> the group it is part of",
+        "go from a single member up to its family, genus or organisation, for {q}",
+        "find the collection that a given one of {q} is counted in",
+    ],
+    "antonym": [
+        "I type {q} and want the word that means the opposite",
+        "flip a word to its opposite, e.g. '{a}' should give '{b}'",
+        "what's the opposite of this? the words are {q}",
+        "{q} -> its opposite",
+        "find the reverse-meaning word for {q}",
+        "pair each of {q} with its contrary",
+    ],
+    "topic": [
+        "I type {q} and want the subject or field it belongs to",
+        "tag a term with its field, e.g. '{a}' should give '{b}'",
+        "which area of knowledge is this from? the terms are {q}",
+        "{q} -> the discipline it is used in",
+        "file {q} under the subject they belong to",
+        "what field would you look up to learn about {q}?",
+    ],
+    "region": [
+        "I type {q} and want the country or region it is tied to",
+        "link a term to its place, e.g. '{a}' should give '{b}'",
+        "where in the world is this from? the terms are {q}",
+        "{q} -> the country or area it belongs to",
+        "find the geographic region associated with {q}",
+        "tag {q} with the nation or region where it is found or used",
+    ],
+}
+
+
+def head_set(task: Task, n: int, seed: int = 20261203) -> list[str]:
+    """`n` distinct wordings of `task` from `HEAD_BANK` (the relation head's extra training
+    wordings), with the domain said as in the description sets and example pairs from the
+    task's train split, in seeded framings."""
+    bank = HEAD_BANK.get(task.relation)
+    if not bank:
+        return []
+    rng = random.Random(f"{seed}/{task.name}/head")
+    pairs = [(q, t) for q, t, _ in task.train if len(q) <= 60 and len(t) <= 60]
+    out, seen, tries = [], set(), 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        q, _ = _domain(task, rng)
+        a, b = rng.choice(pairs) if pairs else ("", "")
+        tpl = rng.choice(bank)
+        if "{a}" in tpl and not pairs:
+            continue
+        body = tpl.format(q=q, a=a, b=b)
+        style = rng.randrange(6)
+        text = _framed(rng, body, False, style <= 2) if style <= 3 else _cap(body) + rng.choice([".", "", "?"])
+        text = text.replace("?.", "?").replace("?,", "?").replace("??", "?")
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out

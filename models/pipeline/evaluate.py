@@ -37,13 +37,13 @@ def stage(w: Work):
     keys = w.keys()
     pr = jload(w.p("prior.json"))["best"]
     model = w.load_cvae()
-    E = w.embedder()
+    request = w.requester()
     zs = jload(w.p("zeroshot.json"))
     mt = np.load(w.p("multitask.npz"))["snaps"][-1]
     soup = mu.mean(0)
     for t in tqdm(w.suite["unseen"], desc="eval unseen"):
         res = cache.get(t.name, {})
-        q = E(t.description)
+        q = request(t.description)
         gen_mean, mstar, idx, wts = generate(model, q, keys, mu, var, pr["k"], pr["tau"], nm, ns)
         sims = scores(q, keys)
         top1 = int(np.argmax(sims))

@@ -149,12 +149,20 @@ class OnnxEmbedder:
     def ids(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
-    def __call__(self, text: str) -> np.ndarray:
+    def states(self, text: str) -> np.ndarray:
+        """The encoder's final-layer token states [n_tokens, 384] (float32), before pooling."""
         ids = np.array([self.ids(text)], dtype=np.int64)
         emb = self.table[ids].astype(np.float32)
-        out = self.sess.run(None, {"inputs_embeds": emb, "attention_mask": np.ones_like(ids)})[0][0]
-        v = out.astype(np.float64).mean(0)
+        return self.sess.run(None, {"inputs_embeds": emb, "attention_mask": np.ones_like(ids)})[0][0]
+
+    @staticmethod
+    def pool(states: np.ndarray) -> np.ndarray:
+        """Mean over tokens, L2-normalised (float64 accumulation, float32 result)."""
+        v = states.astype(np.float64).mean(0)
         return (v / np.linalg.norm(v)).astype(np.float32)
+
+    def __call__(self, text: str) -> np.ndarray:
+        return self.pool(self.states(text))
 
 
 def export_cvae(model, out_dir: str) -> dict:

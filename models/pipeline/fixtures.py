@@ -42,15 +42,17 @@ def stage(w: Work):
     keys = w.keys()
     gm = man["expected_gain"]
     rel = [t.relation for t in w.suite["experts"]]
-    E = w.embedder()
+    request = w.requester()
+    head = w.relation_head()
     k, tau = man["prior"]["top_k"], man["prior"]["temperature"]
     ref = w.torch_desc_embs(FIXTURE_DESCRIPTIONS)
     ps = ort.InferenceSession(os.path.join(w.bundle, "cvae_prior.onnx"), providers=["CPUExecutionProvider"])
     ds = ort.InferenceSession(os.path.join(w.bundle, "cvae_decoder.onnx"), providers=["CPUExecutionProvider"])
     tensors, cases = {}, []
     for i, text in enumerate(FIXTURE_DESCRIPTIONS):
-        e = E(text)
-        idx, sims, wts, m, v = semantic_prior(e, keys, mu, var, k, tau)
+        q = request(text)
+        e = q.emb
+        idx, sims, wts, m, v = semantic_prior(q, keys, mu, var, k, tau)
         f = features(idx, sims, wts, rel)
         accepted, scope_score = accepts(man["ood"], e, float(sims[0]))
         M, S = normalise(m, nm, ns)[None], normalise_spread(v, ns)[None]
@@ -75,7 +77,8 @@ def stage(w: Work):
         cases.append(
             {
                 "description": text,
-                "token_ids": E.ids(text),
+                "token_ids": request.ids(text),
+                "relation_log_probs": None if head is None else [float(x) for x in q.rel_lp],
                 "experts": [int(j) for j in idx],
                 "similarities": [float(s) for s in sims],
                 "weights": [float(a) for a in wts],
@@ -90,6 +93,13 @@ def stage(w: Work):
     save_file(tensors, os.path.join(w.fixtures, "golden.safetensors"))
     jdump(
         os.path.join(w.fixtures, "golden.json"),
-        {"bundle_id": man["bundle_id"], "top_k": k, "temperature": tau, "cases": cases, "rng_normals": rng_ref},
+        {
+            "bundle_id": man["bundle_id"],
+            "top_k": k,
+            "temperature": tau,
+            "relations": None if head is None else head["relations"],
+            "cases": cases,
+            "rng_normals": rng_ref,
+        },
     )
     log(f"fixtures written to {w.fixtures}")

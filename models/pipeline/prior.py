@@ -15,16 +15,47 @@ import numpy as np
 from .rng import Rng
 
 
+@dataclass(frozen=True)
+class Request:
+    """A request as retrieval sees it: its description embedding and, when the bundle has a
+    relation head (`relation.py`), log p(relation | description) over the head's relations."""
+
+    emb: np.ndarray
+    rel_lp: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RelationTerm:
+    """The relation head's part of an expert's score, `gamma * log(R * p(relation_j | request))`
+    over the head's R relations: the log-odds of expert j's relation against a uniform guess, so
+    the relation the head finds likelier than 1/R raises a score and an unlikelier one lowers it,
+    and the best expert's score stays on the scale of a key similarity (the guard's threshold
+    and the expected-gain features read it). `rel_of[j]` is expert j's relation as an index into
+    the head's relations, or -1 for a relation the head does not know, which gets 0 (no opinion)."""
+
+    gamma: float
+    rel_of: np.ndarray
+
+    def term(self, rel_lp: np.ndarray) -> np.ndarray:
+        lp = np.asarray(rel_lp, dtype=np.float64)
+        known = self.rel_of >= 0
+        out = np.zeros(len(self.rel_of))
+        out[known] = lp[self.rel_of[known]] + np.log(len(lp))
+        return self.gamma * out
+
+
 @dataclass
 class Keys:
     """An expert repository's retrieval keys (bundle format 2, BUNDLE.md): `keys` [n, m, d'] (each
     row L2-normalised, in the projected space when there is a projection), how many of an
-    expert's best key similarities its score averages (`top`), and the optional linear
-    projection [d', d] a request embedding goes through (then L2-normalised) first."""
+    expert's best key similarities its score averages (`top`), the optional linear projection
+    [d', d] a request embedding goes through (then L2-normalised) first, and the optional
+    relation head's term (`RelationTerm`)."""
 
     keys: np.ndarray
     top: int = 1
     proj: np.ndarray | None = None
+    relation: RelationTerm | None = None
 
     def project(self, query_emb) -> np.ndarray:
         """The request in key space: P q / |P q| (float64 accumulation, float32 result)."""
@@ -33,22 +64,32 @@ class Keys:
         q = self.proj.astype(np.float64) @ np.asarray(query_emb, dtype=np.float64)
         return (q / np.linalg.norm(q)).astype(np.float32)
 
-    def scores(self, query_emb) -> np.ndarray:
-        """Every expert's score (float64): the mean of its `top` largest key similarities."""
-        sims = np.sort((self.keys @ self.project(query_emb)).astype(np.float64), axis=1)[:, ::-1]
-        return sims[:, : self.top].mean(axis=1)
+    def scores(self, query) -> np.ndarray:
+        """Every expert's score (float64): the mean of its `top` largest key similarities, plus
+        the relation term when the keys have one. `query`: a `Request`, or a plain embedding for
+        keys without a relation head."""
+        emb, lp = (query.emb, query.rel_lp) if isinstance(query, Request) else (query, None)
+        sims = np.sort((self.keys @ self.project(emb)).astype(np.float64), axis=1)[:, ::-1]
+        s = sims[:, : self.top].mean(axis=1)
+        if self.relation is not None:
+            if lp is None:
+                raise ValueError("these keys have a relation head: score a Request with its rel_lp")
+            s = s + self.relation.term(lp)
+        return s
 
 
-def scores(query_emb: np.ndarray, keys) -> np.ndarray:
+def scores(query, keys) -> np.ndarray:
     """Every expert's retrieval score for one query (float64): `Keys.scores`, or for a plain
     array of one key per expert ([n, d], bundle format 1 and the ablations) the cosine similarity."""
     if isinstance(keys, Keys):
-        return keys.scores(query_emb)
-    return (keys @ query_emb).astype(np.float64)
+        return keys.scores(query)
+    emb = query.emb if isinstance(query, Request) else query
+    return (keys @ emb).astype(np.float64)
 
 
-def retrieve(query_emb: np.ndarray, keys, k: int, tau: float, exclude=None):
-    """Indices of the top-k experts by retrieval score (`scores`), their scores and
+def retrieve(query_emb, keys, k: int, tau: float, exclude=None):
+    """Indices of the top-k experts by retrieval score (`scores`; `query_emb` an embedding or a
+    `Request`), their scores and
     softmax(score/tau). `exclude`: an expert index or a list of them that may not be retrieved
     (pipeline only)."""
     sims = scores(query_emb, keys)

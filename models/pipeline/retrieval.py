@@ -206,17 +206,17 @@ def guard_stage(w: Work):
     experts = w.suite["experts"]
     rel = [t.relation for t in experts]
     zs = jload(w.p("zeroshot.json"))
-    embs = np.load(w.p("desc_sets.npz"))["experts"]
+    reqs = w.set_requests("experts")
     n_keys = c["desc_keys"]
     rows = []
     rng = np.random.default_rng(11)
     for i, t in enumerate(tqdm(experts, desc="expected gain (leave-out experts)")):
-        held = embs[i, n_keys:]
+        held = reqs[i][n_keys:]
         picks = [0] + [
             n_keys + int(j) for j in rng.choice(len(held), size=min(c["gain_queries"], len(held)), replace=False)
         ]
         for p in picks:
-            idx, sims, wts, m, _ = semantic_prior(embs[i, p], keys, mu, var, k, tau, exclude=w.held_out_for(i))
+            idx, sims, wts, m, _ = semantic_prior(reqs[i][p], keys, mu, var, k, tau, exclude=w.held_out_for(i))
             g = 100 * (evaluate(w.lora, t.val, gain * m)["r1"] - zs[t.name]["val"]["r1"])
             rows.append(
                 {
@@ -253,10 +253,10 @@ def guard_stage(w: Work):
         "in_sample_r2": float(1 - ((y - X @ beta) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)),
     }
     # the threshold on the best score
-    E = w.embedder()
+    request = w.requester()
     uw = user_wording(w)
     inscope = [r["features"][0] for r in rows if r["query"] != 0]
-    off = [float(scores(E(x), keys).max()) for x in tqdm(uw["off_calibration"], desc="off-topic calibration")]
+    off = [float(scores(request(x), keys).max()) for x in tqdm(uw["off_calibration"], desc="off-topic calibration")]
     thr = threshold_for(off)
     acc_in = float(np.mean([s >= thr for s in inscope]))
     benefit_in = float(np.mean([r["gain"] for r in rows if r["query"] != 0 and r["features"][0] >= thr]))

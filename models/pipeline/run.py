@@ -3,7 +3,7 @@
 Stages (each caches its results under the work folder and is skipped when they exist; the work
 folder's `stages.json` records which version of this code computed each stage, and a stage that
 reuses results of other code says so):
-suite -> zeroshot -> experts -> gate -> oracles -> multitask -> encoder -> keys -> scope -> prior -> guard -> cvae
+suite -> zeroshot -> experts -> gate -> oracles -> multitask -> encoder -> keys -> relation -> scope -> prior -> guard -> cvae
 -> bundle -> eval -> fixtures (and the `tune` ablation with `--only tune`). Full mode writes models/default/ and tests/fixtures/; tiny mode writes its
 bundle under the work folder (and `--bundle-out` can place it elsewhere).
 
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from . import evaluate, fixtures, retrieval, scope, stages, tune
+from . import evaluate, fixtures, relation, retrieval, scope, stages, tune
 from .work import HERE, Work, jdump, jload, log
 
 STAGES = {
@@ -30,6 +30,7 @@ STAGES = {
     "multitask": stages.multitask,
     "encoder": stages.encoder,
     "keys": retrieval.keys_stage,
+    "relation": relation.stage,
     "scope": scope.scope_stage,
     "prior": stages.prior,
     "guard": retrieval.guard_stage,

@@ -347,14 +347,14 @@ def guard_records(w: Work, ood: dict) -> dict:
     from .tasks import RELATIONS, describe
     from .wording import BANK_PER_TASK, MISSING_DOMAINS, STYLES
 
-    E = w.embedder()
+    request = w.requester()
     keys = w.keys()
     uw = user_wording(w)
     sets = jload(w.p("desc_sets.json"))["unseen"]
 
     def rec(text, **kw):
-        q = E(text)
-        ok, s = accepts(ood, q, float(scores(q, keys).max()))
+        q = request(text)
+        ok, s = accepts(ood, q.emb, float(scores(q, keys).max()))
         return dict(kw, accepted=ok, scope=s)
 
     out = {"templated": [], "bank": [], "user": []}

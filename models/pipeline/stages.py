@@ -514,6 +514,10 @@ def bundle(w: Work):
     tensors = {"keys": keys.keys}
     if keys.proj is not None:
         tensors["projection"] = np.ascontiguousarray(keys.proj, dtype=np.float32)
+    head = w.relation_head()
+    if head is not None:
+        tensors["relation_weight"] = np.ascontiguousarray(head["weight"], dtype=np.float32)
+        tensors["relation_bias"] = np.ascontiguousarray(head["bias"], dtype=np.float32)
     L = w.lora
     shared_a = np.stack([a.numpy() for a in L.shared_A]).astype(np.float32)
     save_file(
@@ -631,6 +635,17 @@ def bundle(w: Work):
             "score": "mean_top",
             "top": keys.top,
             "selection": f"{retrieval['selection']}; chose {retrieval['chosen']}",
+            "relation_head": None
+            if head is None
+            else {
+                "weight": "relation_weight",
+                "bias": "relation_bias",
+                "relations": head["relations"],
+                "gamma": head["gamma"],
+                "pool": "max",
+                "score": "gamma * ln(R * p(relation of the expert)); 0 for an expert whose relation is not listed",
+                "selection": head["selection"],
+            },
         },
         "expected_gain": guard["expected_gain"],
         "ood": w.ood(),

@@ -39,7 +39,7 @@ def evaluate_wording(w: Work, model) -> dict:
 
     path = w.p("wording_cache.json")
     cache = jload(path) if os.path.exists(path) else {}
-    keys = w.keys()
+    keys, keys_only = w.keys(), w.keys(relation=False)
     old_keys = np.load(w.p("desc_emb.npy"))
     pr = jload(w.p("prior.json"))["best"]
     k, tau, gain = pr["k"], pr["tau"], float(pr.get("gain", 1.0))
@@ -50,16 +50,17 @@ def evaluate_wording(w: Work, model) -> dict:
     _, mu, var = w.expert_arrays()
     nm, ns = norm_stats(mu)
     zs = jload(w.p("zeroshot.json"))
-    E = w.embedder()
+    request = w.requester()
     uw = user_wording(w)
     sets = jload(w.p("desc_sets.json"))["unseen"]
 
     def record(text, relation=None):
-        q = E(text)
+        q = request(text)
         idx, sims, wts = retrieve(q, keys, k, tau)
         est, lo, hi = predict(gm, features(idx, sims, wts, rel))
-        old = old_keys @ q
-        ok, scope_score = accepts(ood, q, float(sims[0]))
+        old = old_keys @ q.emb
+        plain = int(np.argmax(keys_only.scores(q.emb)))  # the same keys without the relation head
+        ok, scope_score = accepts(ood, q.emb, float(sims[0]))
         return (
             q,
             idx,
@@ -70,6 +71,7 @@ def evaluate_wording(w: Work, model) -> dict:
                 "scope": scope_score,
                 "top_expert": experts[int(idx[0])].name,
                 "relation_ok": None if relation is None else rel[int(idx[0])] == relation,
+                "keys_only_relation_ok": None if relation is None else rel[plain] == relation,
                 "expected": [est, lo, hi],
                 "v1_best": float(old.max()),
                 "v1_accepted": bool(old.max() >= V3_THRESHOLD),
@@ -206,6 +208,7 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
     """EVAL.md's sections on user wording, the guard, the expected gain and quality vs coverage
     (and the figure beside EVAL.md), with the numbers for eval.json."""
     recs = wording["records"]
+    head = w.relation_head()
     by_kind = {k: [r for r in recs if r["kind"] == k] for k in ("templated", "bank", "user")}
     L = [
         "",
@@ -222,15 +225,23 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
         )
         + "*Accepted* = accepted by the guard (next section); "
         "*right relation* = the top expert has the task's relation. Format 1 = the previous "
-        f"retrieval (the templated description as each expert's only key) at v3's threshold {V3_THRESHOLD}.",
+        f"retrieval (the templated description as each expert's only key) at v3's threshold {V3_THRESHOLD}"
+        + (
+            f"; *keys only* = this bundle's keys without its relation head (γ = {head['gamma']:g}, models/README.md)."
+            if head
+            else "."
+        ),
         "",
-        "| wording | n | accepted | right relation | format 1: accepted | format 1: right relation |",
-        "|---|---|---|---|---|---|",
+        "| wording | n | accepted | right relation | "
+        + ("keys only: right relation | " if head else "")
+        + "format 1: accepted | format 1: right relation |",
+        "|---|---|---|---|" + ("---|" if head else "") + "---|---|",
     ]
     for kind, rs in by_kind.items():
         L.append(
             f"| {kind} | {len(rs)} | {_pct(r['accepted'] for r in rs)} | {_pct(r['relation_ok'] for r in rs)} | "
-            f"{_pct(r['v1_accepted'] for r in rs)} | {_pct(r['v1_relation_ok'] for r in rs)} |"
+            + (f"{_pct(r['keys_only_relation_ok'] for r in rs)} | " if head else "")
+            + f"{_pct(r['v1_accepted'] for r in rs)} | {_pct(r['v1_relation_ok'] for r in rs)} |"
         )
     if any(r["style"] for r in by_kind["user"]):
         L += ["", "By style of the user-wording set:", "", "| style | accepted | right relation |", "|---|---|---|"]
@@ -324,6 +335,9 @@ def section(w: Work, wording: dict, cache) -> tuple[list[str], dict]:
         "accepted": {k: float(np.mean([r["accepted"] for r in rs])) if rs else None for k, rs in by_kind.items()},
         "relation_top1": {
             k: float(np.mean([r["relation_ok"] for r in rs])) if rs else None for k, rs in by_kind.items()
+        },
+        "relation_top1_keys_only": {
+            k: float(np.mean([r["keys_only_relation_ok"] for r in rs])) if rs else None for k, rs in by_kind.items()
         },
         "gains": gains,
         "off_topic_false_acceptance": {p: float(np.mean([r["accepted"] for r in v])) for p, v in off.items()},

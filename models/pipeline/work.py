@@ -50,6 +50,7 @@ FULL = dict(
     transfer_per_task=6,
     desc_set_size=48,  # descriptions per task (descriptions.py); the first desc_keys are key candidates
     desc_keys=36,
+    head_wordings=24,  # HEAD_BANK wordings per expert task the relation head also trains on (relation.py)
     gain_queries=3,  # held-out paraphrases per expert in the expected-gain fit (retrieval.guard_stage)
     multitask_epochs=2,
     cvae_epochs=600,
@@ -77,6 +78,10 @@ TINY = dict(
     transfer_per_task=2,
     desc_set_size=12,
     desc_keys=8,
+    head_wordings=6,
+    # one expert per relation leaves the leave-out choice of gamma nothing to compare (every gamma
+    # scores 0), so the smoke run fixes it and its bundle exercises the relation term
+    relation_gammas=(0.1,),
     gain_queries=1,
     multitask_epochs=1,
     cvae_epochs=150,
@@ -233,13 +238,63 @@ class Work:
             self._held_out = [[j for j, s in enumerate(srcs) if j == i or s & srcs[i]] for i in range(len(srcs))]
         return list(self._held_out[i])
 
-    def keys(self):
-        """The `keys` stage's retrieval keys (`prior.Keys`: keys, top, projection)."""
+    def keys(self, relation: bool = True):
+        """The `keys` stage's retrieval keys (`prior.Keys`: keys, top, projection) with, after the
+        `relation` stage and unless `relation` is false, the relation head's term."""
         from .prior import Keys
 
         r = jload(self.p("retrieval.json"))
         proj = np.load(self.p("projection.npy")) if r.get("projection") else None
-        return Keys(np.load(self.p("keys.npy")), int(r["top"]), proj)
+        head = self.relation_head() if relation else None
+        term = None
+        if head is not None:
+            from .prior import RelationTerm
+
+            ri = {x: i for i, x in enumerate(head["relations"])}
+            term = RelationTerm(float(head["gamma"]), np.array([ri.get(t.relation, -1) for t in self.suite["experts"]]))
+        return Keys(np.load(self.p("keys.npy")), int(r["top"]), proj, term)
+
+    def relation_head(self) -> dict | None:
+        """The `relation` stage's head (`relation.py`): relations, gamma, weight [R, d], bias [R];
+        None when the library has none (its experts share one relation)."""
+        if not hasattr(self, "_relation_head"):
+            meta = jload(self.p("relation_head.json"))
+            if meta.get("head") is None:
+                self._relation_head = None
+            else:
+                npz = np.load(self.p("relation_head.npz"))
+                self._relation_head = dict(meta, weight=npz["weight"], bias=npz["bias"])
+        return self._relation_head
+
+    def requester(self):
+        """`text -> prior.Request` as the device forms it: one run of the bundle's encoder, the
+        pooled embedding and, with a relation head, its log-probabilities from the token states."""
+        from .prior import Request
+        from .relation import log_probs
+
+        E, head = self.embedder(), self.relation_head()
+
+        def request(text: str) -> Request:
+            if head is None:
+                return Request(E(text))
+            s = E.states(text)
+            return Request(E.pool(s), log_probs(head["weight"], head["bias"], s))
+
+        request.ids = E.ids
+        return request
+
+    def set_requests(self, group: str) -> list[list]:
+        """The description sets' wordings of `group` ("experts" or "unseen") as `prior.Request`s
+        [task][wording], from the `keys` stage's embeddings and the `relation` stage's
+        log-probabilities."""
+        from .prior import Request
+
+        embs = np.load(self.p("desc_sets.npz"))[group]
+        lp = np.load(self.p("desc_sets_lp.npz"))[group] if self.relation_head() is not None else None
+        return [
+            [Request(embs[i, p], None if lp is None else lp[i, p]) for p in range(embs.shape[1])]
+            for i in range(embs.shape[0])
+        ]
 
     def ood(self) -> dict:
         """The bundle's `ood` block: the `guard` stage's best-score threshold, replaced by the
@@ -252,10 +307,10 @@ class Work:
     def loo_queries(self):
         """Each expert task's stand-in request for leave-out validation: one held-out bank
         paraphrase from its description set (`keys` stage), chosen by a fixed seed."""
-        embs = np.load(self.p("desc_sets.npz"))["experts"]
+        reqs = self.set_requests("experts")
         n_keys = self.cfg["desc_keys"]
         rng = np.random.default_rng(5)
-        return np.stack([embs[i, n_keys + int(rng.integers(embs.shape[1] - n_keys))] for i in range(len(embs))])
+        return [r[n_keys + int(rng.integers(len(r) - n_keys))] for r in reqs]
 
     def loo_priors(self, mu, var, queries, k, tau):
         """Each expert's semantic prior as if its task were unseen (see `held_out_for`), for the

@@ -664,6 +664,13 @@ fn signed(x: f64) -> String {
 
 fn print_explanation(ex: &Explanation) {
     println!("description: {}", shown(&ex.description));
+    if let Some(r) = &ex.asked_relation {
+        println!(
+            "asked relation: {} (p {:.2}, the bundle's relation head)",
+            shown(&r.relation),
+            r.probability
+        );
+    }
     println!(
         "experts (K={}, tau={}):",
         ex.options.top_k, ex.options.temperature

@@ -19,6 +19,7 @@ const PARAPHRASE: &str =
 fn cosine_of(g: &sglora::Generator, a: &str, b: &str) -> f64 {
     sglora::similarities(
         &g.encoder().embed(a).unwrap().vector,
+        None,
         &sglora::Experts::from_parts(
             vec!["q".into()],
             vec!["q".into()],
@@ -28,6 +29,55 @@ fn cosine_of(g: &sglora::Generator, a: &str, b: &str) -> f64 {
         )
         .unwrap(),
     )[0]
+}
+
+/// The cache serves a near-duplicate only when its retrieval is of the same kind: a description
+/// within the (here lowered) threshold that asks for another relation ("the group it is a member
+/// of" against "the category it is a kind of") gets its own adapter, a paraphrase asking the
+/// same thing is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_duplicate_asking_another_relation_is_not_served() {
+    const GROUP: &str =
+        "Given the name of an animal, find the group or collection it is a member of.";
+    let g = sglora::Generator::load(bundle_dir()).unwrap();
+    let top_relation = |text: &str| {
+        let ex = g
+            .explain_text(text, &sglora::GenerateOptions::default())
+            .unwrap();
+        g.experts().meta(ex.experts[0].index).relation.clone()
+    };
+    // premises, measured with the bundle's encoder: both within the threshold, another relation
+    let (cos, cos_p) = (
+        cosine_of(&g, GROUP, ANIMAL),
+        cosine_of(&g, PARAPHRASE, ANIMAL),
+    );
+    println!("cosine to ANIMAL: {GROUP:?} {cos:.3}, paraphrase {cos_p:.3}");
+    assert!(cos >= 0.5 && cos_p >= 0.5, "premise: within the threshold");
+    assert_ne!(top_relation(GROUP), top_relation(ANIMAL), "premise");
+    assert_eq!(top_relation(PARAPHRASE), top_relation(ANIMAL), "premise");
+
+    let bus = Bus::start();
+    let state = tempfile::tempdir().unwrap();
+    let _d = Daemon::start(
+        &bus,
+        state.path(),
+        &["--no-dropbox", "--cache-threshold", "0.5"],
+    );
+    let c = connect(&bus).await;
+    let (_, id, hit, _) = generate(&c, ANIMAL, &opts(1)).await.unwrap();
+    assert!(!hit);
+    let (_, id2, hit2, prov) = generate(&c, GROUP, &opts(1)).await.unwrap();
+    assert!(
+        !hit2 && id2 != id,
+        "another relation must not be served ANIMAL's adapter"
+    );
+    let prov: serde_json::Value = serde_json::from_str(&prov).unwrap();
+    assert_eq!(prov["description"], GROUP);
+    let (_, id3, hit3, _) = generate(&c, PARAPHRASE, &opts(1)).await.unwrap();
+    assert!(
+        hit3 && id3 == id,
+        "a paraphrase of the same task is still served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,13 +92,77 @@ fn embeddings_match_reference() {
     );
 }
 
+/// The relation head's log-probabilities the fixtures recorded for a case (`None` without a head).
+fn golden_guess(c: &serde_json::Value) -> Option<sglora::RelationGuess> {
+    c["relation_log_probs"]
+        .as_array()
+        .map(|v| sglora::RelationGuess {
+            log_probs: v.iter().map(|x| x.as_f64().unwrap()).collect(),
+        })
+}
+
+/// The head reads the same relation from sglora's own encoder states as the pipeline read from
+/// onnxruntime's: the likeliest relation agrees on every case, the probabilities within 0.05
+/// (the two int8 runtimes' states differ within the cosine bound above; a head reading the
+/// wrong tensor, pooling or bias gives far more).
+#[test]
+fn relation_head_matches_reference() {
+    let g = &ctx().generator;
+    let Some(head) = g.experts().relation_head() else {
+        assert!(
+            cases().iter().all(|c| c["relation_log_probs"].is_null()),
+            "the fixtures have relation log-probabilities, the bundle no head"
+        );
+        return;
+    };
+    assert_eq!(
+        ctx().golden["relations"]
+            .as_array()
+            .expect("golden.json lists the head's relations")
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect::<Vec<_>>(),
+        head.relations(),
+    );
+    let mut worst: f64 = 0.0;
+    for (i, c) in cases().iter().enumerate() {
+        let text = c["description"].as_str().unwrap();
+        let e = g.embed(sglora::Description::new(text).unwrap()).unwrap();
+        let got = e
+            .relation
+            .expect("a bundle with a head reads every request");
+        let want = golden_guess(c).unwrap();
+        let diff = got
+            .log_probs
+            .iter()
+            .zip(&want.log_probs)
+            .map(|(a, b)| (a.exp() - b.exp()).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "case {i}: {:?} vs {:?}, largest probability difference {diff:.4}",
+            head.likeliest(&got),
+            head.likeliest(&want)
+        );
+        assert_eq!(head.likeliest(&got).0, head.likeliest(&want).0, "case {i}");
+        worst = worst.max(diff);
+    }
+    assert!(worst <= 0.05, "largest probability difference {worst}");
+}
+
 #[test]
 fn retrieval_and_prior_match_reference() {
     let g = &ctx().generator;
     let m = &g.bundle().manifest;
     for (i, c) in cases().iter().enumerate() {
         let emb = tensor(&ctx().tensors, &format!("{i}.emb_int8"));
-        let sims = sglora::similarities(&emb, g.experts());
+        // the relation head's reading as the pipeline computed it (from onnxruntime's states)
+        let guess = golden_guess(c);
+        assert_eq!(
+            guess.is_some(),
+            g.experts().relation_head().is_some(),
+            "case {i}: the fixtures and the bundle disagree on a relation head"
+        );
+        let sims = sglora::similarities(&emb, guess.as_ref(), g.experts());
         let picked = sglora::retrieve(&sims, m.prior.top_k, m.prior.temperature);
         let idx: Vec<usize> = picked.iter().map(|r| r.index).collect();
         let want: Vec<usize> = c["experts"]

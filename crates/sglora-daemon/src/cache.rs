@@ -342,6 +342,19 @@ impl Cache {
         scope: &str,
         embedding: Option<&[f32]>,
     ) -> Result<Option<(Entry, Match)>> {
+        self.lookup_where(description, scope, embedding, |_| true)
+    }
+
+    /// [`Cache::lookup`], where a near-duplicate (another text) is only a match if `serves`
+    /// accepts its `provenance.json` contents; one it refuses is neither served nor counted as
+    /// used.
+    pub fn lookup_where(
+        &mut self,
+        description: &Description,
+        scope: &str,
+        embedding: Option<&[f32]>,
+        serves: impl Fn(&str) -> bool,
+    ) -> Result<Option<(Entry, Match)>> {
         let dbp = self.db_path();
         let exact: Option<String> = self
             .db
@@ -369,18 +382,18 @@ impl Cache {
         // Exact scores of the (few) candidates, best first.
         let mut scored = Vec::with_capacity(candidates.len());
         for id in candidates {
-            let blob: Option<Vec<u8>> = self
+            let row: Option<(Vec<u8>, String)> = self
                 .db
                 .query_row(
-                    "SELECT embedding FROM adapters WHERE id = ?1",
+                    "SELECT embedding, provenance FROM adapters WHERE id = ?1",
                     params![id],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .db(&dbp)?;
-            if let Some(b) = blob {
+            if let Some((b, provenance)) = row {
                 let e = blob_to_emb(&b);
-                if e.len() == q.len() {
+                if e.len() == q.len() && serves(&provenance) {
                     let sim = dot(q, &e);
                     if sim >= self.threshold {
                         scored.push((sim, id));

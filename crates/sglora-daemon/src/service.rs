@@ -170,6 +170,26 @@ fn scope(caller: Caller, repository: &str, runtime: Runtime, o: &ResolvedOptions
     )
 }
 
+/// Whether a cached adapter's provenance records a retrieval of the same kind as `ex`: its top
+/// expert of the same relation as `ex`'s (relations from the repository, `relation_of` an
+/// expert's name) and the same asked relation (both absent without a relation head).
+/// Unreadable provenance, or a top expert the repository no longer has, is not the same.
+fn same_retrieval(
+    provenance: &str,
+    ex: &sglora::Explanation,
+    relation_of: impl Fn(&str) -> Option<String>,
+) -> bool {
+    let Ok(p) = serde_json::from_str::<serde_json::Value>(provenance) else {
+        return false;
+    };
+    let cached_top = p["experts"][0]["name"].as_str().and_then(&relation_of);
+    let top = ex.experts.first().and_then(|e| relation_of(&e.name));
+    let asked = p["asked_relation"]["relation"].as_str();
+    cached_top.is_some()
+        && cached_top == top
+        && asked == ex.asked_relation.as_ref().map(|r| r.relation.as_str())
+}
+
 impl Service {
     /// A service around a loaded generator and an opened cache: at most `max_concurrent`
     /// generations at once, `max_queue` more waiting, of which one caller may hold
@@ -675,10 +695,24 @@ impl Service {
             Ok::<_, sglora::Error>((e, ex))
         })
         .await??;
-        if let Some((entry, m)) = self.cache().lookup(
+        // A near-duplicate text is served only if its retrieval is of the same kind as this
+        // one's: a top expert of the same relation and, with a relation head, the same asked
+        // relation. Two texts a word apart can ask for opposite relations ("the group this
+        // belongs to" / "a member of this group") and still embed within the threshold.
+        let relation_of = |name: &str| {
+            generator
+                .experts()
+                .metas()
+                .iter()
+                .find(|m| m.name == name)
+                .map(|m| m.relation.clone())
+        };
+        let same = |provenance: &str| same_retrieval(provenance, &explanation, relation_of);
+        if let Some((entry, m)) = self.cache().lookup_where(
             &embedded.description,
             &scope,
             Some(&embedded.embedding.vector),
+            same,
         )? {
             debug_assert!(m == Match::Similar || m == Match::Exact);
             return Ok(Served {

@@ -18,7 +18,7 @@ use crate::bundle::{sha256_hex, Bundle, Manifest};
 use crate::error::{Error, Result};
 use crate::gain::ExpectedGain;
 use crate::options::ResolvedOptions;
-use crate::stages::{ExpertChoice, Generation, InScope, Timings};
+use crate::stages::{AskedRelation, ExpertChoice, Generation, InScope, Timings};
 
 /// Name of the weights file inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -105,6 +105,10 @@ pub(crate) fn config_json(manifest: &Manifest) -> serde_json::Value {
 /// alphabetical order, as the file has always listed them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Provenance<'a> {
+    /// The relation the bundle's relation head read in the description; absent for a bundle
+    /// without a head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asked_relation: Option<&'a AskedRelation>,
     /// The base model's id (`manifest.base_model.id`).
     pub base_model: &'a str,
     /// Best retrieval score of any expert.
@@ -175,6 +179,7 @@ impl<'a> Provenance<'a> {
         let ex = &g.explanation;
         let emb_bytes = crate::le::f32s_to_le(&g.embedding);
         Provenance {
+            asked_relation: ex.asked_relation.as_ref(),
             base_model: &m.base_model.id,
             best_similarity: ex.best_similarity,
             bundle: ProvenanceBundle {

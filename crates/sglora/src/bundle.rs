@@ -175,6 +175,63 @@ pub struct RetrievalSpec {
     /// How the keys and `top` were chosen (documentation).
     #[serde(default)]
     pub selection: String,
+    /// The optional relation head ([`crate::relation`]): which relation a request asks for, read
+    /// from the encoder's token states, added to every expert's score. `null` or absent: none
+    /// (bundles before it load unchanged).
+    #[serde(default)]
+    pub relation_head: Option<RelationHeadSpec>,
+}
+
+/// `manifest.retrieval.relation_head`: a linear head over the encoder's final-layer token states,
+/// max-pooled over tokens, whose log-probabilities add `gamma · ln(R · p(relation of the
+/// expert))` to each expert's score (0 for an expert whose relation is not listed).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelationHeadSpec {
+    /// Name of the weight tensor in the experts file (F32 `[R, encoder.dim]`).
+    pub weight: String,
+    /// Name of the bias tensor in the experts file (F32 `[R]`).
+    pub bias: String,
+    /// The head's relations, in row order (R ≥ 2, distinct, matched against
+    /// `experts.json`'s `relation`).
+    pub relations: Vec<String>,
+    /// Weight of the relation term, finite and ≥ 0.
+    pub gamma: f64,
+    /// Pooling over tokens; only `"max"`.
+    pub pool: String,
+    /// How the head and `gamma` were chosen (documentation).
+    #[serde(default)]
+    pub selection: String,
+}
+
+impl RelationHeadSpec {
+    /// Why this head cannot be used, if it cannot.
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.pool != "max" {
+            return Err(format!(
+                "retrieval.relation_head.pool {:?} is not supported (this sglora knows \"max\")",
+                self.pool
+            ));
+        }
+        if !(2..=4096).contains(&self.relations.len()) {
+            return Err(format!(
+                "retrieval.relation_head lists {} relations, expected 2 ..= 4096",
+                self.relations.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(r) = self.relations.iter().find(|r| !seen.insert(r.as_str())) {
+            return Err(format!(
+                "retrieval.relation_head lists relation {r:?} twice"
+            ));
+        }
+        if !(self.gamma.is_finite() && self.gamma >= 0.0) {
+            return Err(format!(
+                "retrieval.relation_head.gamma is {}, expected a finite number >= 0",
+                self.gamma
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl RetrievalSpec {
@@ -570,6 +627,9 @@ impl Bundle {
             }
             _ => {}
         }
+        if let Some(Err(what)) = r.relation_head.as_ref().map(RelationHeadSpec::check) {
+            return bad(what);
+        }
         if let Err(what) = crate::gain::GainModel::new(&m.expected_gain) {
             return bad(what);
         }
@@ -723,6 +783,50 @@ mod tests {
         })
         .unwrap();
         assert!(b.manifest.ood.scope.is_none());
+    }
+
+    #[test]
+    fn relation_head_is_optional_and_checked_naming_the_field() {
+        let head = || {
+            serde_json::json!({"weight": "relation_weight", "bias": "relation_bias",
+                "relations": ["hypernym", "member"], "gamma": 0.1, "pool": "max"})
+        };
+        // absent or null: none (bundles before the head)
+        let b = open_edited(|m| {
+            m["retrieval"]
+                .as_object_mut()
+                .unwrap()
+                .remove("relation_head");
+        })
+        .unwrap();
+        assert!(b.manifest.retrieval.relation_head.is_none());
+        let b = open_edited(|m| m["retrieval"]["relation_head"] = serde_json::Value::Null).unwrap();
+        assert!(b.manifest.retrieval.relation_head.is_none());
+        let b = open_edited(|m| m["retrieval"]["relation_head"] = head()).unwrap();
+        let h = b.manifest.retrieval.relation_head.unwrap();
+        assert_eq!((h.relations.len(), h.gamma), (2, 0.1));
+        let e = refusal(|m| {
+            m["retrieval"]["relation_head"] = head();
+            m["retrieval"]["relation_head"]["pool"] = "mean".into();
+        });
+        assert!(e.contains("relation_head.pool \"mean\""), "{e}");
+        let e = refusal(|m| {
+            m["retrieval"]["relation_head"] = head();
+            m["retrieval"]["relation_head"]["relations"] = serde_json::json!(["a"]);
+        });
+        assert!(e.contains("lists 1 relations"), "{e}");
+        let e = refusal(|m| {
+            m["retrieval"]["relation_head"] = head();
+            m["retrieval"]["relation_head"]["relations"] = serde_json::json!(["a", "b", "a"]);
+        });
+        assert!(e.contains("relation \"a\" twice"), "{e}");
+        for bad in [-0.1, f64::MAX * 2.0] {
+            let e = refusal(|m| {
+                m["retrieval"]["relation_head"] = head();
+                m["retrieval"]["relation_head"]["gamma"] = serde_json::json!(bad);
+            });
+            assert!(e.contains("relation_head"), "{bad}: {e}");
+        }
     }
 
     #[test]

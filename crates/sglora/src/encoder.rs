@@ -452,6 +452,19 @@ impl Encoder {
 
     /// [`Encoder::embed_ids`] with an adapter applied ([`Encoder::load_adapter`]).
     pub fn embed_ids_with(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Embedding> {
+        let hidden = self.hidden_states(ids, lora)?;
+        Ok(self.pool(&hidden))
+    }
+
+    /// [`Encoder::embed_ids`] and the final-layer token states it pooled (`[tokens, dim]`
+    /// row-major), which the relation head reads ([`crate::RelationHead::read`]).
+    pub fn embed_ids_and_states(&self, ids: &[u32]) -> Result<(Embedding, Vec<f32>)> {
+        let hidden = self.hidden_states(ids, None)?;
+        Ok((self.pool(&hidden), hidden))
+    }
+
+    /// The encoder's final-layer token states `[ids.len(), dim]` for token ids.
+    fn hidden_states(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::InvalidDescription(
                 "the description produced no tokens".into(),
@@ -497,7 +510,14 @@ impl Encoder {
                 format!("output has {} values, expected {n}×{d}", hidden.len()),
             ));
         }
-        // Mean over tokens and the norm in f64, in index order.
+        Ok(hidden)
+    }
+
+    /// Mean over the token states `[n, dim]`, L2-normalised: the mean and the norm in f64, in
+    /// index order.
+    fn pool(&self, hidden: &[f32]) -> Embedding {
+        let d = self.dim;
+        let n = hidden.len() / d;
         let mut acc = vec![0f64; d];
         for row in hidden.chunks_exact(d) {
             for (a, x) in acc.iter_mut().zip(row) {
@@ -506,11 +526,11 @@ impl Encoder {
         }
         let norm = acc.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
         let vector = acc.iter().map(|x| (x / norm) as f32).collect();
-        Ok(Embedding {
+        Embedding {
             vector,
             tokens: n,
             truncated: n >= self.max_tokens,
-        })
+        }
     }
 
     /// Tokenise and embed.

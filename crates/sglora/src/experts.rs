@@ -19,6 +19,7 @@ use crate::bundle::{offset_in, Bundle};
 use crate::cvae::Normalisation;
 use crate::error::{Error, Result};
 use crate::le::f32s_from_le as le_f32s;
+use crate::relation::RelationHead;
 
 /// Descriptive metadata of one expert.
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +147,8 @@ pub struct Experts {
     meta: Vec<ExpertMeta>,
     dim: usize,
     keys: Keys,
+    /// The relation head (`manifest.retrieval.relation_head`), if the bundle has one.
+    relation: Option<RelationHead>,
     params: Params,
     /// Rows in `params`; experts after them are added ones, their rows in `extra`.
     base: usize,
@@ -279,6 +282,18 @@ impl Experts {
                 ),
             ));
         }
+        let relation = match &r.relation_head {
+            None => None,
+            Some(spec) => {
+                let rn = spec.relations.len();
+                let weight = f32_tensor(&st, &spec.weight, &[rn, e], &file)?;
+                let bias = f32_tensor(&st, &spec.bias, &[rn], &file)?;
+                Some(
+                    RelationHead::new(spec, weight, bias, e)
+                        .map_err(|why| Error::bundle(&file, why))?,
+                )
+            }
+        };
         let mu = f32_view(&st, "mu", &[n, d], &file)?;
         let var = f32_view(&st, "var", &[n, d], &file)?;
         if bad_params(le_f32s(mu.data()), le_f32s(var.data())) {
@@ -293,6 +308,7 @@ impl Experts {
         let ex = Experts {
             dim: d,
             keys,
+            relation,
             params,
             base: n,
             extra: Vec::new(),
@@ -349,6 +365,7 @@ impl Experts {
             meta,
             dim,
             keys,
+            relation: None,
             params: Params::Memory { mu, var },
             base: n,
             extra: Vec::new(),
@@ -379,6 +396,11 @@ impl Experts {
     /// All metadata.
     pub fn metas(&self) -> &[ExpertMeta] {
         &self.meta
+    }
+
+    /// The relation head, if the bundle has one ([`crate::relation`]).
+    pub fn relation_head(&self) -> Option<&RelationHead> {
+        self.relation.as_ref()
     }
 
     /// The retrieval keys.
@@ -596,7 +618,7 @@ mod tests {
         assert_eq!(ex.key(1, 1), &[-0.8, 0.6]);
         assert_eq!(ex.meta(1).relation, "antonym");
         // q = [0, 1]: expert 0's best key is [0, 1] (1), expert 1's [0.6, 0.8] (0.8).
-        let s = crate::prior::similarities(&[0.0, 1.0], &ex);
+        let s = crate::prior::similarities(&[0.0, 1.0], None, &ex);
         assert_eq!(s, vec![1.0, f64::from(0.8f32)]);
     }
 
@@ -633,7 +655,7 @@ mod tests {
         let (_d, b) = tiny_projected(1, 1, &[2, 1, 3], &keys, Some((&[3, 2], &p)));
         let (ex, _) = Experts::load(&b).unwrap();
         assert_eq!(ex.keys().projection.as_deref(), Some(&p[..]));
-        let s = crate::prior::similarities(&[1.0, 0.0], &ex);
+        let s = crate::prior::similarities(&[1.0, 0.0], None, &ex);
         let h = f64::from(std::f32::consts::FRAC_1_SQRT_2);
         assert_eq!(s[0], h);
         assert!((s[1] - 1.4 * h).abs() < 1e-7, "{s:?}");

@@ -21,7 +21,7 @@ use crate::overlay::{self, AddedExpert, AddedMeta, Overlay};
 use crate::prior::{self, Retrieved};
 use crate::scope::Scope;
 use crate::stages::{
-    Description, Embedded, ExpertChoice, Explanation, Generation, InScope, Timings,
+    AskedRelation, Description, Embedded, ExpertChoice, Explanation, Generation, InScope, Timings,
 };
 
 /// The loaded model bundle, ready to generate.
@@ -431,11 +431,18 @@ impl Generator {
         let ids = self.encoder.tokenize(description.text())?;
         timings.tokenize_ms = ms(t0);
         let t1 = Instant::now();
-        let embedding = self.encoder.embed_ids(&ids)?;
+        let (embedding, relation) = match self.experts.relation_head() {
+            None => (self.encoder.embed_ids(&ids)?, None),
+            Some(head) => {
+                let (embedding, states) = self.encoder.embed_ids_and_states(&ids)?;
+                (embedding, Some(head.read(&states)))
+            }
+        };
         timings.encode_ms = ms(t1);
         Ok(Embedded {
             description,
             embedding,
+            relation,
             timings,
         })
     }
@@ -446,7 +453,7 @@ impl Generator {
     pub fn explain(&self, e: &Embedded, opts: ResolvedOptions) -> Explanation {
         let mut timings = e.timings.clone();
         let t0 = Instant::now();
-        let sims = prior::similarities(&e.embedding.vector, &self.experts);
+        let sims = prior::similarities(&e.embedding.vector, e.relation.as_ref(), &self.experts);
         let picked = prior::retrieve(&sims, opts.top_k, opts.temperature);
         let features = Features::of(&picked, |i| self.experts.meta(i).relation.as_str());
         let expected_gain = self.gain.estimate(&features);
@@ -469,10 +476,22 @@ impl Generator {
                 }
             })
             .collect();
+        let asked_relation =
+            self.experts
+                .relation_head()
+                .zip(e.relation.as_ref())
+                .map(|(head, guess)| {
+                    let (relation, probability) = head.likeliest(guess);
+                    AskedRelation {
+                        relation: relation.to_string(),
+                        probability,
+                    }
+                });
         Explanation {
             description: e.description.text().to_string(),
             tokens: e.embedding.tokens,
             truncated: e.embedding.truncated,
+            asked_relation,
             experts,
             best_similarity: best,
             out_of_distribution: best < opts.min_similarity

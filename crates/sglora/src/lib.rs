@@ -39,6 +39,7 @@ mod onnx_graph;
 mod options;
 mod overlay;
 mod prior;
+mod relation;
 mod rng;
 mod scope;
 mod stages;
@@ -52,7 +53,7 @@ pub use adapter::{
 pub use bundle::{
     sha256_hex, BaseModel, Bundle, CvaeSpec, EncoderSpec, ExpectedGainSpec, ExpertsSpec, FileEntry,
     FileProblem, GainIntervalSpec, LayoutEntry, LoraSpec, Manifest, OodSpec, PriorSpec,
-    RetrievalSpec, ScopeSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
+    RelationHeadSpec, RetrievalSpec, ScopeSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
 };
 pub use cvae::{Cvae, LatentPrior, Normalisation};
 pub use encoder::{check_text, Embedding, Encoder, Runtime, INTEGER_LEVELS, MAX_TEXT_BYTES};
@@ -73,10 +74,11 @@ pub use overlay::{
     MAX_NAME_BYTES as MAX_EXPERT_NAME_BYTES, MAX_PROJECTION_ERROR, OVERLAY_FILE,
 };
 pub use prior::{mixture, retrieve, similarities, Prior, Retrieved};
+pub use relation::{RelationGuess, RelationHead};
 pub use rng::Rng;
 pub use scope::Scope;
 pub use stages::{
-    validate_description, Description, Embedded, ExpertChoice, Explanation, Generation, InScope,
-    Timings, MAX_DESCRIPTION_BYTES,
+    validate_description, AskedRelation, Description, Embedded, ExpertChoice, Explanation,
+    Generation, InScope, Timings, MAX_DESCRIPTION_BYTES,
 };
 pub use tokenizer::{Tokenizer, TokenizerError};

@@ -8,6 +8,7 @@
 
 use crate::error::Result;
 use crate::experts::Experts;
+use crate::relation::RelationGuess;
 
 /// One retrieved expert.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,15 +25,29 @@ pub struct Retrieved {
 /// [`crate::Keys::project`], when the keys have a projection): for expert `k`, the mean of the
 /// `top` largest of `q · key_{k,j}` (each accumulated in f64 from f32 products in element
 /// order), summed largest first and divided by `top`.
-pub fn similarities(query: &[f32], experts: &Experts) -> Vec<f64> {
+///
+/// With a relation head's reading of the request (`relation`, [`crate::RelationHead::read`]),
+/// each expert's score then gains the head's term for its relation ([`crate::relation`]).
+pub fn similarities(
+    query: &[f32],
+    relation: Option<&RelationGuess>,
+    experts: &Experts,
+) -> Vec<f64> {
     let keys = experts.keys();
     let projected = keys.project(query);
     let mut dots = Vec::with_capacity(keys.values.len() / keys.dim.max(1));
     crate::kernels::dots_f64(&keys.values, &projected, &mut dots);
-    dots.chunks_exact_mut(keys.per_expert)
+    let mut sims: Vec<f64> = dots
+        .chunks_exact_mut(keys.per_expert)
         .take(experts.len())
         .map(|d| mean_top(d, keys.top))
-        .collect()
+        .collect();
+    if let (Some(head), Some(guess)) = (experts.relation_head(), relation) {
+        for (i, s) in sims.iter_mut().enumerate() {
+            *s += head.term(guess, &experts.meta(i).relation);
+        }
+    }
+    sims
 }
 
 /// Mean of the `t` largest values (`1 ≤ t ≤ values.len()`), summed largest first; reorders
@@ -133,17 +148,17 @@ mod tests {
         let q = [1.0f32, 0.0];
         let (six, eight) = (f64::from(0.6f32), f64::from(0.8f32));
         // t = 1: the best key.
-        let s = similarities(&q, &three_keys(1));
+        let s = similarities(&q, None, &three_keys(1));
         assert_eq!(s, vec![1.0, eight]);
         // t = 2 (between 1 and m): (1 + 0.6) / 2, which ties expert 1's 0.8 exactly in f32
         // terms (13421773 / 2^24 both); the tie goes to the lower index.
-        let s = similarities(&q, &three_keys(2));
+        let s = similarities(&q, None, &three_keys(2));
         assert_eq!(s, vec![(1.0 + six) / 2.0, eight]);
         assert_eq!(s[0], s[1]);
         let order: Vec<usize> = retrieve(&s, 2, 0.1).iter().map(|r| r.index).collect();
         assert_eq!(order, vec![0, 1]);
         // t = m: the mean of all, (1 + 0 + 0.6) / 3 < 0.8: expert 1 now ranks first.
-        let s = similarities(&q, &three_keys(3));
+        let s = similarities(&q, None, &three_keys(3));
         assert!(
             (s[0] - 1.6 / 3.0).abs() < 1e-7 && (s[1] - 0.8).abs() < 1e-7,
             "{s:?}"

@@ -16,6 +16,7 @@ use crate::encoder::Embedding;
 use crate::error::{Error, Result};
 use crate::gain::ExpectedGain;
 use crate::options::ResolvedOptions;
+use crate::relation::RelationGuess;
 
 /// Longest accepted description, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 4096;
@@ -97,8 +98,19 @@ pub struct Embedded {
     pub description: Description,
     /// Its L2-normalised embedding.
     pub embedding: Embedding,
+    /// The relation head's reading of it (`None` for a bundle without a head).
+    pub relation: Option<RelationGuess>,
     /// Tokenisation and encoder time.
     pub timings: Timings,
+}
+
+/// The relation a description asks for, as the relation head reads it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AskedRelation {
+    /// The likeliest of the head's relations.
+    pub relation: String,
+    /// Its probability.
+    pub probability: f64,
 }
 
 /// An expert with its retrieval score and mixture weight.
@@ -110,8 +122,9 @@ pub struct ExpertChoice {
     pub name: String,
     /// Its description.
     pub description: String,
-    /// Retrieval score for the request (the mean of its `retrieval.top` best key similarities;
-    /// the name is kept from format 1, where it was one cosine similarity).
+    /// Retrieval score for the request (the mean of its `retrieval.top` best key similarities,
+    /// plus the relation head's term when the bundle has one; the name is kept from format 1,
+    /// where it was one cosine similarity).
     pub similarity: f64,
     /// Mixture weight α.
     pub weight: f64,
@@ -127,6 +140,9 @@ pub struct Explanation {
     pub tokens: usize,
     /// Whether the description was truncated to the encoder's window.
     pub truncated: bool,
+    /// The relation the bundle's relation head reads in the description, with its probability
+    /// (`null` for a bundle without a head).
+    pub asked_relation: Option<AskedRelation>,
     /// Chosen experts, most similar first.
     pub experts: Vec<ExpertChoice>,
     /// Best retrieval score of any expert (-1 for an empty repository).

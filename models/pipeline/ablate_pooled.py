@@ -38,9 +38,9 @@ def main() -> None:
     out = pipe.p("ablate_pooled")
     os.makedirs(out, exist_ok=True)
     run = pipe.analysis_inputs()
-    experts, pr, demb, mu, var, zs = run.experts, run.prior, run.demb, run.mu, run.var, run.zs
+    experts, pr, mu, var, zs = run.experts, run.prior, run.mu, run.var, run.zs
     n = len(experts)
-    mus = pipe.loo_priors(mu, var, demb, pr["k"], pr["tau"])[0]
+    mus = pipe.loo_priors(mu, var, pipe.templated_requests(), pr["k"], pr["tau"])[0]
     excl = [set(pipe.held_out_for(i)) for i in range(n)]
 
     relations = sorted({t.relation for t in experts})

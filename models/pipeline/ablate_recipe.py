@@ -44,7 +44,7 @@ def main() -> None:
     out = pipe.p("ablate_recipe", f"e{extra.epochs}s{extra.snapshots}")
     os.makedirs(out, exist_ok=True)
     run = pipe.analysis_inputs()
-    experts, pr, demb, zs, mu_ship, var_ship = run.experts, run.prior, run.demb, run.zs, run.mu, run.var
+    experts, pr, zs, mu_ship, var_ship = run.experts, run.prior, run.zs, run.mu, run.var
     n = len(experts)
 
     pipe.cfg["epochs"], pipe.cfg["snapshots"] = extra.epochs, extra.snapshots
@@ -66,7 +66,7 @@ def main() -> None:
         (f"{extra.epochs} epochs, {extra.snapshots} snapshots", mu_alt, var_alt),
     ):
         gains = {"own": [], "mu*": []}
-        mus = pipe.loo_priors(mu, var, demb, pr["k"], pr["tau"])[0]
+        mus = pipe.loo_priors(mu, var, pipe.templated_requests(), pr["k"], pr["tau"])[0]
         for i, t in enumerate(experts):
             for name, v in (("own", mu[i]), ("mu*", mus[i])):
                 row = []

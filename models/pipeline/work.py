@@ -312,6 +312,11 @@ class Work:
         rng = np.random.default_rng(5)
         return [r[n_keys + int(rng.integers(len(r) - n_keys))] for r in reqs]
 
+    def templated_requests(self) -> list:
+        """Each expert task's templated description as a `prior.Request` (the first wording of its
+        description set): what the analyses query with."""
+        return [r[0] for r in self.set_requests("experts")]
+
     def loo_priors(self, mu, var, queries, k, tau):
         """Each expert's semantic prior as if its task were unseen (see `held_out_for`), for the
         stand-in requests `queries` (`loo_queries`) scored against the retrieval keys."""

@@ -263,7 +263,15 @@ fn output_directory_rules() {
 fn out_of_distribution_is_refused_unless_allowed() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ood");
-    // A threshold no description can reach makes the guard fire deterministically.
+    // A threshold this description does not reach makes the guard fire deterministically. (With
+    // the bundle's relation head a confident relation adds up to gamma * ln R to the key
+    // similarity, so a best score can pass 1: the premise is measured first.)
+    const DESC: &str = "Given an animal, find its broader category.";
+    let ex = sglora(&["explain", "--json", DESC]);
+    let best = serde_json::from_slice::<serde_json::Value>(&ex.stdout).unwrap()["best_similarity"]
+        .as_f64()
+        .unwrap();
+    assert!(best < 1.0, "premise: best score {best} below 1");
     let r = sglora(&[
         "generate",
         DESC,

@@ -591,6 +591,11 @@ mod tests {
         man["encoder"]["dim"] = 2.into();
         // the default bundle's scope classifier is for 384 dimensions
         man["ood"].as_object_mut().unwrap().remove("scope");
+        // and its relation head reads 384-dimensional states
+        man["retrieval"]
+            .as_object_mut()
+            .unwrap()
+            .remove("relation_head");
         man["experts"]["count"] = 2.into();
         man["retrieval"]["keys_per_expert"] = m.into();
         man["retrieval"]["top"] = top.into();

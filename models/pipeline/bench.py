@@ -311,10 +311,9 @@ def main(argv=None):
     head = rs.get("relation_head")
     term = None
     if head:
-        ri = {r: i for i, r in enumerate(head["relations"])}
         with open(os.path.join(a.bundle, manifest["experts"]["meta"])) as f:
             experts_meta = json.load(f)["experts"]
-        term = RelationTerm(head["gamma"], np.array([ri.get(e["relation"], -1) for e in experts_meta]))
+        term = RelationTerm.of(head["gamma"], head["relations"], [e["relation"] for e in experts_meta])
     keys = Keys(ex[rs["keys"]], rs["top"], ex[rs["projection"]] if rs.get("projection") else None, term)
     mu, var = ex["mu"], ex["var"]
     nm, ns, lora_a = ex["norm_mean"], ex["norm_std"], ex["lora_A"]

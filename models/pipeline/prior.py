@@ -36,6 +36,13 @@ class RelationTerm:
     gamma: float
     rel_of: np.ndarray
 
+    @classmethod
+    def of(cls, gamma: float, relations, expert_relations) -> RelationTerm:
+        """The term for experts of `expert_relations` under a head over `relations` (an expert
+        of another relation gets -1)."""
+        ri = {r: i for i, r in enumerate(relations)}
+        return cls(float(gamma), np.array([ri.get(r, -1) for r in expert_relations]))
+
     def term(self, rel_lp: np.ndarray) -> np.ndarray:
         lp = np.asarray(rel_lp, dtype=np.float64)
         known = self.rel_of >= 0

@@ -133,9 +133,7 @@ def stage(w: Work):
     names = [t.name for t in experts]
     unseen_rel = {t.name: t.relation for t in w.suite["unseen"]}
 
-    def req(text):
-        s = E.states(text)
-        return Request(E.pool(s), log_probs(weight, bias, s))
+    req = w.requester({"weight": weight, "bias": bias})
 
     groups = {
         "bank_heldout_expert": [

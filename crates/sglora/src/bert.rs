@@ -10,7 +10,8 @@
 //! `attention/self/Mul`. A file laid out otherwise is refused with a message that names the
 //! missing node; `encoder_weights = "fp32"` runs any ONNX encoder through tract instead.
 //!
-//! The computation is the exported graph's, for one unpadded sequence: embeddings
+//! The computation is the exported graph's, for unpadded sequences (one, or several side by side
+//! whose linear maps run as one product: [`Bert::forward_batch`]): embeddings
 //! (inputs + token type 0 + position) → layer norm → per layer: self-attention (softmax of
 //! `q·k · scale`), output projection, residual, layer norm, GELU feed-forward, residual, layer
 //! norm.
@@ -261,14 +262,30 @@ impl Bert {
     /// consumed), with `lora`'s low-rank maps added to the maps it adapts (checked against this
     /// encoder when it was read: [`Lora::from_dir`]).
     pub fn forward(&self, h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
+        let t = h.len() / self.dim.max(1);
+        self.forward_batch(h, &[t], lora)
+    }
+
+    /// [`Bert::forward`] for several sequences at once: `h` holds their token embeddings one
+    /// after another (`lens[s]` tokens for sequence `s`), and so does the result. Every linear
+    /// map runs once over all their tokens, so its weights are read once per batch instead of
+    /// once per sequence; attention stays within each sequence. Each sequence's rows are the
+    /// same bits [`Bert::forward`] gives it alone: every operation is row by row (a token's
+    /// quantisation, sums and scaling never see another row) or within its own sequence.
+    pub fn forward_batch(
+        &self,
+        h: Vec<f32>,
+        lens: &[usize],
+        lora: Option<&Lora>,
+    ) -> Result<Vec<f32>, Unsupported> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 detected. The body is plain Rust, compiled once more with wider
             // vectors: rustc never reassociates or contracts float operations, so the same
             // operations in the same order give the same bits.
-            return unsafe { self.forward_avx2(h, lora) };
+            return unsafe { self.forward_avx2(h, lens, lora) };
         }
-        self.forward_body(h, lora)
+        self.forward_body(h, lens, lora)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -276,13 +293,19 @@ impl Bert {
     unsafe fn forward_avx2(
         &self,
         h: Vec<f32>,
+        lens: &[usize],
         lora: Option<&Lora>,
     ) -> Result<Vec<f32>, Unsupported> {
-        self.forward_body(h, lora)
+        self.forward_body(h, lens, lora)
     }
 
     #[inline(always)]
-    fn forward_body(&self, mut h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
+    fn forward_body(
+        &self,
+        mut h: Vec<f32>,
+        lens: &[usize],
+        lora: Option<&Lora>,
+    ) -> Result<Vec<f32>, Unsupported> {
         let d = self.dim;
         if let Some(l) = lora.filter(|l| l.layers() != self.layers.len()) {
             return Err(unsupported!(
@@ -291,27 +314,43 @@ impl Bert {
                 self.layers.len()
             ));
         }
-        let t = h.len() / d;
-        if t == 0 || h.len() != t * d || t > self.max_positions() {
+        let total: usize = lens.iter().sum();
+        if h.len() != total * d {
             return Err(unsupported!(
-                "{} input values are not 1..={} tokens of width {d}",
-                h.len(),
+                "{} input values are not the {total} tokens of width {d} of the sequences",
+                h.len()
+            ));
+        }
+        if let Some(&t) = lens.iter().find(|&&t| t == 0 || t > self.max_positions()) {
+            return Err(unsupported!(
+                "a sequence of {t} tokens is not 1..={} tokens",
                 self.max_positions()
             ));
         }
-        for (i, row) in h.chunks_exact_mut(d).enumerate() {
-            let p = &self.pos[i * d..(i + 1) * d];
-            for ((v, &ty), &pv) in row.iter_mut().zip(&self.type0).zip(p) {
-                *v = *v + ty + pv;
+        // Where each sequence starts, in rows.
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, &t| {
+                let s = *at;
+                *at += t;
+                Some(s)
+            })
+            .collect();
+        for (&s0, &t) in starts.iter().zip(lens) {
+            for i in 0..t {
+                let row = &mut h[(s0 + i) * d..(s0 + i + 1) * d];
+                let p = &self.pos[i * d..(i + 1) * d];
+                for ((v, &ty), &pv) in row.iter_mut().zip(&self.type0).zip(p) {
+                    *v = *v + ty + pv;
+                }
             }
         }
         layer_norm(&mut h, &self.ln.gamma, &self.ln.beta, self.ln.eps);
-        let hd = d / self.heads;
         let (mut q, mut k, mut v, mut a, mut u, mut f) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
-        let mut ctx = vec![0.0f32; t * d];
+        let mut ctx = vec![0.0f32; total * d];
         let mut kt = Vec::new();
-        let mut p = vec![0.0f32; t];
+        let mut p = Vec::new();
         let (mut lu, mut lt) = (Vec::new(), Vec::new());
         // `y += s·((x·Aᵀ)·Bᵀ)` after the base product, where the adapter changes the map.
         let mut adapt = |layer: usize, target: Target, x: &[f32], y: &mut [f32]| {
@@ -326,63 +365,8 @@ impl Bert {
             adapt(li, Target::Key, &h, &mut k);
             l.v.forward(&h, &mut v);
             adapt(li, Target::Value, &h, &mut v);
-            // Keys transposed to [dim, tokens] (rows padded with zeros to a whole number of
-            // blocks), so one query's scores against all keys are independent chains side by
-            // side; each score is still Σ_c q[c]·k[c] summed in c order from 0.
-            let tp = t.div_ceil(BLOCK) * BLOCK;
-            kt.clear();
-            kt.resize(d * tp, 0.0);
-            for (j, row) in k.chunks_exact(d).enumerate() {
-                for (c, &x) in row.iter().enumerate() {
-                    kt[c * tp + j] = x;
-                }
-            }
-            for head in 0..self.heads {
-                let c0 = head * hd;
-                for i in 0..t {
-                    // Scores p[j] = (Σ_c q[i][c]·k[j][c]) · scale, c in order from 0; 16 keys at
-                    // a time in registers (the padding's scores are dropped).
-                    let qi = &q[i * d + c0..i * d + c0 + hd];
-                    for j0 in (0..t).step_by(BLOCK) {
-                        let mut acc = [0.0f32; BLOCK];
-                        for (c, &qc) in qi.iter().enumerate() {
-                            let at = (c0 + c) * tp + j0;
-                            let row = block(&kt[at..at + BLOCK]);
-                            for (a, &kc) in acc.iter_mut().zip(row) {
-                                *a += qc * kc;
-                            }
-                        }
-                        let end = (j0 + BLOCK).min(t);
-                        for (s, a) in p[j0..end].iter_mut().zip(acc) {
-                            *s = a * l.scale;
-                        }
-                    }
-                    softmax(&mut p);
-                    // Context ctx[i][c] = Σ_j p[j]·v[j][c], j in order from 0; 16 channels at a
-                    // time in registers.
-                    let mut cb = 0;
-                    while cb < hd {
-                        let w = (hd - cb).min(BLOCK);
-                        let mut acc = [0.0f32; BLOCK];
-                        if w == BLOCK {
-                            for (j, &pj) in p.iter().enumerate() {
-                                let at = j * d + c0 + cb;
-                                for (a, &y) in acc.iter_mut().zip(block(&v[at..at + BLOCK])) {
-                                    *a += pj * y;
-                                }
-                            }
-                        } else {
-                            for (j, &pj) in p.iter().enumerate() {
-                                let at = j * d + c0 + cb;
-                                for (a, &y) in acc.iter_mut().zip(&v[at..at + w]) {
-                                    *a += pj * y;
-                                }
-                            }
-                        }
-                        ctx[i * d + c0 + cb..i * d + c0 + cb + w].copy_from_slice(&acc[..w]);
-                        cb += w;
-                    }
-                }
+            for (&s0, &t) in starts.iter().zip(lens) {
+                self.attend(l, &q, &k, &v, s0, t, &mut kt, &mut p, &mut ctx);
             }
             l.o.forward(&ctx, &mut a);
             adapt(li, Target::AttentionOutput, &ctx, &mut a);
@@ -402,5 +386,91 @@ impl Bert {
             std::mem::swap(&mut h, &mut f);
         }
         Ok(h)
+    }
+
+    /// Self-attention of one sequence (rows `s0..s0 + t` of `q`, `k`, `v`) into the same rows
+    /// of `ctx`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn attend(
+        &self,
+        l: &Layer,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s0: usize,
+        t: usize,
+        kt: &mut Vec<f32>,
+        p: &mut Vec<f32>,
+        ctx: &mut [f32],
+    ) {
+        let d = self.dim;
+        let hd = d / self.heads;
+        let (q, k, v) = (
+            &q[s0 * d..(s0 + t) * d],
+            &k[s0 * d..(s0 + t) * d],
+            &v[s0 * d..(s0 + t) * d],
+        );
+        let ctx = &mut ctx[s0 * d..(s0 + t) * d];
+        p.clear();
+        p.resize(t, 0.0);
+        // Keys transposed to [dim, tokens] (rows padded with zeros to a whole number of
+        // blocks), so one query's scores against all keys are independent chains side by
+        // side; each score is still Σ_c q[c]·k[c] summed in c order from 0.
+        let tp = t.div_ceil(BLOCK) * BLOCK;
+        kt.clear();
+        kt.resize(d * tp, 0.0);
+        for (j, row) in k.chunks_exact(d).enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                kt[c * tp + j] = x;
+            }
+        }
+        for head in 0..self.heads {
+            let c0 = head * hd;
+            for i in 0..t {
+                // Scores p[j] = (Σ_c q[i][c]·k[j][c]) · scale, c in order from 0; 16 keys at
+                // a time in registers (the padding's scores are dropped).
+                let qi = &q[i * d + c0..i * d + c0 + hd];
+                for j0 in (0..t).step_by(BLOCK) {
+                    let mut acc = [0.0f32; BLOCK];
+                    for (c, &qc) in qi.iter().enumerate() {
+                        let at = (c0 + c) * tp + j0;
+                        let row = block(&kt[at..at + BLOCK]);
+                        for (a, &kc) in acc.iter_mut().zip(row) {
+                            *a += qc * kc;
+                        }
+                    }
+                    let end = (j0 + BLOCK).min(t);
+                    for (s, a) in p[j0..end].iter_mut().zip(acc) {
+                        *s = a * l.scale;
+                    }
+                }
+                softmax(p);
+                // Context ctx[i][c] = Σ_j p[j]·v[j][c], j in order from 0; 16 channels at a
+                // time in registers.
+                let mut cb = 0;
+                while cb < hd {
+                    let w = (hd - cb).min(BLOCK);
+                    let mut acc = [0.0f32; BLOCK];
+                    if w == BLOCK {
+                        for (j, &pj) in p.iter().enumerate() {
+                            let at = j * d + c0 + cb;
+                            for (a, &y) in acc.iter_mut().zip(block(&v[at..at + BLOCK])) {
+                                *a += pj * y;
+                            }
+                        }
+                    } else {
+                        for (j, &pj) in p.iter().enumerate() {
+                            let at = j * d + c0 + cb;
+                            for (a, &y) in acc.iter_mut().zip(&v[at..at + w]) {
+                                *a += pj * y;
+                            }
+                        }
+                    }
+                    ctx[i * d + c0 + cb..i * d + c0 + cb + w].copy_from_slice(&acc[..w]);
+                    cb += w;
+                }
+            }
+        }
     }
 }

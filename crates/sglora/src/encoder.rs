@@ -24,6 +24,12 @@ use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::tokenizer::Tokenizer;
 
+/// Tokens [`Encoder::embed_texts`] runs through the encoder in one batch (several texts side by
+/// side; a text longer than this runs alone). Chosen by measurement (BENCHMARKS.md, section 7):
+/// enough rows that every weight panel is reused across many tokens, few enough that a batch's
+/// activations stay in the core's caches.
+pub const BATCH_TOKENS: usize = 512;
+
 /// Longest text [`Encoder::embed_texts`] accepts. The encoder reads at most the manifest's
 /// `max_tokens` (128) tokens of a text, a few hundred bytes of English, and cuts the rest, as
 /// sentence-transformers does; a text far longer than that is a caller's mistake, refused
@@ -463,16 +469,16 @@ impl Encoder {
         Ok((self.pool(&hidden), hidden))
     }
 
-    /// The encoder's final-layer token states `[ids.len(), dim]` for token ids.
-    fn hidden_states(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Vec<f32>> {
+    /// Appends the input embeddings of `ids` (the bundle's int8 rows times their scales) to
+    /// `embeds`.
+    fn look_up(&self, ids: &[u32], embeds: &mut Vec<f32>) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::InvalidDescription(
                 "the description produced no tokens".into(),
             ));
         }
-        let n = ids.len();
         let d = self.dim;
-        let mut embeds = Vec::with_capacity(n * d);
+        embeds.reserve(ids.len() * d);
         let mut row = vec![0u8; d];
         for &id in ids {
             let i = id as usize;
@@ -491,6 +497,52 @@ impl Encoder {
             })?;
             embeds.extend(row.iter().map(|&q| f32::from(q as i8) * scale));
         }
+        Ok(())
+    }
+
+    /// Embeddings of several token-id sequences: on sglora's kernels one batched pass
+    /// ([`crate::bert::Bert::forward_batch`], each sequence's bits as it alone would get), on
+    /// tract one pass per sequence.
+    fn embed_batch(&self, batch: &[Vec<u32>], lora: Option<&Lora>) -> Result<Vec<Embedding>> {
+        let Model::Native(bert) = &self.model else {
+            return batch
+                .iter()
+                .map(|ids| self.embed_ids_with(ids, lora))
+                .collect();
+        };
+        let d = self.dim;
+        let mut embeds = Vec::new();
+        for ids in batch {
+            self.look_up(ids, &mut embeds)?;
+        }
+        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+        let hidden = bert
+            .forward_batch(embeds, &lens, lora)
+            .map_err(|e| Error::model("encoder", e))?;
+        let total: usize = lens.iter().sum();
+        if hidden.len() != total * d {
+            return Err(Error::model(
+                "encoder",
+                format!("output has {} values, expected {total}×{d}", hidden.len()),
+            ));
+        }
+        let mut at = 0;
+        Ok(lens
+            .iter()
+            .map(|&t| {
+                let e = self.pool(&hidden[at * d..(at + t) * d]);
+                at += t;
+                e
+            })
+            .collect())
+    }
+
+    /// The encoder's final-layer token states `[ids.len(), dim]` for token ids.
+    fn hidden_states(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Vec<f32>> {
+        let n = ids.len();
+        let d = self.dim;
+        let mut embeds = Vec::with_capacity(n * d);
+        self.look_up(ids, &mut embeds)?;
         let hidden = match &self.model {
             Model::Native(bert) => bert
                 .forward(embeds, lora)
@@ -542,7 +594,8 @@ impl Encoder {
     /// embeddings come back in input order and each is the same bits as [`Encoder::embed`]
     /// (with the adapter: [`Encoder::embed_ids_with`]) gives for it alone. Every text is checked
     /// first (non-empty, at most [`MAX_TEXT_BYTES`]), so a bad one fails the call before any
-    /// work, naming its index.
+    /// work, naming its index. Consecutive texts run through the encoder together, up to
+    /// [`BATCH_TOKENS`] tokens at a time, so each batch reads the weights once.
     pub fn embed_texts<S: AsRef<str> + Sync>(
         &self,
         texts: &[S],
@@ -552,44 +605,64 @@ impl Encoder {
         for (i, t) in texts.iter().enumerate() {
             check_text(i, t.as_ref())?;
         }
-        let threads = threads.clamp(1, texts.len().max(1));
-        if threads == 1 {
-            return texts
-                .iter()
-                .map(|t| self.embed_ids_with(&self.tokenize(t.as_ref())?, lora))
-                .collect();
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenize(t.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        // Batches of consecutive texts, each at most BATCH_TOKENS tokens (a longer text alone).
+        let mut batches: Vec<&[Vec<u32>]> = Vec::new();
+        let (mut from, mut tokens) = (0, 0);
+        for (i, x) in ids.iter().enumerate() {
+            if i > from && tokens + x.len() > BATCH_TOKENS {
+                batches.push(&ids[from..i]);
+                (from, tokens) = (i, 0);
+            }
+            tokens += x.len();
         }
-        // Texts are dealt out by index; each thread returns what it embedded.
+        if from < ids.len() {
+            batches.push(&ids[from..]);
+        }
+        let threads = threads.clamp(1, batches.len().max(1));
+        if threads == 1 {
+            let mut out = Vec::with_capacity(texts.len());
+            for b in batches {
+                out.extend(self.embed_batch(b, lora)?);
+            }
+            return Ok(out);
+        }
+        // Batches are dealt out by index; each thread returns what it embedded.
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let done: Vec<Vec<(usize, Result<Embedding>)>> = std::thread::scope(|s| {
+        let done: Vec<Vec<(usize, Result<Vec<Embedding>>)>> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
                         let mut mine = Vec::new();
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(text) = texts.get(i) else { break mine };
-                            let r = self
-                                .tokenize(text.as_ref())
-                                .and_then(|ids| self.embed_ids_with(&ids, lora));
-                            mine.push((i, r));
+                            let Some(b) = batches.get(i) else { break mine };
+                            mine.push((i, self.embed_batch(b, lora)));
                         }
                     })
                 })
                 .collect();
-            // A worker that panicked returns nothing; its texts are reported below.
+            // A worker that panicked returns nothing; its batches are reported below.
             workers
                 .into_iter()
                 .map(|w| w.join().unwrap_or_default())
                 .collect()
         });
-        let mut out: Vec<Option<Result<Embedding>>> = (0..texts.len()).map(|_| None).collect();
+        let mut by_batch: Vec<Option<Result<Vec<Embedding>>>> =
+            (0..batches.len()).map(|_| None).collect();
         for (i, r) in done.into_iter().flatten() {
-            out[i] = Some(r);
+            by_batch[i] = Some(r);
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::model("encoder", "a worker thread failed"))))
-            .collect()
+        let mut out = Vec::with_capacity(texts.len());
+        for r in by_batch {
+            out.extend(
+                r.unwrap_or_else(|| Err(Error::model("encoder", "a worker thread failed")))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Embedding size.

@@ -56,7 +56,9 @@ pub use bundle::{
     RelationHeadSpec, RetrievalSpec, ScopeSpec, FORMAT_VERSION, MAX_KEYS_PER_EXPERT,
 };
 pub use cvae::{Cvae, LatentPrior, Normalisation};
-pub use encoder::{check_text, Embedding, Encoder, Runtime, INTEGER_LEVELS, MAX_TEXT_BYTES};
+pub use encoder::{
+    check_text, Embedding, Encoder, Runtime, BATCH_TOKENS, INTEGER_LEVELS, MAX_TEXT_BYTES,
+};
 pub use error::{Error, Result};
 pub use experts::{AddedOrigin, ExpertMeta, Experts, Keys};
 pub use export::{

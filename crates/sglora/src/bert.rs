@@ -38,9 +38,9 @@ struct Norm {
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Query, key and value side by side (`[tokens, 3·dim]`): the token states are read and
+    /// quantised once for the three.
+    qkv: Linear,
     o: Linear,
     ln1: Norm,
     up: Linear,
@@ -182,28 +182,18 @@ impl Bert {
                 int8_levels,
             )?;
             let hidden = up.outputs();
+            let qkv = ["query", "key", "value"].map(|m| {
+                linear(
+                    &g,
+                    &format!("{p}/attention/self/{m}"),
+                    dim,
+                    Some(dim),
+                    int8_levels,
+                )
+            });
+            let [q, k, v] = qkv;
             layers.push(Layer {
-                q: linear(
-                    &g,
-                    &format!("{p}/attention/self/query"),
-                    dim,
-                    Some(dim),
-                    int8_levels,
-                )?,
-                k: linear(
-                    &g,
-                    &format!("{p}/attention/self/key"),
-                    dim,
-                    Some(dim),
-                    int8_levels,
-                )?,
-                v: linear(
-                    &g,
-                    &format!("{p}/attention/self/value"),
-                    dim,
-                    Some(dim),
-                    int8_levels,
-                )?,
+                qkv: Linear::side_by_side(&[q?, k?, v?])?,
                 o: linear(
                     &g,
                     &format!("{p}/attention/output/dense"),
@@ -346,8 +336,8 @@ impl Bert {
             }
         }
         layer_norm(&mut h, &self.ln.gamma, &self.ln.beta, self.ln.eps);
-        let (mut q, mut k, mut v, mut a, mut u, mut f) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut qkv, mut q, mut k, mut v, mut a, mut u, mut f) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut ctx = vec![0.0f32; total * d];
         let mut kt = Vec::new();
         let mut p = Vec::new();
@@ -359,12 +349,21 @@ impl Bert {
             }
         };
         for (li, l) in self.layers.iter().enumerate() {
-            l.q.forward(&h, &mut q);
-            adapt(li, Target::Query, &h, &mut q);
-            l.k.forward(&h, &mut k);
-            adapt(li, Target::Key, &h, &mut k);
-            l.v.forward(&h, &mut v);
-            adapt(li, Target::Value, &h, &mut v);
+            l.qkv.forward(&h, &mut qkv);
+            for (m, (out, target)) in [
+                (&mut q, Target::Query),
+                (&mut k, Target::Key),
+                (&mut v, Target::Value),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                out.clear();
+                for row in qkv.chunks_exact(3 * d) {
+                    out.extend_from_slice(&row[m * d..(m + 1) * d]);
+                }
+                adapt(li, target, &h, out);
+            }
             for (&s0, &t) in starts.iter().zip(lens) {
                 self.attend(l, &q, &k, &v, s0, t, &mut kt, &mut p, &mut ctx);
             }

@@ -114,7 +114,6 @@ impl Packed {
     }
 
     /// `q[i][j]`.
-    #[cfg(test)]
     pub fn get(&self, i: usize, j: usize) -> i8 {
         self.data[index(self.kp, i, j)]
     }

@@ -146,6 +146,94 @@ impl Linear {
         Linear { weights, ..self }
     }
 
+    /// One map computing `parts`' outputs side by side (`[rows, Σ outputs]`, in `parts`' order)
+    /// from the same inputs, so the inputs are read (and, on the integer path, quantised) once
+    /// for all of them. Each output is the same bits its own map gives: a column's sum and
+    /// scaling never see another column.
+    pub fn side_by_side(parts: &[Linear]) -> Result<Linear, Unsupported> {
+        let first = parts.first().ok_or("no maps to put side by side")?;
+        let k = first.inputs;
+        if parts.iter().any(|p| p.inputs != k) {
+            return Err(unsupported!(
+                "maps side by side must share their input width {k}"
+            ));
+        }
+        // (part, column within it) of every output column.
+        let cols: Vec<(usize, usize)> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(p, l)| (0..l.outputs).map(move |j| (p, j)))
+            .collect();
+        let n = cols.len();
+        let concat = |f: &dyn Fn(&Linear) -> Option<&Vec<f32>>| -> Option<Vec<f32>> {
+            let all: Option<Vec<&Vec<f32>>> = parts.iter().map(f).collect();
+            all.map(|v| v.into_iter().flatten().copied().collect())
+        };
+        let bias = concat(&|l| l.bias.as_ref());
+        if bias.is_none() && parts.iter().any(|l| l.bias.is_some()) {
+            return Err("maps side by side must all have a bias or none".into());
+        }
+        let weights = match &first.weights {
+            Weights::I8 { .. } => {
+                let mut q = Vec::with_capacity(k * n);
+                for i in 0..k {
+                    for &(p, j) in &cols {
+                        let Weights::I8 { q: w, .. } = &parts[p].weights else {
+                            return Err("maps side by side must share their weight type".into());
+                        };
+                        q.push(w[int8::at(k, parts[p].outputs, i, j)]);
+                    }
+                }
+                let scale = concat(&|l| match &l.weights {
+                    Weights::I8 { scale, .. } => Some(scale),
+                    _ => None,
+                });
+                Weights::I8 {
+                    q,
+                    scale: scale.ok_or("maps side by side must share their weight type")?,
+                }
+            }
+            Weights::Integer { levels, .. } => {
+                let mut packed = Vec::with_capacity(parts.len());
+                for l in parts {
+                    match &l.weights {
+                        Weights::Integer {
+                            packed: w,
+                            levels: lv,
+                            ..
+                        } if lv == levels => packed.push(w),
+                        _ => return Err("maps side by side must share their weight type".into()),
+                    }
+                }
+                let scale = concat(&|l| match &l.weights {
+                    Weights::Integer { scale, .. } => Some(scale),
+                    _ => None,
+                });
+                Weights::Integer {
+                    packed: integer::Packed::from_fn(k, n, |i, c| {
+                        let (p, j) = cols[c];
+                        packed[p].get(i, j)
+                    }),
+                    scale: scale.ok_or("maps side by side must share their weight type")?,
+                    levels: *levels,
+                }
+            }
+            Weights::F32(_) => {
+                let mut w = Vec::with_capacity(k * n);
+                for i in 0..k {
+                    for &(p, j) in &cols {
+                        let Weights::F32(v) = &parts[p].weights else {
+                            return Err("maps side by side must share their weight type".into());
+                        };
+                        w.push(v[i * parts[p].outputs + j]);
+                    }
+                }
+                Weights::F32(w)
+            }
+        };
+        Linear::new(k, n, weights, bias)
+    }
+
     /// Input width.
     pub fn inputs(&self) -> usize {
         self.inputs
@@ -792,6 +880,75 @@ mod tests {
         let bias: Vec<f32> = (0..n).map(|j| (j as f32 - 7.0) * 0.01).collect();
         let l = Linear::new(k, n, Weights::I8 { q, scale }, Some(bias)).unwrap();
         (x, l)
+    }
+
+    /// Maps side by side give each part's outputs with the bits the part gives alone, on every
+    /// weight type (int8 FMA chains, integer at one and two levels, fp32), for row counts that
+    /// leave tails; maps of other input widths or weight types are refused.
+    #[test]
+    fn maps_side_by_side_give_each_maps_bits() {
+        for (rows, widths) in [(1, [384, 384, 384]), (13, [40, 7, 33]), (9, [16, 16, 1])] {
+            let k = 50 + rows;
+            let kinds: [fn(Linear) -> Linear; 4] = [
+                |l| l,
+                |l| l.with_int8_activations(1),
+                |l| l.with_int8_activations(2),
+                |l| {
+                    let (k, n) = (l.inputs, l.outputs);
+                    let Weights::I8 { q, scale } = &l.weights else {
+                        unreachable!()
+                    };
+                    let w = (0..k * n)
+                        .map(|c| f32::from(q[int8::at(k, n, c / n, c % n)]) * scale[c % n])
+                        .collect();
+                    Linear::new(k, n, Weights::F32(w), l.bias.clone()).unwrap()
+                },
+            ];
+            for (t, kind) in kinds.iter().enumerate() {
+                let mut x = Vec::new();
+                let parts: Vec<Linear> = widths
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &n)| {
+                        let (xs, l) = random_int8(rows, k, n, (7 * p + n + t) as u64);
+                        x = xs;
+                        kind(l)
+                    })
+                    .collect();
+                let both = Linear::side_by_side(&parts).unwrap();
+                let mut got = Vec::new();
+                both.forward(&x, &mut got);
+                let total: usize = widths.iter().sum();
+                let mut at = 0;
+                for (p, part) in parts.iter().enumerate() {
+                    let mut want = Vec::new();
+                    part.forward(&x, &mut want);
+                    for r in 0..rows {
+                        let n = widths[p];
+                        let g = &got[r * total + at..r * total + at + n];
+                        let w = &want[r * n..(r + 1) * n];
+                        assert!(
+                            g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "kind {t}, rows {rows}, part {p}, row {r}"
+                        );
+                    }
+                    at += widths[p];
+                }
+            }
+        }
+        let (_, a) = random_int8(1, 8, 4, 1);
+        let (_, b) = random_int8(1, 9, 4, 2);
+        assert!(
+            Linear::side_by_side(&[a.clone(), b]).is_err(),
+            "input widths"
+        );
+        let (_, c) = random_int8(1, 8, 4, 3);
+        assert!(
+            Linear::side_by_side(&[a.clone(), c.with_int8_activations(1)]).is_err(),
+            "weight types"
+        );
+        assert!(Linear::side_by_side(&[]).is_err(), "no maps");
+        assert!(Linear::side_by_side(&[a]).is_ok(), "one map");
     }
 
     /// The dispatched kernel must equal the scalar definition bit for bit, for every row count

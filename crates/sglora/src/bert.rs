@@ -411,8 +411,6 @@ impl Bert {
             &v[s0 * d..(s0 + t) * d],
         );
         let ctx = &mut ctx[s0 * d..(s0 + t) * d];
-        p.clear();
-        p.resize(t, 0.0);
         // Keys transposed to [dim, tokens] (rows padded with zeros to a whole number of
         // blocks), so one query's scores against all keys are independent chains side by
         // side; each score is still Σ_c q[c]·k[c] summed in c order from 0.
@@ -424,52 +422,119 @@ impl Bert {
                 kt[c * tp + j] = x;
             }
         }
+        let g = Group {
+            q,
+            kt,
+            tp,
+            v,
+            d,
+            hd,
+            t,
+            scale: l.scale,
+        };
+        p.clear();
+        p.resize(QUERIES * t, 0.0);
         for head in 0..self.heads {
             let c0 = head * hd;
-            for i in 0..t {
-                // Scores p[j] = (Σ_c q[i][c]·k[j][c]) · scale, c in order from 0; 16 keys at
-                // a time in registers (the padding's scores are dropped).
-                let qi = &q[i * d + c0..i * d + c0 + hd];
-                for j0 in (0..t).step_by(BLOCK) {
-                    let mut acc = [0.0f32; BLOCK];
-                    for (c, &qc) in qi.iter().enumerate() {
-                        let at = (c0 + c) * tp + j0;
-                        let row = block(&kt[at..at + BLOCK]);
-                        for (a, &kc) in acc.iter_mut().zip(row) {
-                            *a += qc * kc;
-                        }
-                    }
-                    let end = (j0 + BLOCK).min(t);
-                    for (s, a) in p[j0..end].iter_mut().zip(acc) {
-                        *s = a * l.scale;
-                    }
+            let mut i = 0;
+            while i < t {
+                // QUERIES queries at a time share every key and value row read, and their
+                // chains run side by side; each is still the same sums in the same order.
+                i += g.attend(c0, i, p, ctx);
+            }
+        }
+    }
+}
+
+/// Queries of one head attended together ([`Group::attend`]).
+const QUERIES: usize = 4;
+
+/// One sequence's queries, keys (transposed, `tp` columns) and values, for [`Group::attend`].
+struct Group<'a> {
+    q: &'a [f32],
+    kt: &'a [f32],
+    tp: usize,
+    v: &'a [f32],
+    d: usize,
+    hd: usize,
+    t: usize,
+    scale: f32,
+}
+
+impl Group<'_> {
+    /// Attention of queries `i..i + QUERIES` (those below `t`) in the head whose channels start
+    /// at `c0`, into their rows of `ctx`; `p` is scratch for QUERIES rows of scores. Past the
+    /// last query the group repeats it, and those rows are dropped. Returns how many queries
+    /// it attended.
+    #[inline(always)]
+    fn attend(&self, c0: usize, i: usize, p: &mut [f32], ctx: &mut [f32]) -> usize {
+        let (d, hd, t, tp) = (self.d, self.hd, self.t, self.tp);
+        let n = (t - i).min(QUERIES);
+        let rows: [usize; QUERIES] = std::array::from_fn(|g| (i + g).min(t - 1));
+        // Scores p[g][j] = (Σ_c q[i+g][c]·k[j][c]) · scale, c in order from 0; 16 keys at a
+        // time in registers for each query (the padding's scores are dropped).
+        for j0 in (0..t).step_by(BLOCK) {
+            let mut acc = [[0.0f32; BLOCK]; QUERIES];
+            for c in 0..hd {
+                let at = (c0 + c) * tp + j0;
+                let row = block(&self.kt[at..at + BLOCK]);
+                let [a0, a1, a2, a3] = &mut acc;
+                let q = |g: usize| self.q[rows[g] * d + c0 + c];
+                let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+                for x in 0..BLOCK {
+                    a0[x] += q0 * row[x];
+                    a1[x] += q1 * row[x];
+                    a2[x] += q2 * row[x];
+                    a3[x] += q3 * row[x];
                 }
-                softmax(p);
-                // Context ctx[i][c] = Σ_j p[j]·v[j][c], j in order from 0; 16 channels at a
-                // time in registers.
-                let mut cb = 0;
-                while cb < hd {
-                    let w = (hd - cb).min(BLOCK);
-                    let mut acc = [0.0f32; BLOCK];
-                    if w == BLOCK {
-                        for (j, &pj) in p.iter().enumerate() {
-                            let at = j * d + c0 + cb;
-                            for (a, &y) in acc.iter_mut().zip(block(&v[at..at + BLOCK])) {
-                                *a += pj * y;
-                            }
-                        }
-                    } else {
-                        for (j, &pj) in p.iter().enumerate() {
-                            let at = j * d + c0 + cb;
-                            for (a, &y) in acc.iter_mut().zip(&v[at..at + w]) {
-                                *a += pj * y;
-                            }
-                        }
-                    }
-                    ctx[i * d + c0 + cb..i * d + c0 + cb + w].copy_from_slice(&acc[..w]);
-                    cb += w;
+            }
+            let end = (j0 + BLOCK).min(t);
+            for (g, acc) in acc.iter().enumerate() {
+                for (s, &a) in p[g * t + j0..g * t + end].iter_mut().zip(acc) {
+                    *s = a * self.scale;
                 }
             }
         }
+        for g in 0..n {
+            softmax(&mut p[g * t..(g + 1) * t]);
+        }
+        // Context ctx[i+g][c] = Σ_j p[g][j]·v[j][c], j in order from 0; 16 channels at a time
+        // in registers for each query.
+        let mut cb = 0;
+        while cb < hd {
+            let w = (hd - cb).min(BLOCK);
+            let mut acc = [[0.0f32; BLOCK]; QUERIES];
+            if w == BLOCK {
+                for j in 0..t {
+                    let at = j * d + c0 + cb;
+                    let row = block(&self.v[at..at + BLOCK]);
+                    let [a0, a1, a2, a3] = &mut acc;
+                    let (p0, p1, p2, p3) = (p[j], p[t + j], p[2 * t + j], p[3 * t + j]);
+                    for x in 0..BLOCK {
+                        a0[x] += p0 * row[x];
+                        a1[x] += p1 * row[x];
+                        a2[x] += p2 * row[x];
+                        a3[x] += p3 * row[x];
+                    }
+                }
+            } else {
+                for j in 0..t {
+                    let at = j * d + c0 + cb;
+                    let row = &self.v[at..at + w];
+                    for (g, acc) in acc.iter_mut().enumerate() {
+                        let pj = p[g * t + j];
+                        for (a, &y) in acc.iter_mut().zip(row) {
+                            *a += pj * y;
+                        }
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().take(n).enumerate() {
+                let at = (i + g) * d + c0 + cb;
+                ctx[at..at + w].copy_from_slice(&acc[..w]);
+            }
+            cb += w;
+        }
+        n
     }
 }

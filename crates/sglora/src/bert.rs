@@ -248,20 +248,14 @@ impl Bert {
         }
     }
 
-    /// Last hidden state `[tokens, dim]` for the token embeddings `x` (`[tokens, dim]`,
-    /// consumed), with `lora`'s low-rank maps added to the maps it adapts (checked against this
-    /// encoder when it was read: [`Lora::from_dir`]).
-    pub fn forward(&self, h: Vec<f32>, lora: Option<&Lora>) -> Result<Vec<f32>, Unsupported> {
-        let t = h.len() / self.dim.max(1);
-        self.forward_batch(h, &[t], lora)
-    }
-
-    /// [`Bert::forward`] for several sequences at once: `h` holds their token embeddings one
-    /// after another (`lens[s]` tokens for sequence `s`), and so does the result. Every linear
-    /// map runs once over all their tokens, so its weights are read once per batch instead of
-    /// once per sequence; attention stays within each sequence. Each sequence's rows are the
-    /// same bits [`Bert::forward`] gives it alone: every operation is row by row (a token's
-    /// quantisation, sums and scaling never see another row) or within its own sequence.
+    /// Last hidden states of one or more sequences: `h` holds their token embeddings one after
+    /// another (`lens[s]` tokens for sequence `s`, consumed), and so does the result, with
+    /// `lora`'s low-rank maps added to the maps it adapts (checked against this encoder when it
+    /// was read: [`Lora::from_dir`]). Every linear map runs once over all their tokens, so its
+    /// weights are read once per batch instead of once per sequence; attention stays within
+    /// each sequence. Each sequence's rows are the same bits it gets alone: every operation is
+    /// row by row (a token's quantisation, sums and scaling never see another row) or within its
+    /// own sequence.
     pub fn forward_batch(
         &self,
         h: Vec<f32>,

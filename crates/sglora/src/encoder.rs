@@ -460,14 +460,14 @@ impl Encoder {
 
     /// [`Encoder::embed_ids`] with an adapter applied ([`Encoder::load_adapter`]).
     pub fn embed_ids_with(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Embedding> {
-        let hidden = self.hidden_states(ids, lora)?;
+        let hidden = self.hidden_states(&[ids], lora)?;
         Ok(self.pool(&hidden))
     }
 
     /// [`Encoder::embed_ids`] and the final-layer token states it pooled (`[tokens, dim]`
     /// row-major), which the relation head reads ([`crate::RelationHead::read`]).
     pub fn embed_ids_and_states(&self, ids: &[u32]) -> Result<(Embedding, Vec<f32>)> {
-        let hidden = self.hidden_states(ids, None)?;
+        let hidden = self.hidden_states(&[ids], None)?;
         Ok((self.pool(&hidden), hidden))
     }
 
@@ -502,52 +502,35 @@ impl Encoder {
         Ok(())
     }
 
-    /// Embeddings of several token-id sequences: on sglora's kernels one batched pass
-    /// ([`crate::bert::Bert::forward_batch`], each sequence's bits as it alone would get), on
-    /// tract one pass per sequence.
+    /// Embeddings of several token-id sequences ([`Encoder::hidden_states`], pooled each).
     fn embed_batch(&self, batch: &[Vec<u32>], lora: Option<&Lora>) -> Result<Vec<Embedding>> {
-        let Model::Native(bert) = &self.model else {
-            return batch
-                .iter()
-                .map(|ids| self.embed_ids_with(ids, lora))
-                .collect();
-        };
-        let d = self.dim;
-        let mut embeds = Vec::new();
-        for ids in batch {
-            self.look_up(ids, &mut embeds)?;
-        }
-        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-        let hidden = bert
-            .forward_batch(embeds, &lens, lora)
-            .map_err(|e| Error::model("encoder", e))?;
-        let total: usize = lens.iter().sum();
-        if hidden.len() != total * d {
-            return Err(Error::model(
-                "encoder",
-                format!("output has {} values, expected {total}×{d}", hidden.len()),
-            ));
-        }
+        let hidden = self.hidden_states(batch, lora)?;
         let mut at = 0;
-        Ok(lens
+        Ok(batch
             .iter()
-            .map(|&t| {
-                let e = self.pool(&hidden[at * d..(at + t) * d]);
-                at += t;
-                e
+            .map(|ids| {
+                let rows = &hidden[at * self.dim..(at + ids.len()) * self.dim];
+                at += ids.len();
+                self.pool(rows)
             })
             .collect())
     }
 
-    /// The encoder's final-layer token states `[ids.len(), dim]` for token ids.
-    fn hidden_states(&self, ids: &[u32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        let n = ids.len();
+    /// The encoder's final-layer token states of several token-id sequences, one after another
+    /// (`[Σ lens, dim]`): on sglora's kernels one batched pass
+    /// ([`crate::bert::Bert::forward_batch`], each sequence's bits as it alone would get), on
+    /// tract one pass per sequence.
+    fn hidden_states<I: AsRef<[u32]>>(&self, batch: &[I], lora: Option<&Lora>) -> Result<Vec<f32>> {
         let d = self.dim;
-        let mut embeds = Vec::with_capacity(n * d);
-        self.look_up(ids, &mut embeds)?;
+        let lens: Vec<usize> = batch.iter().map(|ids| ids.as_ref().len()).collect();
+        let total: usize = lens.iter().sum();
+        let mut embeds = Vec::with_capacity(total * d);
+        for ids in batch {
+            self.look_up(ids.as_ref(), &mut embeds)?;
+        }
         let hidden = match &self.model {
             Model::Native(bert) => bert
-                .forward(embeds, lora)
+                .forward_batch(embeds, &lens, lora)
                 .map_err(|e| Error::model("encoder", e))?,
             Model::Tract(_) if lora.is_some() => {
                 return Err(Error::InvalidOption(
@@ -555,13 +538,22 @@ impl Encoder {
                 ))
             }
             Model::Tract(plan) => {
-                run_tract(plan, embeds, n, d).map_err(|e| Error::model("encoder", e))?
+                let mut out = Vec::with_capacity(total * d);
+                let mut at = 0;
+                for &n in &lens {
+                    let rows = embeds[at * d..(at + n) * d].to_vec();
+                    out.extend(
+                        run_tract(plan, rows, n, d).map_err(|e| Error::model("encoder", e))?,
+                    );
+                    at += n;
+                }
+                out
             }
         };
-        if hidden.len() != n * d {
+        if hidden.len() != total * d {
             return Err(Error::model(
                 "encoder",
-                format!("output has {} values, expected {n}×{d}", hidden.len()),
+                format!("output has {} values, expected {total}×{d}", hidden.len()),
             ));
         }
         Ok(hidden)

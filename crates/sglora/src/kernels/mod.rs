@@ -72,6 +72,16 @@ struct Scratch {
     acc: Vec<i32>,
 }
 
+impl Weights {
+    /// The per-output-column scales of int8 weights (none for fp32).
+    fn scale(&self) -> &[f32] {
+        match self {
+            Weights::I8 { scale, .. } | Weights::Integer { scale, .. } => scale,
+            Weights::F32(_) => &[],
+        }
+    }
+}
+
 /// Rows of `x` an fp32 [`Linear`] runs side by side.
 const F32_ROWS: usize = 8;
 
@@ -158,80 +168,65 @@ impl Linear {
                 "maps side by side must share their input width {k}"
             ));
         }
-        // (part, column within it) of every output column.
-        let cols: Vec<(usize, usize)> = parts
-            .iter()
-            .enumerate()
-            .flat_map(|(p, l)| (0..l.outputs).map(move |j| (p, j)))
-            .collect();
-        let n = cols.len();
-        let concat = |f: &dyn Fn(&Linear) -> Option<&Vec<f32>>| -> Option<Vec<f32>> {
-            let all: Option<Vec<&Vec<f32>>> = parts.iter().map(f).collect();
-            all.map(|v| v.into_iter().flatten().copied().collect())
+        let same_kind = |l: &Linear| match (&first.weights, &l.weights) {
+            (Weights::Integer { levels: a, .. }, Weights::Integer { levels: b, .. }) => a == b,
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
         };
-        let bias = concat(&|l| l.bias.as_ref());
-        if bias.is_none() && parts.iter().any(|l| l.bias.is_some()) {
+        if !parts.iter().all(same_kind) {
+            return Err("maps side by side must share their weight type".into());
+        }
+        if parts
+            .iter()
+            .any(|l| l.bias.is_some() != first.bias.is_some())
+        {
             return Err("maps side by side must all have a bias or none".into());
         }
+        // (part, column within it) of every output column.
+        let cols: Vec<(&Linear, usize)> = parts
+            .iter()
+            .flat_map(|l| (0..l.outputs).map(move |j| (l, j)))
+            .collect();
+        let n = cols.len();
+        let bias = first.bias.as_ref().map(|_| {
+            cols.iter()
+                .map(|&(l, j)| l.bias.as_ref().map_or(0.0, |b| b[j]))
+                .collect()
+        });
+        let scale = || cols.iter().map(|&(l, j)| l.weights.scale()[j]).collect();
         let weights = match &first.weights {
-            Weights::I8 { .. } => {
-                let mut q = Vec::with_capacity(k * n);
-                for i in 0..k {
-                    for &(p, j) in &cols {
-                        let Weights::I8 { q: w, .. } = &parts[p].weights else {
-                            return Err("maps side by side must share their weight type".into());
+            Weights::I8 { .. } => Weights::I8 {
+                q: (0..k * n)
+                    .map(|c| cols[c % n].0.int8_at(c / n, cols[c % n].1))
+                    .collect(),
+                scale: scale(),
+            },
+            Weights::Integer { levels, .. } => Weights::Integer {
+                packed: integer::Packed::from_fn(k, n, |i, c| cols[c].0.int8_at(i, cols[c].1)),
+                scale: scale(),
+                levels: *levels,
+            },
+            Weights::F32(_) => Weights::F32(
+                (0..k * n)
+                    .map(|c| {
+                        let (l, j) = cols[c % n];
+                        let Weights::F32(w) = &l.weights else {
+                            unreachable!("same kind")
                         };
-                        q.push(w[int8::at(k, parts[p].outputs, i, j)]);
-                    }
-                }
-                let scale = concat(&|l| match &l.weights {
-                    Weights::I8 { scale, .. } => Some(scale),
-                    _ => None,
-                });
-                Weights::I8 {
-                    q,
-                    scale: scale.ok_or("maps side by side must share their weight type")?,
-                }
-            }
-            Weights::Integer { levels, .. } => {
-                let mut packed = Vec::with_capacity(parts.len());
-                for l in parts {
-                    match &l.weights {
-                        Weights::Integer {
-                            packed: w,
-                            levels: lv,
-                            ..
-                        } if lv == levels => packed.push(w),
-                        _ => return Err("maps side by side must share their weight type".into()),
-                    }
-                }
-                let scale = concat(&|l| match &l.weights {
-                    Weights::Integer { scale, .. } => Some(scale),
-                    _ => None,
-                });
-                Weights::Integer {
-                    packed: integer::Packed::from_fn(k, n, |i, c| {
-                        let (p, j) = cols[c];
-                        packed[p].get(i, j)
-                    }),
-                    scale: scale.ok_or("maps side by side must share their weight type")?,
-                    levels: *levels,
-                }
-            }
-            Weights::F32(_) => {
-                let mut w = Vec::with_capacity(k * n);
-                for i in 0..k {
-                    for &(p, j) in &cols {
-                        let Weights::F32(v) = &parts[p].weights else {
-                            return Err("maps side by side must share their weight type".into());
-                        };
-                        w.push(v[i * parts[p].outputs + j]);
-                    }
-                }
-                Weights::F32(w)
-            }
+                        w[(c / n) * l.outputs + j]
+                    })
+                    .collect(),
+            ),
         };
         Linear::new(k, n, weights, bias)
+    }
+
+    /// The int8 weight `q[i][j]` of an int8 or integer map (0 for fp32 weights).
+    fn int8_at(&self, i: usize, j: usize) -> i8 {
+        match &self.weights {
+            Weights::I8 { q, .. } => q[int8::at(self.inputs, self.outputs, i, j)],
+            Weights::Integer { packed, .. } => packed.get(i, j),
+            Weights::F32(_) => 0,
+        }
     }
 
     /// Input width.
@@ -266,24 +261,23 @@ impl Linear {
         let rows = x.len() / self.inputs;
         let x = &x[..rows * self.inputs];
         out.clear();
-        if let Weights::Integer {
-            packed,
-            scale,
-            levels,
-        } = &self.weights
-        {
-            // Every output is written below: no zeroing first.
-            self.forward_integer(x, rows, packed, scale, *levels, out);
-            return;
-        }
-        out.resize(rows * self.outputs, 0.0);
         let scale = match &self.weights {
-            Weights::Integer { .. } => unreachable!("handled above"),
+            Weights::Integer {
+                packed,
+                scale,
+                levels,
+            } => {
+                // Every output is written there: no zeroing first.
+                self.forward_integer(x, rows, packed, scale, *levels, out);
+                return;
+            }
             Weights::I8 { q, scale } => {
+                out.resize(rows * self.outputs, 0.0);
                 int8::forward(x, rows, self.inputs, self.outputs, q, out);
                 Some(scale)
             }
             Weights::F32(w) => {
+                out.resize(rows * self.outputs, 0.0);
                 // Each output is Σ_i x[r][i]·w[i][j] in i order from +0.0; F32_ROWS rows' chains
                 // run side by side (a narrow map, an adapter's x·Aᵀ with r outputs, is otherwise
                 // one add's latency per input) and each weight row is read once per block.
